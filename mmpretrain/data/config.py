@@ -1,0 +1,38 @@
+"""Data section of the config (owned by the data pipeline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=lambda: ["shards/synthetic/train-*.tar"])
+    """Shard sources: brace patterns, globs, directories, pipe:/fsspec URLs."""
+    train_weights: list[float] = field(default_factory=list)
+    """Mixing weights, one per entry of ``train_shards`` (empty: proportional to size)."""
+    val_shards: str = "shards/synthetic/val-*.tar"
+    """Held-out shards used by evaluation."""
+    tokenizer: str = "auto"
+    """'auto' (the tokenizer/ folder beside the shards, trained from captions if missing),
+    a local tokenizer directory, or a hub name."""
+    vocab_size: int = 4096
+    """Vocabulary size when a WordPiece tokenizer is trained from the captions."""
+    max_length: int = 32
+    """Token sequence length (padding and truncation)."""
+    image_size: int = 64
+    """Square side of the resized/cropped image fed to the model."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = 32
+    """Global batch size per optimizer micro-step (all ranks together)."""
+    num_workers: int = 2
+    """DataLoader workers per rank."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer per worker (0 disables)."""
+    max_image_pixels: int = 50_000_000
+    """Images above this pixel count are rejected before decoding."""
+    train_crop: str = "random_resized"
+    """'random_resized' or 'center' crop for training images."""
+    resample: bool = False
+    """Sample shards with replacement (infinite stream) instead of epochs."""

@@ -1,0 +1,19 @@
+"""Evaluation section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    itm_rerank_k: int = 16
+    """Re-score the top-k of the contrastive ranking with the ITM head (0 disables)."""
+    batch_size: int = 64
+    max_samples: int = 0
+    """0: the whole held-out set."""
+    report: bool = True
+    """Write report.html/report.png next to metrics.json."""
+    num_examples: int = 6
+    """Queries shown in the report grid."""

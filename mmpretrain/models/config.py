@@ -1,0 +1,49 @@
+"""Model and loss sections of the config (owned by the model/losses code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unified"
+    """'unified' (single-stream, ViLT/VLMo family) or 'dual_encoder'."""
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    embed_dim: int = 128
+    """Size of the contrastive projection."""
+    max_text_length: int = 32
+    dropout: float = 0.0
+    modality_experts: bool = False
+    """VLMo-style per-modality feed-forward experts over shared attention."""
+    grad_checkpointing: bool = False
+    image_pretrained: str = ""
+    """Local timm ViT checkpoint (file) to initialise the image side."""
+    text_pretrained: str = ""
+    """Local BERT directory to initialise the text side."""
+    image_backbone: str = "small_cnn"
+    """dual_encoder only: 'small_cnn' or any timm model name (e.g. resnet50)."""
+    fusion: str = "cross_attention"
+    """dual_encoder only: ITM fusion head, 'cross_attention' or 'linear'."""
+    logit_scale_init: float = 14.285714285714286
+    """1/0.07."""
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class LossConfig:
+    contrastive: str = "infonce"
+    """'infonce' or 'triplet' (hinge over hardest in-batch negative)."""
+    contrastive_weight: float = 1.0
+    itm_weight: float = 1.0
+    """0 disables ITM (and the fused pass)."""
+    triplet_margin: float = 0.2
+    gather: bool = True
+    """Gather embeddings (with gradient) across ranks for global negatives."""
+    itm_floor: float = 1e-4
+    """Probability floor added to each valid candidate when sampling ITM hard negatives."""
