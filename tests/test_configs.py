@@ -1,0 +1,65 @@
+"""Every shipped config parses; unknown keys and bad values fail with a named key."""
+
+from pathlib import Path
+
+import pytest
+
+from mmpretrain.config import ConfigError, all_keys, config_from_dict, load_config, to_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses(path):
+    cfg = load_config(path)
+    assert cfg.data.batch_size > 0
+    assert cfg.model.image_size == cfg.data.image_size, "model and data image sizes disagree"
+    assert cfg.model.max_text_length >= cfg.data.max_length
+    # round trip through a plain dict (what checkpoints store)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_dotted_overrides_and_bare_leaf():
+    cfg = load_config(CONFIGS[0], ["data.batch_size=8", "max_steps=7", "optim.lr=3e-4"])
+    assert cfg.data.batch_size == 8
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.batch_sise=3", "did you mean 'data.batch_size'"),
+        ("modle.width=3", "did you mean 'model.width'"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.batch_size=2.5", "data.batch_size"),
+        ("train.tensorboard=maybe", "train.tensorboard"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  batch_size: 4\n  shufle_buffer: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "data.shufle_buffer" in msg and "data.shuffle_buffer" in msg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_all_keys_are_dotted_leaves():
+    keys = all_keys()
+    assert "data.batch_size" in keys and "train.max_steps" in keys and "seed" in keys
