@@ -1,0 +1,192 @@
+"""Models: ``build_model(model_cfg, loss_cfg, vocab_size) -> PretrainModel``.
+
+``PretrainModel`` wraps a backbone (``unified.UnifiedTransformer`` — the default — or
+``dual_encoder.DualEncoder``), the learnable logit scale and the losses, following the Model
+contract of docs/ARCHITECTURE.md. Every collective and every parameter read happens inside
+``forward`` or inside a submodule's ``forward`` (ZeRO-3), and every rank runs the same modules
+with the same shapes each step.
+
+``forward(pixels, input_ids, attention_mask, image_ids, feature_cache=None, mode="loss")``:
+- ``mode="features"`` -> ``{"image_emb", "text_emb"}`` (L2-normalised, [B, E]).
+- ``mode="loss"`` -> ``{"loss", "loss_itc", "loss_itm", "itm_acc", "logit_scale"}``; ``loss``
+  is the weighted total (fp32, with gradient), the others detached scalars. ``loss_itc`` is the
+  contrastive part (InfoNCE, or the triplet hinge with ``loss.contrastive: triplet``).
+  ``loss_itm``/``itm_acc`` are present when ``loss.itm_weight > 0``.
+- ``feature_cache`` (``mmpretrain.losses.FeatureCache``): InfoNCE over the whole accumulated
+  batch. Trainer recipe for M micro-batches:
+  ``with torch.no_grad(): feats = [model(*mb, mode="features") for mb in micro_batches]``;
+  ``cache = FeatureCache.from_local([f["image_emb"] for f in feats], [f["text_emb"] ...])``;
+  then for each m: ``out = model(*mb_m, feature_cache=cache.at(m, b))`` and backward
+  ``out["loss"] / M`` (Accelerate's ``accumulate`` divides by M). The sum over micro-batches is
+  the gradient of the full accumulated batch (see ``mmpretrain.losses``); this costs one extra
+  no-grad forward per micro-batch. ITM negatives are mined within the current micro-batch
+  (across ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from mmpretrain import distributed as D
+from mmpretrain import losses as L
+from mmpretrain.models.config import LossConfig, ModelConfig
+from mmpretrain.models.layers import LogitScale
+
+__all__ = ["PretrainModel", "build_model", "build_model_from_dict", "ModelConfig", "LossConfig"]
+
+
+class PretrainModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int):
+        super().__init__()
+        self.model_cfg, self.loss_cfg, self.vocab_size = model_cfg, loss_cfg, int(vocab_size)
+        if model_cfg.arch == "unified":
+            from mmpretrain.models.unified import UnifiedTransformer
+
+            self.backbone = UnifiedTransformer(model_cfg, vocab_size)
+        elif model_cfg.arch == "dual_encoder":
+            from mmpretrain.models.dual_encoder import DualEncoder
+
+            self.backbone = DualEncoder(model_cfg, vocab_size)
+        else:
+            raise ValueError(f"model.arch: {model_cfg.arch!r} is not 'unified' or 'dual_encoder'")
+        if loss_cfg.contrastive not in ("infonce", "triplet"):
+            raise ValueError(f"loss.contrastive: {loss_cfg.contrastive!r} is not 'infonce' or 'triplet'")
+        if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
+            raise ValueError(f"loss.itm_exchange: {loss_cfg.itm_exchange!r} is not 'all_to_all' or 'all_gather'")
+        self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
+        # forward counter of the ITM sampler (same on every rank; saved for exact resume)
+        self.register_buffer("itm_step", torch.zeros(1, dtype=torch.long))
+        self.timers: dict[str, float] | None = None
+        """Set to a dict to accumulate seconds spent in 'gather' and 'itm_mining' (bench)."""
+
+    # ------------------------------------------------------------------ entry points
+    def encode_image(self, pixels: torch.Tensor):
+        return self.backbone.encode_image(pixels)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.backbone.encode_text(input_ids, attention_mask)
+
+    def image_inputs(self, pixels):
+        return self.backbone.image_inputs(pixels)
+
+    def text_inputs(self, input_ids, attention_mask):
+        return self.backbone.text_inputs(input_ids, attention_mask)
+
+    def fuse(self, image_tokens, text_tokens, text_mask):
+        """Fused [CLS] of ``image_inputs`` / ``text_inputs`` tokens (see the backbone)."""
+        return self.backbone.fuse(image_tokens, text_tokens, text_mask)
+
+    def itm_logits(self, pixels, input_ids, attention_mask) -> torch.Tensor:
+        """[B, 2] ITM logits of the pairs (pixels[i], text[i]); index 1 = match."""
+        bb = self.backbone
+        fused = bb.fuse(bb.image_inputs(pixels), bb.text_inputs(input_ids, attention_mask), attention_mask)
+        return bb.itm_logits_from_fused(fused).float()
+
+    def config_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model_cfg), "loss": dataclasses.asdict(self.loss_cfg),
+                "vocab_size": self.vocab_size}
+
+    # ------------------------------------------------------------------ helpers
+    def _tick(self, name, t0):
+        if self.timers is not None:
+            import time
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t0
+
+    def _now(self):
+        import time
+
+        if self.timers is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _itm_generator(self) -> torch.Generator:
+        step = int(self.itm_step.item()) if self.training else 0
+        if self.training:
+            self.itm_step += 1
+        return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor | None = None, feature_cache: L.FeatureCache | None = None,
+                mode: str = "loss") -> dict:
+        bb, lc = self.backbone, self.loss_cfg
+        xi = bb.image_inputs(pixels)
+        xt = bb.text_inputs(input_ids, attention_mask)
+        _, img_emb = bb.image_features(xi)
+        _, txt_emb = bb.text_features(xt, attention_mask)
+        if mode == "features":
+            return {"image_emb": img_emb, "text_emb": txt_emb}
+        if mode != "loss":
+            raise ValueError(f"forward: mode {mode!r} is not 'loss' or 'features'")
+        b = img_emb.shape[0]
+        gather = bool(lc.gather) and D.is_distributed()
+        if image_ids is None:  # every sample its own image
+            image_ids = torch.arange(b, device=img_emb.device) + D.get_rank() * b
+        image_ids = image_ids.to(img_emb.device)
+        scale = self.logit_scale()
+
+        t0 = self._now()
+        if gather:
+            gathered = (D.all_gather_with_grad(img_emb), D.all_gather_with_grad(txt_emb), D.get_rank() * b)
+            ids_global = D.all_gather_no_grad(image_ids)
+        else:
+            gathered, ids_global = (img_emb, txt_emb, 0), image_ids
+        self._tick("gather", t0)
+
+        parts: dict[str, torch.Tensor] = {}
+        if lc.contrastive == "infonce":
+            parts["loss_itc"] = L.info_nce(img_emb, txt_emb, scale, gather=gather, cache=feature_cache,
+                                           gathered=gathered)
+        else:
+            parts["loss_itc"] = L.triplet_loss(img_emb, txt_emb, lc.triplet_margin, gather=gather,
+                                               hardest=lc.triplet_hardest, image_ids=image_ids, gathered=gathered)
+        parts["logit_scale"] = scale.detach().reshape(())
+
+        if lc.itm_weight > 0:
+            t0 = self._now()
+            img_all, txt_all, off = gathered
+            with torch.no_grad():
+                dt = torch.float64 if img_emb.dtype == torch.float64 else torch.float32  # >= fp32
+                s = scale.detach().to(dt)
+                sim_i2t = s * img_emb.detach().to(dt) @ txt_all.detach().to(dt).t()
+                sim_t2i = s * txt_emb.detach().to(dt) @ img_all.detach().to(dt).t()
+            neg = L.sample_itm_negatives(sim_i2t, sim_t2i, image_ids, ids_global, self._itm_generator(),
+                                         lc.itm_floor, row_offset=off)
+            text_rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+            if gather:
+                text_rows = D.fetch_rows(text_rows, neg.text_idx, lc.itm_exchange)
+                neg_pixels = D.fetch_rows(pixels, neg.image_idx, lc.itm_exchange)
+            else:
+                text_rows, neg_pixels = text_rows[neg.text_idx], pixels[neg.image_idx]
+            n_txt = input_ids.shape[1]
+            neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
+            self._tick("itm_mining", t0)
+            neg_xt = bb.text_inputs(neg_ids, neg_mask)
+            neg_xi = bb.image_inputs(neg_pixels)
+            fused = bb.fuse(torch.cat([xi, xi, neg_xi]), torch.cat([xt, neg_xt, xt]),
+                            torch.cat([attention_mask, neg_mask, attention_mask]))
+            logits = bb.itm_logits_from_fused(fused)
+            parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, L.itm_labels(neg))
+        return L.combined(parts, lc)
+
+
+def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig | None, vocab_size: int) -> PretrainModel:
+    return PretrainModel(model_cfg, loss_cfg or LossConfig(), vocab_size)
+
+
+def build_model_from_dict(d: dict) -> PretrainModel:
+    """Rebuild from ``config_dict()`` (weights are then loaded by the caller; the pretrained
+    file paths recorded in the dict are not read again)."""
+    def make(cls, values):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in names})
+
+    mcfg = make(ModelConfig, d.get("model"))
+    mcfg.image_pretrained, mcfg.text_pretrained = "", ""
+    return build_model(mcfg, make(LossConfig, d.get("loss")), int(d["vocab_size"]))

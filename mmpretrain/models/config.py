@@ -33,6 +33,11 @@ class ModelConfig:
     logit_scale_init: float = 14.285714285714286
     """1/0.07."""
     logit_scale_max: float = 100.0
+    vl_expert_layers: int = 2
+    """unified + modality_experts: the top N blocks use the vision-language FFN in the fused pass
+    (VLMo); lower blocks route image tokens to the image FFN and text tokens to the text FFN."""
+    fusion_depth: int = 1
+    """dual_encoder + cross_attention: number of (text -> image) cross-attention layers."""
 
 
 @dataclass
@@ -47,3 +52,11 @@ class LossConfig:
     """Gather embeddings (with gradient) across ranks for global negatives."""
     itm_floor: float = 1e-4
     """Probability floor added to each valid candidate when sampling ITM hard negatives."""
+    itm_seed: int = 0
+    """Seed of the ITM negative sampler (the same on every rank; advanced once per training
+    forward by a counter buffer saved with the model)."""
+    itm_exchange: str = "all_to_all"
+    """How chosen negatives reach the rank that scores them: 'all_to_all' (indices first, then
+    only the chosen rows travel, O(B) per rank) or 'all_gather' (every rank's rows, O(W*B))."""
+    triplet_hardest: bool = True
+    """triplet: hinge on the hardest negative (VSE++); false sums the hinge over all negatives."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -33,14 +33,38 @@ class TrainConfig:
     """With grad_accum_steps > 1, contrast against the whole accumulated batch (extra
     no-grad forward per micro-batch)."""
     mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (DeepSpeed runs take it from the launch config)."""
+    """'no', 'bf16' or 'fp16'. The single source of truth: it fills the DeepSpeed JSON's "auto"
+    precision entries, and a launch config that asks for something else is an error."""
     compile: bool = False
+    """torch.compile the model (Accelerate's dynamo backend 'inductor')."""
     log_every: int = 10
     save_every: int = 100
     keep_last: int = 3
     eval_every: int = 0
     """0: evaluate only at the end."""
+    eval_at_end: bool = True
+    """Evaluate on data.val_shards when training finishes (not after a stop request)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated before the run stops."""
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 guesses it from the GPU name (no MFU on CPU)."""
+    stop_after_steps: int = 0
+    """Stop (checkpoint, exit 0) after this many optimizer steps in this process, as a
+    preemption would; 0 never. The schedule still follows max_steps."""
+    emulate_world_size: int = 0
+    """Debug/reproducibility: one process reads the data as this many ranks would and trains on
+    their concatenated batches, i.e. the exact global batches of that many processes. 0: off."""
+    inject_nan_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: at these steps (1-based) the loss of the last rank is made
+    non-finite, which every rank must then skip together."""
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
+        for name in ("max_steps", "grad_accum_steps", "log_every", "save_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.stop_after_steps < 0 or self.emulate_world_size < 0:
+            raise ValueError("train.eval_every, train.stop_after_steps and train.emulate_world_size must be >= 0")

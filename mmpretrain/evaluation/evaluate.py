@@ -1,0 +1,361 @@
+"""Zero-shot retrieval with ITM re-ranking, on every rank (or one CPU without a process group).
+
+``run_evaluation(model, cfg, accelerator, tokenizer, step, out_dir) -> dict`` is what the
+trainer calls every ``train.eval_every`` steps and at the end, and what ``mmpretrain eval``
+calls on a checkpoint. Stages, each run by every rank:
+
+1. embed: each rank reads its share of the held-out shards (``ShardLoader(train=False)``
+   yields every sample once across ranks) and runs ``model(..., mode="features")``. Ranks that
+   run out of batches early keep running the same forward on a dummy batch until every rank is
+   done (one all-gather of a flag per batch): ZeRO-3 gathers parameters inside every forward,
+   so every rank must make the same number of calls.
+2. gather: embeddings, image ids, keys, captions and token ids of every sample reach every rank
+   (``gather_object``; a few hundred bytes per sample). Samples are sorted by key so that the
+   result does not depend on the world size; images are deduplicated by image id (first caption
+   in key order gives the image embedding and decides which rank *owns* the image's pixels).
+3. contrastive: cosine similarity image x caption, Recall@k both directions (``retrieval.py``).
+4. ITM re-ranking: the top ``eval.itm_rerank_k`` candidates of every query are re-scored with
+   the fused ITM head (score = log-odds ``logit[1] - logit[0]``, which does not saturate like the
+   probability). The work is split by the rank that holds each image's pixels: image->text
+   queries on their image's owner, text->image candidates on the candidate image's owner, each
+   (image, caption) pair scored once. So no pixels cross ranks — splitting text->image queries
+   by query instead would need nearly every image on every rank. Scores are merged with one
+   gather; ranks pad to the same number of ITM calls (ZeRO-3 again).
+5. the main process writes ``metrics.json`` and the report; every rank returns the same dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmpretrain.evaluation import report as report_mod
+from mmpretrain.evaluation.retrieval import (
+    metrics_from_ranks,
+    rerank_scores,
+    retrieval_ranks,
+    topk_candidates,
+)
+
+
+# ----------------------------------------------------------------------------- process helpers
+
+def _world(accelerator) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return int(accelerator.process_index), int(accelerator.num_processes)
+
+
+def _gather_objects(obj: Any, accelerator) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list without a process group)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _unwrap(model, accelerator):
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def _model_dtype(core) -> torch.dtype:
+    for p in core.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _normalize(pixels: torch.Tensor, data_cfg, device, dtype) -> torch.Tensor:
+    from mmpretrain.data.transforms import normalize
+
+    return normalize(pixels.to(device), data_cfg.mean, data_cfg.std, dtype)
+
+
+# ----------------------------------------------------------------------------- 1. embed
+
+@torch.no_grad()
+def embed_shards(model, cfg, accelerator, tokenizer, keep_pixels: bool) -> dict:
+    """This rank's samples: embeddings (fp32, CPU), ids, keys, captions, tokens, and the uint8
+    pixels of the first sample of each local image id (only with ``keep_pixels``)."""
+    from mmpretrain.data.loader import ShardLoader
+
+    rank, world = _world(accelerator)
+    core = _unwrap(model, accelerator)
+    device = accelerator.device if accelerator is not None else next(core.parameters()).device
+    dtype = _model_dtype(core)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    cap = math.ceil(cfg.eval.max_samples / world) if cfg.eval.max_samples > 0 else 0
+
+    loader = ShardLoader(cfg.data, tokenizer, rank=rank, world_size=world, seed=cfg.seed, train=False)
+    out: dict[str, list] = {k: [] for k in ("image_emb", "text_emb", "image_ids", "keys", "captions",
+                                            "input_ids", "attention_mask")}
+    pixels: dict[int, torch.Tensor] = {}
+    it = iter(loader)
+    dummy = None
+    seen = 0
+    with autocast:
+        while True:
+            batch = None
+            if not cap or seen < cap:
+                batch = next(it, None)
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights inside them).
+            if world > 1:
+                flags = _gather_objects(batch is not None, accelerator)
+                if not any(flags):
+                    break
+            elif batch is None:
+                break
+            real = batch is not None
+            if real:
+                dummy = batch
+            elif dummy is None:  # this rank got no data at all: a one-sample blank batch
+                dummy = _blank_batch(cfg, tokenizer)
+            b = batch if real else dummy
+            feats = model(_normalize(b["pixels"], cfg.data, device, dtype), b["input_ids"].to(device),
+                          b["attention_mask"].to(device), b["image_ids"].to(device), mode="features")
+            if not real:
+                continue
+            n = len(b["keys"])
+            if cap:
+                n = min(n, cap - seen)
+            seen += n
+            out["image_emb"].append(feats["image_emb"][:n].float().cpu())
+            out["text_emb"].append(feats["text_emb"][:n].float().cpu())
+            out["image_ids"] += [int(x) for x in b["image_ids"][:n]]
+            out["keys"] += list(b["keys"][:n])
+            out["captions"] += list(b["captions"][:n])
+            out["input_ids"].append(b["input_ids"][:n].cpu())
+            out["attention_mask"].append(b["attention_mask"][:n].cpu())
+            if keep_pixels:
+                for j in range(n):
+                    pixels.setdefault(int(b["image_ids"][j]), b["pixels"][j].cpu().clone())
+    for k in ("image_emb", "text_emb", "input_ids", "attention_mask"):
+        out[k] = torch.cat(out[k]) if out[k] else None
+    out["pixels"] = pixels
+    return out
+
+
+def _blank_batch(cfg, tokenizer) -> dict:
+    from mmpretrain.data.tokenizer import tokenize
+
+    s = cfg.data.image_size
+    tok = tokenize(tokenizer, [""], cfg.data.max_length)
+    return {"pixels": torch.zeros(1, 3, s, s, dtype=torch.uint8), "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"], "image_ids": torch.zeros(1, dtype=torch.int64),
+            "keys": [""], "captions": [""]}
+
+
+# ----------------------------------------------------------------------------- 2. gather
+
+def gather_samples(local: dict, accelerator) -> dict:
+    """Every rank's samples merged and sorted by key; images deduplicated by image id.
+
+    Returns captions-level tensors (``text_emb``, ``input_ids``, ``attention_mask``,
+    ``caption_image``: index of each caption's unique image), image-level ones (``image_emb``,
+    ``image_ids``, ``owner``: the rank holding the pixels), ``keys`` and ``captions``.
+    """
+    mine = {k: v for k, v in local.items() if k != "pixels"}
+    mine["pixel_ids"] = sorted(local["pixels"])
+    parts = _gather_objects(mine, accelerator)
+    rows = []  # (key, rank, local index)
+    for r, p in enumerate(parts):
+        rows += [(key, r, i) for i, key in enumerate(p["keys"])]
+    if not rows:
+        raise RuntimeError("evaluation found no samples in the held-out shards")
+    rows.sort(key=lambda x: x[0])
+    if len({k for k, _, _ in rows}) != len(rows):
+        raise RuntimeError("evaluation saw a sample key twice: the loader did not split samples across ranks")
+
+    def take(name):
+        return torch.stack([parts[r][name][i] for _, r, i in rows])
+
+    text_emb, input_ids, mask = take("text_emb"), take("input_ids"), take("attention_mask")
+    all_image_emb = take("image_emb")
+    image_ids_per_caption = [parts[r]["image_ids"][i] for _, r, i in rows]
+    first: dict[int, int] = {}
+    owner: list[int] = []
+    for c, ((_, r, _), iid) in enumerate(zip(rows, image_ids_per_caption)):
+        if iid not in first:
+            first[iid] = c
+            owner.append(r)
+    unique_ids = list(first)
+    index_of = {iid: u for u, iid in enumerate(unique_ids)}
+    return {
+        "keys": [k for k, _, _ in rows],
+        "captions": [parts[r]["captions"][i] for _, r, i in rows],
+        "text_emb": text_emb,
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "caption_image": torch.tensor([index_of[i] for i in image_ids_per_caption], dtype=torch.long),
+        "image_emb": all_image_emb[[first[i] for i in unique_ids]],
+        "image_ids": unique_ids,
+        "owner": owner,
+    }
+
+
+# ----------------------------------------------------------------------------- 4. ITM re-ranking
+
+@torch.no_grad()
+def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tensor],
+               pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """ITM log-odds of (unique image, caption) pairs whose image this rank owns; merged over
+    ranks. ``pairs`` is this rank's list; every rank calls this (collectives inside)."""
+    core = _unwrap(model, accelerator)
+    device = accelerator.device if accelerator is not None else next(core.parameters()).device
+    dtype = _model_dtype(core)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    bs = max(int(cfg.eval.batch_size), 1)
+    n_calls = math.ceil(len(pairs) / bs)
+    n_calls_max = max(_gather_objects(n_calls, accelerator))
+    local_scores: list[float] = []
+    with autocast:
+        for c in range(n_calls_max):
+            chunk = pairs[c * bs:(c + 1) * bs]
+            real = len(chunk) > 0
+            if real:
+                px = torch.stack([pixels[data["image_ids"][i]] for i, _ in chunk])
+                t = torch.tensor([t for _, t in chunk], dtype=torch.long)
+            else:  # padding call: same module calls as the other ranks, result dropped
+                s = cfg.data.image_size
+                px = torch.zeros(1, 3, s, s, dtype=torch.uint8)
+                t = torch.zeros(1, dtype=torch.long)
+            logits = core.itm_logits(_normalize(px, cfg.data, device, dtype),
+                                     data["input_ids"][t].to(device), data["attention_mask"][t].to(device))
+            if real:
+                logits = logits.float().cpu()
+                local_scores += (logits[:, 1] - logits[:, 0]).tolist()
+    merged: dict[tuple[int, int], float] = {}
+    for part in _gather_objects(list(zip(pairs, local_scores)), accelerator):
+        for pair, score in part:
+            merged[tuple(pair)] = score
+    return merged
+
+
+def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.Tensor, k: int):
+    """Re-ranked score matrices (image x caption for i2t, caption x image for t2i) and the
+    candidate lists."""
+    rank, _ = _world(accelerator)
+    cand_i2t = topk_candidates(scores, k)  # [U, k] caption indices
+    cand_t2i = topk_candidates(scores.t(), k)  # [N, k] image indices
+    owner = data["owner"]
+    pairs: set[tuple[int, int]] = set()
+    for i in range(scores.shape[0]):
+        if owner[i] == rank:
+            pairs.update((i, int(t)) for t in cand_i2t[i])
+    for t in range(scores.shape[1]):
+        pairs.update((int(i), t) for i in cand_t2i[t] if owner[int(i)] == rank)
+    merged = itm_scores(model, cfg, accelerator, data, pixels, sorted(pairs))
+    new_i2t = torch.tensor([[merged[(i, int(t))] for t in cand_i2t[i]] for i in range(scores.shape[0])],
+                           dtype=torch.float64)
+    new_t2i = torch.tensor([[merged[(int(i), t)] for i in cand_t2i[t]] for t in range(scores.shape[1])],
+                           dtype=torch.float64)
+    return (rerank_scores(scores, cand_i2t, new_i2t), rerank_scores(scores.t(), cand_t2i, new_t2i))
+
+
+# ----------------------------------------------------------------------------- 5. examples
+
+def pick_examples(data: dict, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, num: int,
+                  pixels: dict, accelerator, top: int = 5) -> dict:
+    """Report examples: ``num`` caption queries and ``num`` image queries spread evenly over the
+    key-sorted set, with their top-``top`` results. The few images shown are fetched from their
+    owners with one gather (every rank calls this)."""
+    rank, _ = _world(accelerator)
+    n_img, n_cap = i2t_scores.shape
+    cap_q = sorted({int(x) for x in np.linspace(0, n_cap - 1, num).round()}) if num and n_cap else []
+    img_q = sorted({int(x) for x in np.linspace(0, n_img - 1, num).round()}) if num and n_img else []
+    order_t2i = torch.sort(t2i_scores, dim=1, descending=True, stable=True)
+    order_i2t = torch.sort(i2t_scores, dim=1, descending=True, stable=True)
+    needed = set(img_q)
+    for t in cap_q:
+        needed.update(int(i) for i in order_t2i.indices[t, :top])
+    iids = data["image_ids"]
+    mine = {u: pixels[iids[u]].permute(1, 2, 0).numpy() for u in needed if data["owner"][u] == rank}
+    images: dict[int, np.ndarray] = {}
+    for part in _gather_objects(mine, accelerator):
+        images.update(part)
+    cap_img = data["caption_image"]
+    text_queries = [{
+        "caption": data["captions"][t],
+        "images": [images[int(i)] for i in order_t2i.indices[t, :top]],
+        "correct": [int(i) == int(cap_img[t]) for i in order_t2i.indices[t, :top]],
+        "scores": [float(s) for s in order_t2i.values[t, :top]],
+    } for t in cap_q]
+    image_queries = [{
+        "image": images[u],
+        "captions": [data["captions"][int(t)] for t in order_i2t.indices[u, :top]],
+        "correct": [int(cap_img[int(t)]) == u for t in order_i2t.indices[u, :top]],
+        "scores": [float(s) for s in order_i2t.values[u, :top]],
+    } for u in img_q]
+    return {"text_queries": text_queries, "image_queries": image_queries}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def find_history(cfg, out_dir: Path, checkpoint: str | Path | None = None) -> Path | None:
+    """The run's ``metrics.jsonl``: in ``train.output_dir``, or above the checkpoint/output."""
+    candidates = [Path(cfg.train.output_dir) / "metrics.jsonl"]
+    for base in ([Path(checkpoint)] if checkpoint else []) + [Path(out_dir)]:
+        candidates += [p / "metrics.jsonl" for p in list(base.resolve().parents)[:3]]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str | Path,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Evaluate ``model`` on ``cfg.data.val_shards``; every rank returns the same metrics dict.
+
+    ``cfg`` is the full config (``data`` for the loader, ``eval`` for the protocol,
+    ``train.output_dir`` to find the run's ``metrics.jsonl``). Writes ``metrics.json`` (and the
+    report when ``eval.report``) into ``out_dir`` from the main process.
+    """
+    rank, world = _world(accelerator)
+    ks = sorted(int(k) for k in cfg.eval.ks)
+    rerank_k = int(cfg.eval.itm_rerank_k)
+    core = _unwrap(model, accelerator)
+    do_itm = rerank_k > 0 and hasattr(core, "itm_logits")
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        local = embed_shards(model, cfg, accelerator, tokenizer,
+                             keep_pixels=do_itm or (cfg.eval.report and cfg.eval.num_examples > 0))
+        data = gather_samples(local, accelerator)
+        scores = data["image_emb"] @ data["text_emb"].t()  # [U, N] cosine (embeddings are L2-normalised)
+        i2t, t2i = retrieval_ranks(scores, data["caption_image"])
+        metrics: dict[str, Any] = {"step": int(step)}
+        metrics.update(metrics_from_ranks(i2t, t2i, ks))
+        metrics["contrastive_seconds"] = time.perf_counter() - t0
+        show_i2t, show_t2i = scores, scores.t()
+        if do_itm:
+            t1 = time.perf_counter()
+            re_i2t, re_t2i = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k)
+            r_i2t = retrieval_ranks(re_i2t, data["caption_image"])[0]
+            r_t2i = retrieval_ranks(re_t2i.t(), data["caption_image"])[1]
+            for key, value in metrics_from_ranks(r_i2t, r_t2i, ks).items():
+                if key not in ("num_images", "num_captions"):
+                    metrics[f"itm_{key}"] = value
+            metrics["itm_rerank_k"] = rerank_k
+            metrics["itm_seconds"] = time.perf_counter() - t1
+        metrics["world_size"] = world
+        examples = None
+        if cfg.eval.report and cfg.eval.num_examples > 0:
+            examples = pick_examples(data, show_i2t, show_t2i, int(cfg.eval.num_examples),
+                                     local["pixels"], accelerator)
+        if rank == 0:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            if cfg.eval.report:
+                history = report_mod.read_history(find_history(cfg, out, checkpoint))
+                report_mod.write_report(out, metrics, history, examples or {})
+    finally:
+        if was_training:
+            model.train()
+    return metrics

@@ -1,0 +1,111 @@
+"""Unified single-stream transformer (ViLT / seed 002; VLMo experts as an option).
+
+One set of weights:
+- ``image_inputs(pixels)``: timm PatchEmbed + [CLS] + position + image-type embedding.
+- ``text_inputs(ids, mask)``: BERT embeddings + text-type embedding.
+- one shared stack of pre-norm ``Block``s (timm ViT block layout) and a final ``norm``.
+- ``encode_image(pixels) -> (tokens, emb)``: the stack over the image inputs; ``tokens`` are
+  the final-norm outputs (equal to timm ``forward_features`` for a loaded ViT), ``emb`` the
+  L2-normalised projection of the [CLS] token.
+- ``encode_text(ids, mask) -> (tokens, emb)``: the stack over the text inputs with a key
+  padding mask; ``emb`` from the text [CLS] (position 0).
+- ``fuse(image_tokens, text_tokens, text_mask) -> [B, width]``: *input-level* tokens (from
+  ``image_inputs``/``text_inputs``) concatenated ``[image; text]`` and run through the same
+  stack (padding keys masked); returns the final-norm output at position 0 (image [CLS]),
+  which feeds ``itm_head``. Without experts, ``fuse`` with zero text tokens equals
+  ``encode_image``'s [CLS] token.
+
+With ``modality_experts`` (VLMo): unimodal passes use the image (``mlp``) or text
+(``mlp_text``) FFN in every block; the fused pass routes image tokens to the image FFN and text
+tokens to the text FFN in the lower blocks, and uses the vision-language FFN (``mlp_vl``) in
+the top ``vl_expert_layers`` blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mmpretrain.models import layers as Lx
+from mmpretrain.models.config import ModelConfig
+
+
+class UnifiedTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.image_embed = Lx.ImageEmbed(cfg.image_size, cfg.patch_size, w, cfg.dropout)
+        self.text_embed = Lx.TextEmbed(vocab_size, w, cfg.max_text_length, cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.modality_experts) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.image_proj = Lx.Projection(w, cfg.embed_dim)
+        self.text_proj = Lx.Projection(w, cfg.embed_dim)
+        self.itm_head = Lx.ItmHead(w)
+        Lx.init_weights(self.blocks)
+        Lx.init_weights(self.norm)
+        Lx.init_weights(self.image_proj)
+        Lx.init_weights(self.text_proj)
+        Lx.init_weights(self.itm_head)
+        self.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.image_pretrained:
+            from mmpretrain.models.pretrained import load_timm_vit
+
+            load_timm_vit(self, cfg.image_pretrained)
+        if cfg.text_pretrained:
+            from mmpretrain.models.pretrained import load_bert
+
+            load_bert(self, cfg.text_pretrained)
+
+    # ------------------------------------------------------------------ stack
+    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, routes: list[str], n_image: int = 0):
+        attn_mask = None if mask is None else Lx.key_padding_mask(mask, x.dtype)
+        for blk, route in zip(self.blocks, routes):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, attn_mask, route, n_image, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask, route, n_image)
+        return self.norm(x)
+
+    def _fused_routes(self) -> list[str]:
+        d = self.cfg.depth
+        if not self.cfg.modality_experts:
+            return [Lx.SPLIT] * d
+        top = min(max(self.cfg.vl_expert_layers, 0), d)
+        return [Lx.SPLIT] * (d - top) + [Lx.VL] * top
+
+    # ------------------------------------------------------------------ inputs
+    def image_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_embed(pixels)
+
+    def text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_embed(input_ids)
+
+    # ------------------------------------------------------------------ unimodal
+    def image_features(self, x: torch.Tensor):
+        tokens = self._run(x, None, [Lx.IMAGE] * self.cfg.depth)
+        return tokens, self.image_proj(tokens[:, 0])
+
+    def text_features(self, x: torch.Tensor, attention_mask: torch.Tensor):
+        tokens = self._run(x, attention_mask, [Lx.TEXT] * self.cfg.depth)
+        return tokens, self.text_proj(tokens[:, 0])
+
+    def encode_image(self, pixels: torch.Tensor):
+        return self.image_features(self.image_inputs(pixels))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.text_features(self.text_inputs(input_ids, attention_mask), attention_mask)
+
+    # ------------------------------------------------------------------ fused
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        b, n_img = image_tokens.shape[:2]
+        text_tokens = text_tokens.to(image_tokens.dtype)
+        x = torch.cat([image_tokens, text_tokens], dim=1)
+        mask = torch.cat([torch.ones(b, n_img, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
+        tokens = self._run(x, mask, self._fused_routes(), n_img)
+        return tokens[:, 0]
+
+    def itm_logits_from_fused(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(fused)

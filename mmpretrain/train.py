@@ -1,0 +1,49 @@
+"""`mmpretrain train --config FILE [key=value ...]`, also run as
+`accelerate launch --config_file launch/<mode>.yaml -m mmpretrain.train --config FILE ...`.
+
+Every launch mode (one process, DDP, DeepSpeed ZeRO-2/3, multi-node) runs the same
+``mmpretrain.trainer.loop.train``; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mmpretrain.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mmpretrain train",
+        description="Train from a YAML config with dotted overrides, e.g. "
+                    "`mmpretrain train --config configs/tiny.yaml train.max_steps=50 optim.lr=1e-3`.")
+    parser.add_argument("--config", required=True, help="YAML config file (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from mmpretrain.trainer.loop import train
+
+        return train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mmpretrain train: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from mmpretrain.trainer.accel import LaunchError
+        from mmpretrain.trainer.checkpoint import CheckpointError
+
+        if isinstance(e, (LaunchError, CheckpointError)):
+            print(f"mmpretrain train [rank {rank}]: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

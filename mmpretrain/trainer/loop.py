@@ -1,0 +1,370 @@
+"""The training loop: ``train(cfg)`` sets up, then calls ``train_step()`` until ``max_steps``.
+
+Order of one iteration: fetch ``grad_accum_steps`` micro-batches (timed: the data wait) ->
+``train_step`` (feature pass, grad passes, one all-reduce of flags and losses, optimizer step or
+skip) -> schedule -> log -> evaluate (every ``eval_every``) -> checkpoint (every ``save_every``,
+and on a stop request) -> stop checks. Every rank runs the same collectives in the same order;
+decisions that end or skip work (a stop signal, a non-finite loss) are all-reduced first so all
+ranks agree.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmpretrain import distributed
+from mmpretrain.config import Config, dump_config, to_dict
+from mmpretrain.trainer import accel
+from mmpretrain.trainer.data import build_train_loader
+from mmpretrain.trainer.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from mmpretrain.trainer.logging import RunLogger
+from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
+
+EXIT_OK = 0
+EXIT_BAD_STEPS = 3
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+# ----------------------------------------------------------------------------- state
+
+@dataclass
+class Counters:
+    """What a resumed run needs besides model/optimizer/RNG/data: saved in ``mmpretrain.json``."""
+
+    step: int = 0
+    samples_seen: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+@dataclass
+class StepResult:
+    metrics: dict = field(default_factory=dict)
+    skipped: bool = False
+    stop_requested: bool = False
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (preemption, SLURM's warning signal) set a flag; the loop finishes the
+    current step, all-reduces the flag so every rank agrees, checkpoints and exits 0."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+
+    def install(self) -> None:
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+@dataclass
+class StepContext:
+    """What ``train_step`` needs besides the model, optimizer and micro-batches."""
+
+    accelerator: object
+    deepspeed: bool
+    feature_cache: bool
+    gather: bool
+    grad_clip: float
+
+
+# ----------------------------------------------------------------------------- one step
+
+def model_inputs(batch: dict, device, data_cfg, dtype: torch.dtype) -> dict:
+    """Loader batch (uint8 pixels, int64 ids) -> model kwargs on ``device``; pixels normalised
+    there, in the weight dtype (DeepSpeed bf16 casts weights, not inputs)."""
+    from mmpretrain.data.transforms import normalize
+
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    return {
+        "pixels": normalize(pixels, data_cfg.mean, data_cfg.std, dtype),
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+        "image_ids": batch["image_ids"].to(device, non_blocking=True),
+    }
+
+
+def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
+               inject_nan: bool = False, stop_requested: bool = False) -> StepResult:
+    """One optimizer step over ``len(micro_batches)`` micro-batches (model inputs, this rank's).
+
+    With a feature cache and more than one micro-batch, a no-grad feature pass over every
+    micro-batch comes first, so each grad pass contrasts against the whole accumulated batch
+    (one extra forward per micro-batch). The per-step all-reduce of [non-finite?, stop?, losses]
+    runs after the last forward and before the last backward: under DeepSpeed the optimizer
+    step happens inside that backward, so a skip must be decided before it.
+    """
+    from mmpretrain.losses import FeatureCache
+
+    accelerator = ctx.accelerator
+    num_micro = len(micro_batches)
+    cache = None
+    if num_micro > 1 and ctx.feature_cache:
+        with torch.no_grad():
+            feats = [model(**inputs, mode="features") for inputs in micro_batches]
+        cache = FeatureCache.from_local([f["image_emb"] for f in feats], [f["text_emb"] for f in feats],
+                                        gather=ctx.gather)
+        del feats
+    device = micro_batches[0]["pixels"].device
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    sums: dict[str, torch.Tensor] = {}
+    result = StepResult()
+    for m, inputs in enumerate(micro_batches):
+        last = m == num_micro - 1
+        with accelerator.accumulate(model):
+            micro_cache = cache.at(m, inputs["pixels"].shape[0]) if cache is not None else None
+            out = model(**inputs, feature_cache=micro_cache)
+            loss = out["loss"]
+            if inject_nan and last:
+                loss = loss * float("nan")
+            bad = bad | ~torch.isfinite(loss.detach())
+            for key, value in out.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(())
+            if last:
+                keys = sorted(sums)
+                local = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=device)]
+                                    + [sums[k] / num_micro for k in keys])
+                reduced = distributed.global_mean(local).tolist()  # one collective + one sync per step
+                result.skipped = reduced[0] > 0
+                result.stop_requested = reduced[1] > 0
+                result.metrics = dict(zip(keys, reduced[2:]))
+                if result.skipped and ctx.deepspeed:
+                    # non-finite gradients everywhere -> DeepSpeed's overflow check (all-reduced)
+                    # skips the step and clears the gradients on every rank
+                    loss = loss * float("nan")
+            accelerator.backward(loss)
+            if last:
+                finish_step(model, optimizer, ctx, result)
+    return result
+
+
+def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
+    """Clip + optimizer step, or the skip; DeepSpeed already stepped inside ``backward``."""
+    accelerator = ctx.accelerator
+    if ctx.deepspeed:
+        applied = bool(model.was_step_applied())
+        if result.skipped and applied:
+            raise TrainingError("DeepSpeed applied an optimizer step whose loss was non-finite")
+        if not applied:
+            result.skipped = True  # fp16 loss-scale overflow also lands here
+        norm = model.get_global_grad_norm()
+        if norm is not None and applied:
+            result.metrics["grad_norm"] = float(norm)
+        return
+    if result.skipped:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    if ctx.grad_clip > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        result.metrics["grad_norm"] = float(norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- set-up checks
+
+def check_data(cfg: Config, need_val: bool) -> None:
+    """Fail before any work when a shard pattern matches nothing (names the pattern)."""
+    from mmpretrain.data.loader import expand_sources
+
+    for spec in cfg.data.train_shards:
+        if not expand_sources(spec):
+            raise FileNotFoundError(f"data.train_shards: no shards match {spec!r}")
+    if need_val and not expand_sources(cfg.data.val_shards):
+        raise FileNotFoundError(f"data.val_shards: no shards match {cfg.data.val_shards!r} (evaluation "
+                                "runs at the end; set train.eval_at_end=false to train without it)")
+
+
+def check_resume_meta(meta: dict, cfg: Config, accelerator, ds_world: int) -> None:
+    saved_model = meta.get("config", {}).get("model")
+    if saved_model is not None and saved_model != to_dict(cfg)["model"]:
+        raise CheckpointError("train.resume: the checkpoint's model section differs from this config's")
+    if meta.get("distributed_type") == "DEEPSPEED" or accel.distributed_type_name(accelerator) == "DEEPSPEED":
+        if meta.get("distributed_type") != accel.distributed_type_name(accelerator):
+            raise CheckpointError(f"train.resume: checkpoint written by {meta.get('distributed_type')}, this run is "
+                                  f"{accel.distributed_type_name(accelerator)}; convert it first (docs/training.md)")
+        if meta.get("world_size") != ds_world:
+            raise CheckpointError(
+                f"train.resume: a ZeRO checkpoint is tied to its world size ({meta.get('world_size')}), this run "
+                f"has {ds_world}; convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
+                "\"checkpoint\": {\"load_universal\": true} in the DeepSpeed JSON")
+
+
+def maybe_evaluation():
+    """``mmpretrain.evaluation.run_evaluation`` when the evaluation package provides it."""
+    try:
+        from mmpretrain.evaluation.evaluate import run_evaluation
+    except ImportError:
+        return None
+    return run_evaluation
+
+
+def flops_per_sample(model, cfg: Config) -> float:
+    try:
+        from mmpretrain.models.flops import training_flops_per_sample
+    except ImportError:
+        return 0.0
+    try:
+        return float(training_flops_per_sample(cfg.model, cfg.loss, cfg.data.max_length))
+    except Exception:  # noqa: BLE001 - MFU is a report, never a reason to fail a run
+        return 0.0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: Config) -> int:
+    """Train from ``cfg``; returns the process exit code (0 also after a stop request)."""
+    from accelerate.utils import set_seed
+
+    from mmpretrain.data.tokenizer import load_tokenizer
+    from mmpretrain.models import build_model
+
+    tcfg = cfg.train
+    run_eval = maybe_evaluation()
+    check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+    accelerator, info = accel.build_accelerator(cfg)  # launch checks; fails before any work
+    is_main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    use_ds = info.use_deepspeed
+    if use_ds and accel.zero_stage(accelerator) == 0:
+        raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
+    resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
+    out_dir = Path(tcfg.output_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+
+    with accelerator.main_process_first():  # 'auto' may train the tokenizer once, on rank 0
+        tokenizer = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
+    vocab_size = len(tokenizer)
+
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.loss, vocab_size)
+    flops = flops_per_sample(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = WarmupCosine(optimizer, cfg.optim, tcfg.max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    set_seed(cfg.seed + rank)  # per-rank randomness (dropout) from here on
+    input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
+
+    loader = build_train_loader(cfg, tokenizer, rank, world)
+    counters = Counters()
+    if resume_from is not None:
+        meta, data_state = load_checkpoint(accelerator, resume_from)
+        check_resume_meta(meta, cfg, accelerator, world)
+        counters = Counters(**meta["counters"])
+        loader.load_state_dict(data_state)
+
+    logger = RunLogger(out_dir, is_main=is_main, total_steps=tcfg.max_steps, start_step=counters.step,
+                       log_every=tcfg.log_every, tensorboard=tcfg.tensorboard, progress_bar=tcfg.progress_bar,
+                       flops_per_sample=flops, peak_tflops=tcfg.peak_tflops, world_size=world)
+    logger.info(f"mmpretrain train: {accel.distributed_type_name(accelerator)}"
+                + (f" ZeRO-{accel.zero_stage(accelerator)}" if use_ds else "")
+                + f", {world} process(es), global batch {cfg.data.batch_size} x {tcfg.grad_accum_steps} "
+                f"accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
+                + (f", resumed from {resume_from}" if resume_from else ""))
+
+    def checkpoint() -> None:
+        meta = {"config": to_dict(cfg), "vocab_size": vocab_size,
+                "distributed_type": accel.distributed_type_name(accelerator),
+                "zero_stage": accel.zero_stage(accelerator), "world_size": world,
+                "counters": asdict(counters), "skipped_samples": loader.skipped}
+        path = save_checkpoint(accelerator, out_dir / "checkpoints", counters.step, meta, loader.state_dict(),
+                               tokenizer=tokenizer, keep_last=tcfg.keep_last)
+        logger.info(f"checkpoint: {path}")
+
+    def evaluate() -> None:
+        if run_eval is None:
+            return
+        results = run_eval(model, cfg, accelerator, tokenizer, counters.step,
+                           out_dir / "eval" / f"step_{counters.step:08d}")
+        logger.log_eval(counters.step, results)
+
+    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=tcfg.feature_cache,
+                      gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip)
+    stop = StopRequest()
+    stop.install()
+    batches = loader.infinite()
+    steps_here = 0
+    model.train()
+    exit_code = EXIT_OK
+    try:
+        while counters.step < tcfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
+            t_data = time.perf_counter() - t0
+            micro = [model_inputs(b, accelerator.device, cfg.data, input_dtype) for b in micro]
+            result = train_step(model, optimizer, micro, ctx, stop_requested=stop.requested,
+                                inject_nan=(counters.step + 1) in tcfg.inject_nan_steps and rank == world - 1)
+            counters.step += 1
+            counters.samples_seen += cfg.data.batch_size * tcfg.grad_accum_steps
+            steps_here += 1
+            lr = scheduler.lr
+            scheduler.step()  # the rate follows the step counter, skipped steps included
+            if result.skipped:
+                counters.bad_steps_total += 1
+                counters.bad_steps_in_a_row += 1
+            else:
+                counters.bad_steps_in_a_row = 0
+            result.metrics.update(lr=lr, bad_steps_total=counters.bad_steps_total, skipped=int(result.skipped),
+                                  epoch=loader.epoch)
+            logger.log_step(counters.step, result.metrics, step_seconds=time.perf_counter() - t0,
+                            data_seconds=t_data, samples=cfg.data.batch_size * tcfg.grad_accum_steps)
+            if counters.bad_steps_in_a_row >= tcfg.max_bad_steps:
+                raise TrainingError(
+                    f"{counters.bad_steps_in_a_row} non-finite losses in a row at step {counters.step} "
+                    f"(train.max_bad_steps={tcfg.max_bad_steps}): stopping. The last checkpoint is intact; lower "
+                    "optim.lr, check the data, or try train.mixed_precision=no")
+            if result.skipped:
+                logger.info(f"step {counters.step}: non-finite loss, step skipped "
+                            f"({counters.bad_steps_in_a_row} in a row, {counters.bad_steps_total} in all)")
+            finished = counters.step >= tcfg.max_steps
+            if tcfg.eval_every and counters.step % tcfg.eval_every == 0 and not finished:
+                evaluate()
+            stopping = result.stop_requested or (tcfg.stop_after_steps and steps_here >= tcfg.stop_after_steps)
+            if finished or stopping or counters.step % tcfg.save_every == 0:
+                checkpoint()
+            if stopping and not finished:
+                logger.info(f"stop requested ({stop.signal_name or 'train.stop_after_steps'}): checkpoint "
+                            f"written at step {counters.step}; resume with train.resume=latest")
+                break
+        else:
+            if tcfg.eval_at_end:
+                evaluate()
+            logger.info(f"done: {counters.step} steps, {counters.samples_seen} samples, "
+                        f"{counters.bad_steps_total} skipped steps, skipped samples {loader.skipped or 'none'}")
+    except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
+        if is_main:
+            print(f"mmpretrain train: error: {e}", file=sys.stderr, flush=True)
+        exit_code = EXIT_BAD_STEPS
+    finally:
+        stop.uninstall()
+        logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return exit_code

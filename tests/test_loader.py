@@ -1,0 +1,329 @@
+"""ShardLoader: sources, balance over ranks x workers, bad samples, determinism, resume, mixing.
+
+Ranks are simulated by constructing one ShardLoader per rank in this process; each uses real
+DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from _shardutil import caption_for, jpeg_bytes, write_raw_shard, write_test_shards
+from mmpretrain.data.config import DataConfig
+from mmpretrain.data.loader import Piece, ShardLoader, expand_sources, make_plan, stable_hash
+from mmpretrain.data.tokenizer import train_tokenizer
+from mmpretrain.data.transforms import BadSample, check_image_header, decode_and_crop, normalize
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    return train_tokenizer([caption_for(i) for i in range(200)], str(d), 120)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uneven")
+    write_test_shards(str(d), 4, [13, 7, 11, 9])  # 40 samples
+    return str(d)
+
+
+def cfg_for(pattern, **kw) -> DataConfig:
+    base = dict(train_shards=[pattern] if isinstance(pattern, str) else pattern, batch_size=8,
+                num_workers=2, image_size=12, shuffle_buffer=8, max_length=12)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def run_epoch(loader) -> list[dict]:
+    return list(loader)
+
+
+def all_ranks(cfg, tok, world=2, seed=0, **kw):
+    loaders = [ShardLoader(cfg, tok, rank=r, world_size=world, seed=seed, **kw) for r in range(world)]
+    return loaders, [run_epoch(ld) for ld in loaders]
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_expand_sources(uneven):
+    files = sorted(os.path.join(uneven, f) for f in os.listdir(uneven) if f.endswith(".tar"))
+    assert expand_sources(uneven) == files
+    assert expand_sources(os.path.join(uneven, "train-*.tar")) == files
+    assert expand_sources(os.path.join(uneven, "train-{000001..000002}.tar")) == files[1:3]
+    assert expand_sources([files[0], "pipe:cat " + files[1]]) == [files[0], "pipe:cat " + files[1]]
+    assert expand_sources(os.path.join(uneven, "nothing-*.tar")) == []
+
+
+def test_reads_plain_webdataset_without_manifest_and_pipe(tmp_path, tok):
+    write_test_shards(str(tmp_path), 2, 5, manifest=False, captions_per_image=5)  # counted at start-up
+    files = expand_sources(str(tmp_path))
+    cfg = cfg_for(["pipe:cat " + files[0], files[1]], batch_size=2, num_workers=0)
+    ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0, train=False, sources=cfg.train_shards)
+    batches = run_epoch(ld)
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == [f"{n:09d}" for n in range(10)]
+    b = batches[0]
+    assert b["pixels"].dtype == torch.uint8 and b["pixels"].shape == (2, 3, 12, 12)
+    assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape == (2, 12)
+    assert b["attention_mask"].dtype == torch.int64
+    assert (b["input_ids"][:, 0] == tok.cls_token_id).all()
+    for key, cap, iid in zip(b["keys"], b["captions"], b["image_ids"].tolist()):
+        n = int(key)
+        assert cap == caption_for(n)
+        assert iid == stable_hash(f"img{n // 5}")
+    # five captions per image share one image id
+    ids = torch.cat([b["image_ids"] for b in batches])
+    assert len(set(ids.tolist())) == 2
+
+
+# ----------------------------------------------------------------------------- balance
+
+def check_balanced(loaders, results, total):
+    counts = [len(r) for r in results]
+    assert len(set(counts)) == 1, counts
+    assert counts[0] == loaders[0].batches_per_epoch
+    keys = [k for r in results for b in r for k in b["keys"]]
+    assert len(keys) == len(set(keys)), "a sample was read twice"
+    lost = total - len(keys)
+    global_batch = loaders[0].cfg.batch_size
+    assert lost == loaders[0].dropped_per_epoch
+    assert 0 <= lost < global_batch
+    for r in results:
+        for b in r:
+            assert b["pixels"].shape[0] == global_batch // len(loaders)
+
+
+def test_two_ranks_two_workers_one_epoch(uneven, tok):
+    loaders, results = all_ranks(cfg_for(os.path.join(uneven, "train-*.tar")), tok)
+    check_balanced(loaders, results, 40)
+    assert len(results[0]) == 5  # 40 // 8
+
+
+def test_too_few_shards_still_balanced(tmp_path, tok):
+    write_test_shards(str(tmp_path), 1, 37)
+    loaders, results = all_ranks(cfg_for(str(tmp_path)), tok)
+    check_balanced(loaders, results, 37)
+    assert len(results[0]) == 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_is_balanced_and_disjoint(seed):
+    rng = random.Random(seed)
+    world, workers, b = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3]), rng.choice([1, 2, 5])
+    counts = [rng.randrange(0, 30) for _ in range(rng.randrange(1, 12))]
+    pieces = [Piece(f"s{i}", 0, n) for i, n in enumerate(counts) if n]
+    total = sum(counts)
+    if total < world * b:
+        return
+    plan = make_plan(pieces, world_size=world, num_workers=workers, batch_per_rank=b, train=True,
+                     seed=seed, epoch=0)
+    per_rank = [sum(plan.batches[r * workers:(r + 1) * workers]) for r in range(world)]
+    assert len(set(per_rank)) == 1 and per_rank[0] == total // (world * b)
+    seen = set()
+    for j, slot in enumerate(plan.slots):
+        assert sum(p.count for p in slot) == plan.batches[j] * b
+        for p in slot:
+            for i in range(p.start, p.stop, p.stride):
+                assert (p.url, i) not in seen
+                seen.add((p.url, i))
+    assert total - len(seen) == plan.dropped < world * b
+
+
+# ----------------------------------------------------------------------------- bad samples
+
+def _png_header_only_large() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("bad"))
+    write_test_shards(d, 2, 10)  # keys 0..19, listed in the manifest; 40 samples in all: none dropped
+    good = jpeg_bytes(16, 16)
+    meta = {"image_id": "x"}
+    write_raw_shard(os.path.join(d, "train-000002.tar"), [
+        {"__key__": "bad_corrupt", "jpg": b"\xff\xd8 not really a jpeg", "txt": "a cat", "json": meta},
+        {"__key__": "bad_truncjpg", "jpg": jpeg_bytes(32, 32)[:200], "txt": "a cat", "json": meta},
+        {"__key__": "bad_notxt", "jpg": good, "json": meta},
+        {"__key__": "bad_empty", "jpg": good, "txt": "  ", "json": meta},
+        {"__key__": "bad_noimg", "txt": "a dog", "json": meta},
+        {"__key__": "bad_big", "png": _png_header_only_large(), "txt": "a big one", "json": meta},
+        {"__key__": "dupkey", "jpg": good, "txt": "first", "json": meta},
+        {"__key__": "okay_1", "jpg": good, "txt": "fine", "json": meta},
+        {"__key__": "dupkey", "jpg": good, "txt": "again", "json": meta},
+        {"__key__": "okay_2", "jpg": good, "txt": "fine too", "json": meta},
+    ])
+    # a truncated tar: 10 samples written, cut in the middle; the manifest still says 10
+    full = os.path.join(d, "train-000003.tar")
+    write_test_shards(d + "/tmp", 1, 10, key_offset=1000, manifest=False)
+    data = open(os.path.join(d, "tmp", "train-000000.tar"), "rb").read()
+    with open(full, "wb") as f:
+        f.write(data[: len(data) // 2 + 100])
+    import json
+
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    m["splits"]["train"]["shards"] += [{"file": "train-000002.tar", "num_samples": 10},
+                                       {"file": "train-000003.tar", "num_samples": 10}]
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    return d
+
+
+def test_bad_samples_skipped_counted_and_balanced(bad_dir, tok):
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000)
+    loaders, results = all_ranks(cfg, tok)
+    counts = [len(r) for r in results]
+    assert counts[0] == counts[1] == loaders[0].batches_per_epoch == 40 // 8
+    skipped = collections.Counter()
+    for ld in loaders:
+        skipped.update(ld.skipped)
+    assert skipped["corrupt_image"] == 2  # unreadable header + truncated pixel data
+    assert skipped["missing_caption"] == 1
+    assert skipped["empty_caption"] == 1
+    assert skipped["missing_image"] == 1
+    assert skipped["image_too_large"] == 1
+    assert skipped["duplicate_key"] == 1
+    assert skipped["truncated_tar"] >= 1
+    keys = [k for r in results for b in r for k in b["keys"]]
+    assert not any(k.startswith("bad_") for k in keys)
+    for r in results:
+        for b in r:
+            assert b["pixels"].shape[0] == 4 and len(b["captions"]) == 4
+
+
+def test_bad_samples_eval_each_good_sample_once(bad_dir, tok):
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000)
+    _, results = all_ranks(cfg, tok, train=False, sources=cfg.train_shards)
+    keys = [k for r in results for b in r for k in b["keys"]]
+    assert len(keys) == len(set(keys))
+    good = {f"{n:09d}" for n in range(20)} | {"okay_1", "okay_2", "dupkey"}
+    assert good <= set(keys)
+    assert not any(k.startswith("bad_") for k in keys)
+    assert set(keys) - good <= {f"{n:09d}" for n in range(1000, 1010)}  # readable part of the cut tar
+
+
+# ----------------------------------------------------------------------------- determinism / resume
+
+def _order(batches):
+    return [tuple(b["keys"]) for b in batches]
+
+
+def test_same_seed_same_batches_other_epoch_other_order(uneven, tok):
+    cfg = cfg_for(os.path.join(uneven, "train-*.tar"))
+    a = ShardLoader(cfg, tok, rank=1, world_size=2, seed=3)
+    b = ShardLoader(cfg, tok, rank=1, world_size=2, seed=3)
+    ea, eb = run_epoch(a), run_epoch(b)
+    assert _order(ea) == _order(eb)
+    assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(ea, eb))
+    assert a.epoch == 1  # the cursor moved on
+    e1 = run_epoch(a)
+    assert _order(e1) != _order(ea)
+    c = ShardLoader(cfg, tok, rank=1, world_size=2, seed=4)
+    assert _order(run_epoch(c)) != _order(ea)
+
+
+@pytest.mark.parametrize("use_raw_cursor", [True, False])
+def test_resume_mid_epoch_yields_exactly_the_rest(bad_dir, tok, use_raw_cursor):
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    ref = ShardLoader(cfg, tok, rank=0, world_size=2, seed=5)
+    ref.set_epoch(2)
+    full = run_epoch(ref)
+    assert len(full) >= 5
+    first = ShardLoader(cfg, tok, rank=0, world_size=2, seed=5)
+    first.set_epoch(2)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    assert state["epoch"] == 2 and state["batches"] == 3
+    if not use_raw_cursor:
+        state = {**state, "worker_raw": None}
+    resumed = ShardLoader(cfg, tok, rank=0, world_size=2, seed=5)
+    resumed.load_state_dict(state)
+    rest = run_epoch(resumed)
+    assert _order(head + rest) == _order(full)
+    assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(head + rest, full))
+    assert resumed.epoch == 3
+
+
+def test_infinite_advances_epochs(uneven, tok):
+    cfg = cfg_for(os.path.join(uneven, "train-*.tar"), num_workers=0)
+    ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0)
+    n = ld.batches_per_epoch
+    it = ld.infinite()
+    got = [next(it) for _ in range(n + 2)]
+    assert ld.epoch == 1 and ld.state_dict()["batches"] == 2
+    assert len(got) == n + 2
+
+
+# ----------------------------------------------------------------------------- mixing, eval, errors
+
+def test_mixing_weights_roughly_respected(tmp_path, tok):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_test_shards(a, 4, 20)                   # keys 0..79
+    write_test_shards(b, 4, 20, key_offset=1000)  # keys 1000..1079
+    cfg = cfg_for([a, b], train_weights=[3.0, 1.0], batch_size=16, num_workers=1)
+    ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0)
+    keys = [k for _ in range(2) for bt in run_epoch(ld) for k in bt["keys"]]
+    share_a = sum(int(k) < 1000 for k in keys) / len(keys)
+    assert 0.65 <= share_a <= 0.85, share_a
+
+
+def test_eval_mode_every_sample_once_no_drop(uneven, tok):
+    cfg = cfg_for(os.path.join(uneven, "train-*.tar"), batch_size=6)
+    loaders, results = all_ranks(cfg, tok, train=False, sources=cfg.train_shards)
+    keys = [k for r in results for b in r for k in b["keys"]]
+    assert sorted(keys) == [f"{n:09d}" for n in range(40)]
+    again = [[k for b in run_epoch(ShardLoader(cfg, tok, rank=r, world_size=2, seed=0, train=False,
+                                                        sources=cfg.train_shards))
+              for k in b["keys"]] for r in range(2)]
+    assert [k for r in again for k in r] == keys  # no shuffle: same order
+
+
+def test_batch_size_must_divide(uneven, tok):
+    with pytest.raises(ValueError, match="data.batch_size"):
+        ShardLoader(cfg_for(uneven, batch_size=9), tok, rank=0, world_size=2, seed=0)
+    with pytest.raises(ValueError, match="no shards match"):
+        ShardLoader(cfg_for(uneven + "/none-*.tar"), tok, rank=0, world_size=1, seed=0)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def test_pixel_guard_rejects_before_decode():
+    big = jpeg_bytes(120, 100)
+    assert check_image_header(big, 12_000) == (120, 100)
+    with pytest.raises(BadSample) as e:
+        check_image_header(big, 11_999)
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(BadSample) as e:
+        decode_and_crop(big, 8, max_pixels=11_999)
+    assert e.value.reason == "image_too_large"
+
+
+def test_crops_deterministic_per_sample():
+    data = jpeg_bytes(64, 48)
+    x = decode_and_crop(data, 16, max_pixels=10**6, train=True, seed=7)
+    assert torch.equal(x, decode_and_crop(data, 16, max_pixels=10**6, train=True, seed=7))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
+    ev = decode_and_crop(data, 16, max_pixels=10**6, train=False)
+    assert ev.shape == (3, 16, 16)
+
+
+def test_normalize_equals_torchvision():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=g)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    ours = normalize(px, mean, std)
+    ref = torch.stack([tvf.normalize(p.float() / 255.0, mean, std) for p in px])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert normalize(px, mean, std, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -1,0 +1,182 @@
+"""Model variants: interface, entry-point agreement, rebuild, training signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmpretrain.models import LossConfig, ModelConfig, build_model, build_model_from_dict
+from mmpretrain.models.flops import count_params, training_flops_per_sample
+
+VOCAB = 40
+TINY = dict(image_size=16, patch_size=8, width=32, depth=2, num_heads=2, embed_dim=16, max_text_length=8)
+
+VARIANTS = {
+    "unified": (dict(), dict()),
+    "unified_experts": (dict(modality_experts=True, vl_expert_layers=1), dict()),
+    "dual_cnn_xattn": (dict(arch="dual_encoder", fusion="cross_attention"), dict()),
+    "dual_triplet": (dict(arch="dual_encoder", fusion="linear"), dict(contrastive="triplet", triplet_margin=0.2)),
+}
+
+
+def _build(name, **over):
+    mkw, lkw = VARIANTS[name]
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**{**TINY, **mkw, **over}), LossConfig(**lkw), VOCAB)
+
+
+def _batch(n=4, seed=0, length=8):
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(n, 3, 16, 16, generator=g)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[mask == 0] = 0
+    return px, ids, mask, torch.arange(n)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_forward_interface(name):
+    model = _build(name)
+    px, ids, mask, image_ids = _batch()
+    out = model(px, ids, mask, image_ids)
+    assert {"loss", "loss_itc", "loss_itm", "itm_acc", "logit_scale"} <= set(out)
+    assert out["loss"].dim() == 0 and out["loss"].dtype == torch.float32 and out["loss"].requires_grad
+    assert all(not out[k].requires_grad for k in out if k != "loss")
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07))
+    feats = model(px, ids, mask, mode="features")
+    for k in ("image_emb", "text_emb"):
+        assert feats[k].shape == (4, 16)
+        torch.testing.assert_close(feats[k].norm(dim=-1), torch.ones(4))
+    tok, emb = model.encode_image(px)
+    torch.testing.assert_close(emb, feats["image_emb"])
+    tok, emb = model.encode_text(ids, mask)
+    torch.testing.assert_close(emb, feats["text_emb"])
+    assert model.itm_logits(px, ids, mask).shape == (4, 2)
+    # DeepSpeed rejects 0-dim parameters
+    assert all(p.dim() >= 1 for p in model.parameters())
+    assert model.logit_scale.log_scale.shape == (1,)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_config_dict_rebuild_gives_same_outputs(name):
+    import json
+
+    model = _build(name)
+    d = json.loads(json.dumps(model.config_dict()))
+    torch.manual_seed(123)  # different init: weights must come from the state dict
+    other = build_model_from_dict(d)
+    other.load_state_dict(model.state_dict())
+    model.eval(), other.eval()
+    px, ids, mask, image_ids = _batch()
+    a, b = model(px, ids, mask, image_ids), other(px, ids, mask, image_ids)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_unified_entry_points_agree():
+    model = _build("unified").eval()
+    px, ids, mask, _ = _batch()
+    bb = model.backbone
+    # fused pass with zero text tokens == the image encoder's [CLS] token
+    tok, _ = model.encode_image(px)
+    fused = model.fuse(bb.image_inputs(px), torch.zeros(4, 0, 32), torch.zeros(4, 0, dtype=torch.long))
+    torch.testing.assert_close(fused, tok[:, 0], rtol=1e-5, atol=1e-5)
+    # itm_logits == ITM head over fuse(image inputs, text inputs)
+    logits = bb.itm_logits_from_fused(model.fuse(bb.image_inputs(px), bb.text_inputs(ids, mask), mask))
+    torch.testing.assert_close(model.itm_logits(px, ids, mask), logits)
+    # padded keys are ignored: extra padding changes nothing for the text [CLS]
+    ids2 = torch.cat([ids[:, :6], torch.zeros(4, 2, dtype=torch.long)], dim=1)
+    mask2 = torch.cat([mask[:, :6], torch.zeros(4, 2, dtype=torch.long)], dim=1)
+    _, e_short = model.encode_text(ids[:, :6], mask[:, :6])
+    _, e_pad = model.encode_text(ids2, mask2)
+    torch.testing.assert_close(e_pad, e_short, rtol=1e-5, atol=1e-6)
+    # and the fused pass ignores padded text keys as well
+    f_short = model.fuse(bb.image_inputs(px), bb.text_inputs(ids[:, :6], mask[:, :6]), mask[:, :6])
+    f_pad = model.fuse(bb.image_inputs(px), bb.text_inputs(ids2, mask2), mask2)
+    torch.testing.assert_close(f_pad, f_short, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_route_by_modality():
+    model = _build("unified_experts").eval()
+    px, ids, mask, _ = _batch()
+    blk = model.backbone.blocks[0]
+    _, e_img = model.encode_image(px)
+    _, e_txt = model.encode_text(ids, mask)
+    with torch.no_grad():
+        blk.mlp_text.fc2.bias.add_(torch.randn(32))  # text expert only: image path unchanged
+    torch.testing.assert_close(model.encode_image(px)[1], e_img)
+    assert not torch.allclose(model.encode_text(ids, mask)[1], e_txt)
+    bb = model.backbone
+    fused = model.fuse(bb.image_inputs(px), bb.text_inputs(ids, mask), mask)
+    with torch.no_grad():  # the VL expert of the top block only touches the fused pass
+        bb.blocks[1].mlp_vl.fc2.bias.add_(torch.randn(32))
+    torch.testing.assert_close(model.encode_image(px)[1], e_img)
+    assert not torch.allclose(model.fuse(bb.image_inputs(px), bb.text_inputs(ids, mask), mask), fused)
+
+
+def test_grad_checkpointing_same_gradients():
+    px, ids, mask, image_ids = _batch()
+    grads = []
+    for ckpt in (False, True):
+        model = _build("unified", grad_checkpointing=ckpt)
+        model(px, ids, mask, image_ids)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_itm_sampler_advances_in_training_only():
+    model = _build("unified")
+    px, ids, mask, image_ids = _batch()
+    model(px, ids, mask, image_ids)
+    assert int(model.itm_step) == 1
+    model.eval()
+    model(px, ids, mask, image_ids)
+    assert int(model.itm_step) == 1
+
+
+def test_flops_counts():
+    model = _build("unified")
+    cfg = ModelConfig(**TINY)
+    n = count_params(model)
+    assert n == sum(p.numel() for p in model.parameters())
+    f = training_flops_per_sample(cfg, LossConfig(), text_len=8)
+    f_no_itm = training_flops_per_sample(cfg, LossConfig(itm_weight=0.0), text_len=8)
+    # 6 * params * tokens lower bound for the two unimodal passes; ITM adds 3 fused passes
+    block_params = sum(p.numel() for p in model.backbone.blocks.parameters())
+    assert f_no_itm > 6 * block_params * (5 + 8)
+    assert f > f_no_itm * 2
+
+
+def _learnable_batches(n_batches=2, n=8, seed=0):
+    """Image k carries a fixed class pattern, its caption the class token: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(n, 3, 16, 16, generator=g)
+    batches = []
+    for _ in range(n_batches):
+        px = patterns + 0.3 * torch.randn(n, 3, 16, 16, generator=g)
+        ids = torch.randint(3, VOCAB, (n, 8), generator=g)
+        ids[:, 0] = 1
+        ids[:, 1] = ids[:, 2] = 3 + torch.arange(n)
+        batches.append((px, ids, torch.ones(n, 8, dtype=torch.long), torch.arange(n)))
+    return batches
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains(name):
+    torch.manual_seed(0)
+    model = _build(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    batches = _learnable_batches()
+    losses = []
+    for step in range(20):
+        out = model(*batches[step % 2])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss_itc"]))
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.6 * first, (name, losses)
