@@ -23,7 +23,8 @@ What the towers hold (see docs/evaluation.md for the full table):
   stack is pre-LayerNorm; BERT layers are post-LayerNorm and cannot hold it, so the text
   embedding itself needs ``load_pretrained``.
 - ``dual_encoder``: ``text_encoder`` is the text tower itself (a BertModel, exact) plus
-  ``text_projection.safetensors``; ``image_encoder`` is the timm backbone (``num_classes=0``)
+  ``text_projection.safetensors`` (embedding = normalised projection of the masked mean of
+  ``last_hidden_state``, or of [CLS] with ``model.pool=cls``); ``image_encoder`` is the timm backbone (``num_classes=0``)
   when ``model.image_backbone`` is a timm model (not written for ``small_cnn``).
 Every tower is checked against the mmpretrain model on a random batch before the export is
 published; a mismatch fails the export.
@@ -217,7 +218,16 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
     c = backbone.cfg
     kwargs = dict(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth,
                   num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=True,
-                  global_pool="token", num_classes=c.embed_dim)
+                  num_classes=c.embed_dim, fc_norm=False)
+    # mmpretrain pools the final-norm tokens: 'cls' = [CLS]; 'mean' = mean over all tokens, [CLS]
+    # included (timm 'avg' with pool_include_prefix; fc_norm off so the final norm stays put)
+    pool = getattr(c, "pool", "cls")
+    if pool == "mean":
+        kwargs.update(global_pool="avg", pool_include_prefix=True)
+    elif pool == "cls":
+        kwargs.update(global_pool="token")
+    else:
+        raise ExportError(f"model.pool={pool!r} has no timm equivalent")
     sd = {k: v.detach().float().clone() for k, v in backbone.state_dict().items()}
     ie = "image_embed."
     out = {
@@ -311,8 +321,11 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
         sd = {k: v.detach().float().clone() for k, v in bert_src.state_dict().items()}
         save_file({"weight": backbone.text_proj.proj.weight.detach().float().contiguous()},
                   str(directory / "text_projection.safetensors"))
-        holds = ("the whole text tower: last_hidden_state = text_inputs; text embedding = "
-                 "F.normalize(last_hidden_state[:, 0] @ text_projection.T)")
+        pool = getattr(c, "pool", "cls")
+        pooled = ("last_hidden_state[:, 0]" if pool == "cls" else
+                  "mean of last_hidden_state over tokens with attention_mask 1")
+        holds = (f"the whole text tower: last_hidden_state = text_inputs; text embedding = "
+                 f"F.normalize(pooled @ text_projection.T), pooled = {pooled}")
         want = lambda: backbone.text_inputs(probe_ids, probe_mask)  # noqa: E731
     # BertModel's pooler is not part of mmpretrain: identity weights, so pooler_output = tanh([CLS])
     # is deterministic instead of randomly initialised on load.
@@ -327,7 +340,7 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
     _check_close("text_encoder last_hidden_state vs text_inputs", got[m], ref[m])
     bert.save_pretrained(str(directory), safe_serialization=True)
     return {"library": "transformers", "class": "BertModel", "num_hidden_layers": bert.config.num_hidden_layers,
-            "holds": holds}
+            "pool": getattr(c, "pool", "cls"), "holds": holds}
 
 
 def _check_close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:

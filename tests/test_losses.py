@@ -135,7 +135,7 @@ def test_sampler_fallbacks_keep_labels_correct():
     ids = torch.zeros(4, dtype=torch.long)
     neg = _sample(torch.randn(4, 4), ids, ids)
     assert (neg.text_idx != torch.arange(4)).all() and (neg.text_label == 1).all()
-    # non-finite similarities: uniform fallback over valid candidates' complement, labels from ids
+    # non-finite similarities: uniform fallback over the other columns, labels from image ids
     ids = torch.arange(4)
     neg = _sample(torch.full((4, 4), float("nan")), ids, ids)
     assert (neg.text_idx != torch.arange(4)).all() and (neg.text_label == 0).all()

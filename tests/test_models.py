@@ -31,7 +31,7 @@ def _batch(n=4, seed=0, length=8):
     ids = torch.randint(3, VOCAB, (n, length), generator=g)
     ids[:, 0] = 1
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[1, 5:] = 0
+    mask[n - 1, 5:] = 0
     ids[mask == 0] = 0
     return px, ids, mask, torch.arange(n)
 
@@ -180,3 +180,24 @@ def test_variant_trains(name):
         losses.append(float(out["loss_itc"]))
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.6 * first, (name, losses)
+
+
+def test_batch_of_one_trains_itm_with_positive_fallback():
+    """World batch of 1: the only ITM 'negative' is the sample itself, labelled as a match."""
+    model = _build("unified")
+    px, ids, mask, image_ids = _batch(n=1)
+    out = model(px, ids, mask, image_ids)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_itm"])
+    assert model.backbone.itm_head.fc.weight.grad is not None
+
+
+def test_dual_encoder_timm_backbone():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "arch": "dual_encoder", "image_backbone": "resnet18", "fusion": "cross_attention"})
+    model = build_model(cfg, LossConfig(), VOCAB)
+    px, ids, mask, image_ids = _batch()
+    out = model(px, ids, mask, image_ids)
+    out["loss"].backward()
+    tok, emb = model.encode_image(px)
+    assert tok.shape[0] == 4 and tok.shape[-1] == 32 and emb.shape == (4, 16)

@@ -6,7 +6,7 @@ Two numbers from the same shards, in one run:
   decode + random-resized-crop, tokenize, collate inside ``--workers`` DataLoader workers, batches
   shipped to the main process), divided by the number of workers -> samples/s per worker.
   Timed from the first batch on (worker start-up excluded; reported separately).
-* **raw**: decode + crop/resize (the same ``decode_and_crop``) of the same images in a plain
+* **raw**: decode + crop/resize (the same ``decode_and_crop_hwc`` the workers run) of the same images in a plain
   loop in this process, image bytes already in memory.
 
 The ratio loader-per-worker / raw is the loader's efficiency (target >= 0.8). Per-worker rates
@@ -25,7 +25,7 @@ from mmpretrain.data.config import DataConfig
 
 def raw_decode_rate(urls: list[str], n: int, image_size: int, max_pixels: int) -> tuple[float, int]:
     from mmpretrain.data.loader import IMAGE_EXTS, iter_shard_samples
-    from mmpretrain.data.transforms import BadSample, decode_and_crop
+    from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc
 
     images: list[bytes] = []
     for url in urls:
@@ -41,7 +41,7 @@ def raw_decode_rate(urls: list[str], n: int, image_size: int, max_pixels: int) -
     done = 0
     for i, img in enumerate(images):
         try:
-            decode_and_crop(img, image_size, max_pixels=max_pixels, train=True, seed=i)
+            decode_and_crop_hwc(img, image_size, max_pixels=max_pixels, train=True, seed=i)
             done += 1
         except BadSample:
             pass

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpretrain.data.config import DataConfig
 from mmpretrain.data.tokenizer import tokenize
-from mmpretrain.data.transforms import BadSample, decode_and_crop, decode_and_crop_hwc, stack_chw
+from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc, stack_chw
 
 log = logging.getLogger("mmpretrain.data")
 
@@ -108,10 +108,12 @@ def expand_sources(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def open_url(url: str):
     """A readable binary stream: webdataset's opener (local, ``pipe:``, http) or fsspec."""
-    from webdataset.gopen import gopen
-
     scheme = urlparse(url).scheme
-    if url.startswith("pipe:") or len(scheme) <= 1 or scheme in ("file", "http", "https"):
+    if not url.startswith("pipe:") and (len(scheme) <= 1 or scheme == "file"):
+        return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
+    if url.startswith("pipe:") or scheme in ("http", "https"):
+        from webdataset.gopen import gopen
+
         return gopen(url, "rb")
     import fsspec
 

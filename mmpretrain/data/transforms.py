@@ -152,12 +152,17 @@ def decode_and_crop(data: bytes, size: int, *, max_pixels: int, train: bool = Fa
                     crop: str = "random_resized", seed: int | None = None) -> torch.Tensor:
     """Bytes -> uint8 ``[3, size, size]`` (see ``decode_and_crop_hwc``)."""
     arr = decode_and_crop_hwc(data, size, max_pixels=max_pixels, train=train, crop=crop, seed=seed)
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def stack_chw(arrays: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 arrays -> ``[B, 3, H, W]`` uint8 (one copy + one transpose for the batch)."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """HWC uint8 arrays -> ``[B, 3, H, W]`` uint8 (one transposing copy into the batch)."""
+    h, w, c = arrays[0].shape
+    out = torch.empty((len(arrays), c, h, w), dtype=torch.uint8)
+    dst = out.numpy()
+    for i, a in enumerate(arrays):  # numpy copy: no torch intra-op threads in the loop
+        dst[i] = a.transpose(2, 0, 1)
+    return out
 
 
 def eval_transform(data: bytes, size: int, max_pixels: int = 50_000_000) -> torch.Tensor:

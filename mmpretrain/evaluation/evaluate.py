@@ -231,7 +231,7 @@ def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tens
                                      data["input_ids"][t].to(device), data["attention_mask"][t].to(device))
             if real:
                 logits = logits.float().cpu()
-                local_scores += (logits[:, 1] - logits[:, 0]).tolist()
+                local_scores += (logits[:, 0] - logits[:, 1]).tolist()
     merged: dict[tuple[int, int], float] = {}
     for part in _gather_objects(list(zip(pairs, local_scores)), accelerator):
         for pair, score in part:
@@ -353,8 +353,8 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             if cfg.eval.report:
-                history = report_mod.read_history(find_history(cfg, out, checkpoint))
-                report_mod.write_report(out, metrics, history, examples or {})
+                source = find_history(cfg, out, checkpoint)
+                report_mod.write_report(out, metrics, report_mod.read_history(source), examples or {}, source)
     finally:
         if was_training:
             model.train()

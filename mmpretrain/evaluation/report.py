@@ -184,7 +184,8 @@ def _png_b64(img: np.ndarray, size: int = 112) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, examples: dict) -> None:
+def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, examples: dict,
+                history_note: str = "") -> None:
     e = html.escape
     header, rows = recall_rows(metrics)
     table = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
@@ -200,6 +201,7 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
         "<h1>mmpretrain retrieval report</h1>",
         f"<p>{e(_subtitle(metrics))}</p>",
+        f"<p class='history'>{e(history_note)}</p>" if history_note else "",
         "<h2>Recall (%)</h2>", table,
         "<p>Ties count against the query: rank = number of wrong candidates scoring at least as high "
         "as the best right one. An image query is right if any of its captions is retrieved.</p>",
@@ -208,28 +210,32 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         b64 = base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
         parts += ["<h2>Overview (report.png)</h2>",
                   f"<img alt='report' style='max-width:100%' src='data:image/png;base64,{b64}'>"]
-    parts.append("<h2>Caption → top-5 images</h2>")
+    parts.append("<h2>Caption → top-5 images (contrastive ranking; right images framed green)</h2>")
     for q in examples.get("text_queries", []):
-        parts.append(f"<div class='q'><div class='cap'>“{e(q['caption'])}”</div>")
+        parts.append(f"<div class='q text-query'><div class='cap'>“{e(q['caption'])}”</div>")
         for j, (img, ok, sc) in enumerate(zip(q["images"], q["correct"], q["scores"])):
             parts.append(f"<div class='img'><img class='{'hit' if ok else 'miss'}' "
                          f"src='data:image/png;base64,{_png_b64(img)}'><br>#{j + 1} {sc:.3f}</div>")
         parts.append("</div>")
-    parts.append("<h2>Image → top-5 captions</h2>")
+    parts.append("<h2>Image → top-5 captions (contrastive ranking; right captions in green)</h2>")
     for q in examples.get("image_queries", []):
         items = "".join(f"<li class='{'hit' if ok else ''}'>{sc:.3f} {'✔' if ok else '✘'} {e(c)}</li>"
                         for c, ok, sc in zip(q["captions"], q["correct"], q["scores"]))
-        parts.append(f"<div class='q'><img src='data:image/png;base64,{_png_b64(q['image'])}'>"
+        parts.append(f"<div class='q image-query'><img src='data:image/png;base64,{_png_b64(q['image'])}'>"
                      f"<ol>{items}</ol></div>")
     parts += ["<h2>metrics.json</h2>", f"<pre>{e(json.dumps(metrics, indent=2))}</pre>", "</body></html>"]
     Path(path).write_text("".join(parts), encoding="utf-8")
 
 
-def write_report(out_dir: str | Path, metrics: dict, history: list[dict], examples: dict) -> tuple[Path, Path]:
+def write_report(out_dir: str | Path, metrics: dict, history: list[dict], examples: dict,
+                 history_source: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` then ``report.html`` (which embeds the PNG) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png, page = out / "report.png", out / "report.html"
     render_png(png, metrics, history, examples)
-    render_html(page, metrics, png, examples)
+    steps = sum(1 for row in history if "loss" in row)
+    note = (f"Training curves: {steps} logged steps from {history_source}." if history_source and steps
+            else "Training curves: no metrics.jsonl found for this run.")
+    render_html(page, metrics, png, examples, note)
     return png, page

@@ -36,6 +36,9 @@ class ModelConfig:
     vl_expert_layers: int = 2
     """unified + modality_experts: the top N blocks use the vision-language FFN in the fused pass
     (VLMo); lower blocks route image tokens to the image FFN and text tokens to the text FFN."""
+    pool: str = "mean"
+    """Pooling of the unimodal tokens into the contrastive embedding: 'mean' (over non-padding
+    tokens) or 'cls' (the [CLS] token); the dual_encoder image tower always mean-pools."""
     fusion_depth: int = 1
     """dual_encoder + cross_attention: number of (text -> image) cross-attention layers."""
 

@@ -6,7 +6,7 @@
   or tokens, projected to ``width``).
 - text tower: ``transformers.BertModel`` built from a ``BertConfig`` (width, depth, heads).
 - ``encode_image`` / ``encode_text`` -> ``(tokens, emb)``; image emb from mean-pooled tokens,
-  text emb from [CLS]; both L2-normalised projections to ``embed_dim``.
+  text emb from the mean over non-padding tokens (``pool: cls``: the [CLS] token); both L2-normalised projections to ``embed_dim``.
 - ``fuse(image_tokens, text_tokens, text_mask)`` takes the *tower outputs* (``image_inputs``
   and ``text_inputs`` are the towers here) and returns a fused [CLS] for the ITM head:
   ``cross_attention`` (seed 003: text queries attend to image keys/values, ``fusion_depth``
@@ -151,7 +151,10 @@ class DualEncoder(nn.Module):
         return x, self.image_proj(x.mean(dim=1))
 
     def text_features(self, x, attention_mask):
-        return x, self.text_proj(x[:, 0])
+        if self.cfg.pool == "cls":
+            return x, self.text_proj(x[:, 0])
+        w = attention_mask.to(x.dtype).unsqueeze(-1)
+        return x, self.text_proj((x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0))
 
     def encode_image(self, pixels):
         return self.image_features(self.image_inputs(pixels))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -203,10 +204,19 @@ def build_accelerator(cfg: Config):
             gradient_clipping=float(cfg.optim.grad_clip), zero_stage=ds["zero_optimization"]["stage"])
         if not info.has_gpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        # DeepSpeed 0.19 calls collectives torch 2.14 deprecates, with a warning on every call
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     elif not info.has_gpu:
         kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)
-    check_accelerator(accelerator, info)
+    try:
+        check_accelerator(accelerator, info)
+    except LaunchError:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        raise
     return accelerator, info
 
 

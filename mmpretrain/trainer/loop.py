@@ -21,8 +21,9 @@ import torch
 from mmpretrain import distributed
 from mmpretrain.config import Config, dump_config, to_dict
 from mmpretrain.trainer import accel
+from mmpretrain.trainer.checkpoint import (CheckpointError, load_checkpoint, read_meta, resolve_resume,
+                                           save_checkpoint)
 from mmpretrain.trainer.data import build_train_loader
-from mmpretrain.trainer.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
 
@@ -236,25 +237,42 @@ def flops_per_sample(model, cfg: Config) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: Config) -> int:
-    """Train from ``cfg``; returns the process exit code (0 also after a stop request)."""
+@dataclass
+class Run:
+    """Everything the loop touches, built once by ``setup``."""
+
+    cfg: Config
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: WarmupCosine
+    loader: object
+    tokenizer: object
+    vocab_size: int
+    counters: Counters
+    logger: RunLogger
+    ctx: StepContext
+    input_dtype: torch.dtype
+    out_dir: Path
+    run_eval: object = None
+
+
+def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | None, run_eval) -> Run:
+    """Tokenizer, model, optimizer (prepared), schedule, loader; restores a checkpoint."""
     from accelerate.utils import set_seed
 
     from mmpretrain.data.tokenizer import load_tokenizer
     from mmpretrain.models import build_model
 
     tcfg = cfg.train
-    run_eval = maybe_evaluation()
-    check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
-    accelerator, info = accel.build_accelerator(cfg)  # launch checks; fails before any work
-    is_main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     use_ds = info.use_deepspeed
-    if use_ds and accel.zero_stage(accelerator) == 0:
-        raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
-    resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
+    meta = None
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        check_resume_meta(meta, cfg, accelerator, world)
     out_dir = Path(tcfg.output_dir)
-    if is_main:
+    if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
 
@@ -269,102 +287,136 @@ def train(cfg: Config) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = WarmupCosine(optimizer, cfg.optim, tcfg.max_steps)
     accelerator.register_for_checkpointing(scheduler)
-    set_seed(cfg.seed + rank)  # per-rank randomness (dropout) from here on
-    input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
+    set_seed(cfg.seed + rank)  # per-rank randomness (dropout) from here on; a resume restores it
 
     loader = build_train_loader(cfg, tokenizer, rank, world)
     counters = Counters()
     if resume_from is not None:
-        meta, data_state = load_checkpoint(accelerator, resume_from)
-        check_resume_meta(meta, cfg, accelerator, world)
+        _, data_state = load_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
         counters = Counters(**meta["counters"])
         loader.load_state_dict(data_state)
 
-    logger = RunLogger(out_dir, is_main=is_main, total_steps=tcfg.max_steps, start_step=counters.step,
-                       log_every=tcfg.log_every, tensorboard=tcfg.tensorboard, progress_bar=tcfg.progress_bar,
-                       flops_per_sample=flops, peak_tflops=tcfg.peak_tflops, world_size=world)
+    logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
+                       start_step=counters.step, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
+                       progress_bar=tcfg.progress_bar, flops_per_sample=flops, peak_tflops=tcfg.peak_tflops,
+                       world_size=world)
+    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=tcfg.feature_cache,
+                      gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip)
+    input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
     logger.info(f"mmpretrain train: {accel.distributed_type_name(accelerator)}"
                 + (f" ZeRO-{accel.zero_stage(accelerator)}" if use_ds else "")
                 + f", {world} process(es), global batch {cfg.data.batch_size} x {tcfg.grad_accum_steps} "
                 f"accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
                 + (f", resumed from {resume_from}" if resume_from else ""))
+    return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+               loader=loader, tokenizer=tokenizer, vocab_size=vocab_size, counters=counters, logger=logger,
+               ctx=ctx, input_dtype=input_dtype, out_dir=out_dir, run_eval=run_eval)
 
-    def checkpoint() -> None:
-        meta = {"config": to_dict(cfg), "vocab_size": vocab_size,
-                "distributed_type": accel.distributed_type_name(accelerator),
-                "zero_stage": accel.zero_stage(accelerator), "world_size": world,
-                "counters": asdict(counters), "skipped_samples": loader.skipped}
-        path = save_checkpoint(accelerator, out_dir / "checkpoints", counters.step, meta, loader.state_dict(),
-                               tokenizer=tokenizer, keep_last=tcfg.keep_last)
-        logger.info(f"checkpoint: {path}")
 
-    def evaluate() -> None:
-        if run_eval is None:
-            return
-        results = run_eval(model, cfg, accelerator, tokenizer, counters.step,
-                           out_dir / "eval" / f"step_{counters.step:08d}")
-        logger.log_eval(counters.step, results)
+def save(run: Run) -> None:
+    acc = run.accelerator
+    meta = {"config": to_dict(run.cfg), "vocab_size": run.vocab_size,
+            "distributed_type": accel.distributed_type_name(acc), "zero_stage": accel.zero_stage(acc),
+            "world_size": acc.num_processes, "counters": asdict(run.counters),
+            "skipped_samples": run.loader.skipped}
+    path = save_checkpoint(acc, run.out_dir / "checkpoints", run.counters.step, meta, run.loader.state_dict(),
+                           tokenizer=run.tokenizer, keep_last=run.cfg.train.keep_last)
+    run.logger.info(f"checkpoint: {path}")
 
-    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=tcfg.feature_cache,
-                      gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip)
-    stop = StopRequest()
-    stop.install()
-    batches = loader.infinite()
+
+def evaluate(run: Run) -> None:
+    if run.run_eval is None:
+        return
+    step = run.counters.step
+    results = run.run_eval(run.model, run.cfg, run.accelerator, run.tokenizer, step,
+                           run.out_dir / "eval" / f"step_{step:08d}")
+    run.logger.log_eval(step, results)
+
+
+def fit(run: Run, stop: StopRequest) -> None:
+    """The step loop. Raises ``TrainingError`` when too many steps in a row were non-finite."""
+    cfg, tcfg, c = run.cfg, run.cfg.train, run.counters
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    samples_per_step = cfg.data.batch_size * tcfg.grad_accum_steps
+    batches = run.loader.infinite()
     steps_here = 0
-    model.train()
+    run.model.train()
+    while c.step < tcfg.max_steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
+        t_data = time.perf_counter() - t0
+        micro = [model_inputs(b, run.accelerator.device, cfg.data, run.input_dtype) for b in micro]
+        result = train_step(run.model, run.optimizer, micro, run.ctx, stop_requested=stop.requested,
+                            inject_nan=(c.step + 1) in tcfg.inject_nan_steps and rank == world - 1)
+        c.step += 1
+        c.samples_seen += samples_per_step
+        steps_here += 1
+        lr = run.scheduler.lr
+        run.scheduler.step()  # the rate follows the step counter, skipped steps included
+        c.bad_steps_total += int(result.skipped)
+        c.bad_steps_in_a_row = c.bad_steps_in_a_row + 1 if result.skipped else 0
+        result.metrics.update(lr=lr, bad_steps_total=c.bad_steps_total, skipped=int(result.skipped),
+                              epoch=run.loader.epoch)
+        run.logger.log_step(c.step, result.metrics, step_seconds=time.perf_counter() - t0, data_seconds=t_data,
+                            samples=samples_per_step)
+        if result.skipped:
+            run.logger.info(f"step {c.step}: non-finite loss, step skipped ({c.bad_steps_in_a_row} in a row, "
+                            f"{c.bad_steps_total} in all)")
+        if c.bad_steps_in_a_row >= tcfg.max_bad_steps:  # before any checkpoint: the last one stays good
+            raise TrainingError(
+                f"{c.bad_steps_in_a_row} non-finite losses in a row at step {c.step} (train.max_bad_steps="
+                f"{tcfg.max_bad_steps}): stopping. The last checkpoint is intact; lower optim.lr, check the data, "
+                "or try train.mixed_precision=no")
+        finished = c.step >= tcfg.max_steps
+        if tcfg.eval_every and c.step % tcfg.eval_every == 0 and not finished:
+            evaluate(run)
+        stopping = result.stop_requested or (tcfg.stop_after_steps and steps_here >= tcfg.stop_after_steps)
+        if finished or stopping or c.step % tcfg.save_every == 0:
+            save(run)
+        if stopping and not finished:
+            run.logger.info(f"stop requested ({stop.signal_name or 'train.stop_after_steps'}): checkpoint written "
+                            f"at step {c.step}; resume with train.resume=latest")
+            return
+    if tcfg.eval_at_end:
+        evaluate(run)
+    run.logger.info(f"done: {c.step} steps, {c.samples_seen} samples, {c.bad_steps_total} skipped steps, "
+                    f"skipped samples {run.loader.skipped or 'none'}")
+
+
+def release_accelerator(accelerator) -> None:
+    """End the run's process group and forget Accelerate's process-wide state, so ``train``
+    can run again in the same process (tests, notebooks)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train(cfg: Config) -> int:
+    """Train from ``cfg``; returns the process exit code (0 also after a stop request)."""
+    tcfg = cfg.train
+    run_eval = maybe_evaluation()
+    # start-up validation, before any process group or model exists
+    check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+    resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
+    accelerator, info = accel.build_accelerator(cfg)  # launch checks
+    stop = StopRequest()
     exit_code = EXIT_OK
+    run = None
     try:
-        while counters.step < tcfg.max_steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
-            t_data = time.perf_counter() - t0
-            micro = [model_inputs(b, accelerator.device, cfg.data, input_dtype) for b in micro]
-            result = train_step(model, optimizer, micro, ctx, stop_requested=stop.requested,
-                                inject_nan=(counters.step + 1) in tcfg.inject_nan_steps and rank == world - 1)
-            counters.step += 1
-            counters.samples_seen += cfg.data.batch_size * tcfg.grad_accum_steps
-            steps_here += 1
-            lr = scheduler.lr
-            scheduler.step()  # the rate follows the step counter, skipped steps included
-            if result.skipped:
-                counters.bad_steps_total += 1
-                counters.bad_steps_in_a_row += 1
-            else:
-                counters.bad_steps_in_a_row = 0
-            result.metrics.update(lr=lr, bad_steps_total=counters.bad_steps_total, skipped=int(result.skipped),
-                                  epoch=loader.epoch)
-            logger.log_step(counters.step, result.metrics, step_seconds=time.perf_counter() - t0,
-                            data_seconds=t_data, samples=cfg.data.batch_size * tcfg.grad_accum_steps)
-            if counters.bad_steps_in_a_row >= tcfg.max_bad_steps:
-                raise TrainingError(
-                    f"{counters.bad_steps_in_a_row} non-finite losses in a row at step {counters.step} "
-                    f"(train.max_bad_steps={tcfg.max_bad_steps}): stopping. The last checkpoint is intact; lower "
-                    "optim.lr, check the data, or try train.mixed_precision=no")
-            if result.skipped:
-                logger.info(f"step {counters.step}: non-finite loss, step skipped "
-                            f"({counters.bad_steps_in_a_row} in a row, {counters.bad_steps_total} in all)")
-            finished = counters.step >= tcfg.max_steps
-            if tcfg.eval_every and counters.step % tcfg.eval_every == 0 and not finished:
-                evaluate()
-            stopping = result.stop_requested or (tcfg.stop_after_steps and steps_here >= tcfg.stop_after_steps)
-            if finished or stopping or counters.step % tcfg.save_every == 0:
-                checkpoint()
-            if stopping and not finished:
-                logger.info(f"stop requested ({stop.signal_name or 'train.stop_after_steps'}): checkpoint "
-                            f"written at step {counters.step}; resume with train.resume=latest")
-                break
-        else:
-            if tcfg.eval_at_end:
-                evaluate()
-            logger.info(f"done: {counters.step} steps, {counters.samples_seen} samples, "
-                        f"{counters.bad_steps_total} skipped steps, skipped samples {loader.skipped or 'none'}")
+        if info.use_deepspeed and accel.zero_stage(accelerator) == 0:
+            raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
+        run = setup(cfg, accelerator, info, resume_from, run_eval)
+        stop.install()
+        fit(run, stop)
     except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
-        if is_main:
+        if accelerator.is_main_process:
             print(f"mmpretrain train: error: {e}", file=sys.stderr, flush=True)
         exit_code = EXIT_BAD_STEPS
     finally:
         stop.uninstall()
-        logger.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if run is not None:
+            run.logger.close()
+        release_accelerator(accelerator)
     return exit_code

@@ -1,0 +1,172 @@
+"""Evaluation: the command's outputs, ITM re-ranking against a brute-force ITM matrix, the
+report, and 2 gloo processes giving the metrics of 1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpretrain.config import load_config
+from mmpretrain.evaluation import cli
+from mmpretrain.evaluation.evaluate import run_evaluation
+from mmpretrain.evaluation.report import render_html
+from mmpretrain.evaluation.retrieval import retrieval_metrics
+from mmpretrain.export import load_checkpoint
+
+from test_export import REPO, make_checkpoint, make_shards, tiny_overrides
+
+TIMING_KEYS = {"contrastive_seconds", "itm_seconds", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run directory with a checkpoint and a metrics.jsonl, plus its shards."""
+    root = tmp_path_factory.mktemp("evalrun")
+    shards = make_shards(root / "shards")
+    ckpt = make_checkpoint(root / "run", shards)
+    with open(root / "run" / "metrics.jsonl", "w") as f:
+        for step in range(1, 4):
+            f.write(json.dumps({"step": step, "loss": 2.0 - 0.1 * step, "loss_itc": 1.5 - 0.1 * step,
+                                "loss_itm": 0.69, "lr": 1e-4 * step}) + "\n")
+        f.write(json.dumps({"step": 3, "eval": {"mean_recall": 10.0}}) + "\n")
+    return shards, ckpt
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_eval_command_writes_metrics_and_report(run, tmp_path, capsys):
+    shards, ckpt = run
+    out = tmp_path / "eval"
+    rc = cli.main(["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "--out", str(out),
+                   "eval.num_examples=3"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    metrics = json.loads(last)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    # 12 held-out images with 2 captions each: deduplicated by image id
+    assert metrics["num_images"] == 12 and metrics["num_captions"] == 24 and metrics["step"] == 3
+    for prefix in ("", "itm_"):
+        for d in ("i2t", "t2i"):
+            for k in (1, 5, 10):
+                assert 0.0 <= metrics[f"{prefix}{d}_R@{k}"] <= 100.0
+        assert f"{prefix}mean_recall" in metrics
+    assert metrics["itm_rerank_k"] == 4 and metrics["itm_seconds"] > 0 and metrics["contrastive_seconds"] > 0
+
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "http" not in html.replace("http-equiv", "")  # self-contained
+    assert f"{metrics['i2t_R@1']:.1f}" in html and f"{metrics['itm_mean_recall']:.1f}" in html
+    assert html.count("class='q text-query'") == 3 and html.count("class='q image-query'") == 3
+    assert "3 logged steps from" in html  # the run's metrics.jsonl was found and read
+    embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(embedded) == 1 + 3 * 5 + 3  # the overview PNG, 3 x top-5 images, 3 query images
+    assert _png_size(base64.b64decode(embedded[0])) == _png_size((out / "report.png").read_bytes())
+    w, h = _png_size((out / "report.png").read_bytes())
+    assert w > 600 and h > 600
+
+
+def test_report_marks_right_results_green(tmp_path):
+    img = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    examples = {
+        "text_queries": [{"caption": "a <red> circle", "images": [img] * 5,
+                          "correct": [False, True, False, False, False], "scores": [0.5, 0.4, 0.3, 0.2, 0.1]}],
+        "image_queries": [{"image": img, "captions": ["a", "b", "c", "d", "e"],
+                           "correct": [True, False, False, True, False], "scores": [0.9, 0.8, 0.7, 0.6, 0.5]}],
+    }
+    render_html(tmp_path / "r.html", {"i2t_R@1": 50.0, "t2i_R@1": 25.0, "mean_recall": 37.5}, None, examples)
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("<img class='hit'") == 1 and html.count("<img class='miss'") == 4
+    assert html.count("<li class='hit'>") == 2
+    assert "a &lt;red&gt; circle" in html  # captions are escaped
+
+
+def _val_samples(cfg, tokenizer):
+    """Every held-out sample, read with the loader in one process (key order)."""
+    from mmpretrain.data.loader import ShardLoader
+
+    rows = []
+    for b in ShardLoader(cfg.data, tokenizer, rank=0, world_size=1, seed=0, train=False):
+        for j, key in enumerate(b["keys"]):
+            rows.append((key, int(b["image_ids"][j]), b["pixels"][j], b["input_ids"][j], b["attention_mask"][j]))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def test_contrastive_and_full_itm_rerank_match_brute_force(run, tmp_path):
+    """With itm_rerank_k >= every candidate, the re-ranked metrics are those of the full ITM
+    score matrix; the contrastive ones those of the full cosine matrix (float64 model, so batch
+    composition cannot flip a near-tie)."""
+    from mmpretrain.data.transforms import normalize
+
+    shards, ckpt = run
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model.double()
+    cfg = load_config(None, tiny_overrides(shards, tmp_path, ["eval.itm_rerank_k=100", "eval.report=false",
+                                                              "eval.batch_size=7"]))
+    metrics = run_evaluation(model, cfg, None, loaded.tokenizer, 0, tmp_path / "e")
+
+    rows = _val_samples(cfg, loaded.tokenizer)
+    image_ids = []
+    for r in rows:
+        if r[1] not in image_ids:
+            image_ids.append(r[1])
+    first = {iid: next(r for r in rows if r[1] == iid) for iid in image_ids}
+    caption_image = torch.tensor([image_ids.index(r[1]) for r in rows])
+    px = normalize(torch.stack([first[i][2] for i in image_ids]), cfg.data.mean, cfg.data.std, torch.float64)
+    ids = torch.stack([r[3] for r in rows])
+    mask = torch.stack([r[4] for r in rows])
+    with torch.no_grad():
+        img_emb = model.encode_image(px)[1]
+        txt_emb = model.encode_text(ids, mask)[1]
+        cos = img_emb.float() @ txt_emb.float().t()
+        n_img, n_cap = len(image_ids), len(rows)
+        logits = model.itm_logits(px.repeat_interleave(n_cap, 0), ids.repeat(n_img, 1), mask.repeat(n_img, 1)).float()
+        itm = (logits[:, 1] - logits[:, 0]).view(n_img, n_cap)
+    ks = [1, 5, 10]
+    want = retrieval_metrics(cos, caption_image, ks)
+    want_itm = retrieval_metrics(itm, caption_image, ks)
+    for k in ks:
+        for d in ("i2t", "t2i"):
+            assert metrics[f"{d}_R@{k}"] == pytest.approx(want[f"{d}_R@{k}"])
+            assert metrics[f"itm_{d}_R@{k}"] == pytest.approx(want_itm[f"{d}_R@{k}"])
+    # the ITM head of this random model ranks differently from the embeddings: the test can tell
+    assert any(metrics[f"itm_{d}_median_rank"] != metrics[f"{d}_median_rank"] for d in ("i2t", "t2i")) or \
+        metrics["itm_mean_recall"] != metrics["mean_recall"]
+
+
+def test_eval_rejects_a_path_that_is_not_a_checkpoint(tmp_path, capsys):
+    rc = cli.main(["--checkpoint", str(tmp_path), "--shards", "x-*.tar", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not an mmpretrain checkpoint" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
+    shards, ckpt = run
+    argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
+            "data.batch_size=6"]
+    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mmpretrain.evaluation.cli", *argv, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == two  # printed once, by rank 0, last
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert {k: v for k, v in one.items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in two.items() if k not in TIMING_KEYS}

@@ -1,0 +1,87 @@
+"""Resume, single process on CPU: a run stopped at step k and resumed reaches exactly the
+parameters and loss curve of an uninterrupted run (RNG, data cursor with loader workers, schedule,
+optimizer); SIGTERM finishes the step, checkpoints and exits 0, and the run resumes from there.
+The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in test_trainer_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_trainer import (REPO, assert_same_weights, checkpoint_weights, losses, make_config, metrics,
+                          run_train)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_config(tmp_path_factory.getbasetemp())
+
+
+def test_stop_and_resume_is_exact(tiny, tmp_path):
+    # loader workers and random crops on, so the data cursor and every RNG matter
+    common = ["data.num_workers=2", "data.train_crop=random_resized", "model.dropout=0.1", "train.save_every=100"]
+    assert run_train(tiny, tmp_path / "full", *common) == 0
+    run = tmp_path / "stopped"
+    assert run_train(tiny, run, *common, "train.stop_after_steps=3") == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
+    assert run_train(tiny, run, *common, "train.resume=latest") == 0
+
+    assert sorted(metrics(run)) == [1, 2, 3, 4, 5, 6]  # each step logged once
+    assert losses(run) == losses(tmp_path / "full")  # exact
+    assert_same_weights(checkpoint_weights(run / "checkpoints/step_00000006"),
+                        checkpoint_weights(tmp_path / "full/checkpoints/step_00000006"))
+    meta = json.loads((run / "checkpoints/step_00000006/mmpretrain.json").read_text())
+    assert meta["counters"]["samples_seen"] == 48 and meta["data_state"]["batches"] == 6
+
+
+def test_resume_from_an_explicit_checkpoint_into_a_new_run(tiny, tmp_path):
+    assert run_train(tiny, tmp_path / "full") == 0
+    ckpt = tmp_path / "full/checkpoints/step_00000003"
+    assert run_train(tiny, tmp_path / "branch", f"train.resume={ckpt}") == 0
+    assert losses(tmp_path / "branch") == losses(tmp_path / "full")[3:]
+    assert_same_weights(checkpoint_weights(tmp_path / "branch/checkpoints/step_00000006"),
+                        checkpoint_weights(tmp_path / "full/checkpoints/step_00000006"))
+
+
+def test_resume_rejects_a_different_model(tiny, tmp_path, capsys):
+    assert run_train(tiny, tmp_path / "run", "train.max_steps=3") == 0
+    assert run_train(tiny, tmp_path / "run", "train.resume=latest", "model.depth=3") == 2
+    assert "model section differs" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):
+    import subprocess
+
+    run = tmp_path / "run"
+    common = ["train.max_steps=400", "train.save_every=1000", "train.log_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain.train", "--config", str(tiny),
+                             f"train.output_dir={run}", *common], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        mfile = run / "metrics.jsonl"
+        if mfile.is_file() and len(mfile.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested (SIGTERM)" in out
+    k = max(metrics(run))
+    assert 3 <= k < 400
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{k:08d}"]
+
+    assert run_train(tiny, run, *common, "train.resume=latest", "train.stop_after_steps=2") == 0
+    assert max(metrics(run)) == k + 2
+    ref = tmp_path / "ref"
+    assert run_train(tiny, ref, *common, f"train.stop_after_steps={k + 2}") == 0
+    assert losses(run) == losses(ref)
+    assert_same_weights(checkpoint_weights(run / f"checkpoints/step_{k + 2:08d}"),
+                        checkpoint_weights(ref / f"checkpoints/step_{k + 2:08d}"))

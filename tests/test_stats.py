@@ -1,0 +1,53 @@
+"""`mmpretrain shards stats`: counts, skip reasons, pixel mean/std, caption token lengths."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from PIL import Image
+
+from _shardutil import write_raw_shard
+from mmpretrain.data.stats import main
+from mmpretrain.data.tokenizer import train_tokenizer
+
+
+def _solid_png(colour, size=(20, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_stats_reports_counts_pixels_and_lengths(tmp_path, capsys):
+    caps = ["a red square", "red square on the left of a big blue circle near the top"]
+    samples = []
+    for i in range(6):
+        colour = (255, 0, 0) if i % 2 == 0 else (0, 0, 255)  # half red, half blue
+        samples.append({"__key__": f"k{i}", "png": _solid_png(colour), "txt": caps[i % 2],
+                        "json": {"image_id": i}})
+    samples.append({"__key__": "nocap", "png": _solid_png((0, 0, 0))})
+    samples.append({"__key__": "broken", "jpg": b"garbage", "txt": "x"})
+    write_raw_shard(str(tmp_path / "data-000000.tar"), samples)
+    tok = train_tokenizer(caps * 3, str(tmp_path / "tok"), 80)
+    lens = [len(tok(c)["input_ids"]) for c in caps]
+    assert lens[0] < 8 < lens[1]
+
+    rc = main([str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--max-length", "8", "--image-size", "8"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    stats = json.loads(out[-1])
+    assert stats["samples"] == 6
+    assert stats["skipped"] == {"missing_caption": 1, "corrupt_image": 1}
+    for got, want in zip(stats["pixel_mean"], [0.5, 0.0, 0.5]):
+        assert abs(got - want) < 1e-3
+    for got, want in zip(stats["pixel_std"], [0.5, 0.0, 0.5]):
+        assert abs(got - want) < 1e-3
+    ct = stats["caption_tokens"]
+    assert ct["max"] == lens[1] and ct["mean"] == sum(lens) / 2
+    assert stats["truncated_share"] == 0.5
+
+
+def test_stats_no_shards_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path / "none-*.tar"), "--tokenizer", "auto"]) == 2
+    assert "none-" in capsys.readouterr().err

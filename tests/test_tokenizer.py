@@ -1,0 +1,68 @@
+"""WordPiece tokenizer trained from captions, saved/loaded offline; 'auto' beside the shards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from _shardutil import caption_for, write_test_shards
+from mmpretrain.data.tokenizer import load_tokenizer, tokenize, train_tokenizer
+
+CAPTIONS = [caption_for(i) for i in range(64)] + ["A RED Circle, left of a Blue square!"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tok"))
+    tok = train_tokenizer(CAPTIONS, d, 150)
+    return d, tok
+
+
+def test_special_tokens_and_offline_reload(saved):
+    d, tok = saved
+    assert [tok.convert_tokens_to_ids(t) for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]] == [0, 1, 2, 3, 4]
+    assert tok.pad_token_id == 0
+    re = AutoTokenizer.from_pretrained(d)
+    assert len(re) == len(tok) <= 150
+    ids = re("A Red circle")["input_ids"]
+    assert ids[0] == re.cls_token_id and ids[-1] == re.sep_token_id
+    assert ids == tok("a red CIRCLE")["input_ids"]  # lower-casing normalizer
+    assert re.convert_ids_to_tokens(ids)[1:-1] == ["a", "red", "circle"]
+    assert "," in re.tokenize("red, blue")  # punctuation split off
+
+
+def test_tokenize_pads_and_truncates(saved):
+    _, tok = saved
+    out = tokenize(tok, ["a red circle", CAPTIONS[-1] * 5], 8)
+    assert out["input_ids"].dtype == torch.int64 and out["attention_mask"].dtype == torch.int64
+    assert out["input_ids"].shape == (2, 8) == out["attention_mask"].shape
+    ids0 = tok("a red circle")["input_ids"]
+    assert out["input_ids"][0, :len(ids0)].tolist() == ids0
+    assert out["input_ids"][0, len(ids0):].eq(0).all() and out["attention_mask"][0].sum() == len(ids0)
+    assert out["attention_mask"][1].all() and out["input_ids"][1, -1] == tok.sep_token_id
+    ref = tok(["a red circle", CAPTIONS[-1] * 5], padding="max_length", truncation=True, max_length=8)
+    assert out["input_ids"].tolist() == ref["input_ids"]  # fast path == transformers call
+
+
+def test_load_auto_trains_beside_shards_then_reuses(tmp_path):
+    write_test_shards(str(tmp_path), 2, 6)
+    pattern = str(tmp_path / "train-*.tar")
+    tok = load_tokenizer("auto", [pattern], 120)
+    assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer_config.json")
+    mtime = os.path.getmtime(tmp_path / "tokenizer" / "tokenizer_config.json")
+    again = load_tokenizer("auto", [pattern], 120)
+    assert os.path.getmtime(tmp_path / "tokenizer" / "tokenizer_config.json") == mtime
+    assert again("a red circle")["input_ids"] == tok("a red circle")["input_ids"]
+    assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"])[1:-1] == ["a", "red", "circle"]
+    local = load_tokenizer(str(tmp_path / "tokenizer"), None, 0)
+    assert local.get_vocab() == tok.get_vocab()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        load_tokenizer(str(tmp_path / "missing" / "tok"), None, 100)
+    with pytest.raises(ValueError, match="no captions|none match"):
+        load_tokenizer("auto", [str(tmp_path / "nothing-*.tar")], 100)

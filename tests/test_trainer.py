@@ -1,0 +1,309 @@
+"""Trainer, single process on CPU: a debug config trains and its loss goes down; the run
+directory and checkpoint layout; optimizer groups and schedule; gradient accumulation with the
+feature cache; non-finite losses; start-up validation.
+
+Helpers here (tiny shards, run config, metrics readers) are shared with test_resume.py and
+test_trainer_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmpretrain.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """\
+seed: 0
+data:
+  train_shards: ["{shards}/train-*.tar"]
+  val_shards: "{shards}/val-*.tar"
+  tokenizer: {shards}/tokenizer
+  max_length: 16
+  image_size: 32
+  batch_size: 8
+  num_workers: 0
+  shuffle_buffer: 32
+  train_crop: center
+model:
+  image_size: 32
+  patch_size: 8
+  width: 32
+  depth: 2
+  num_heads: 2
+  embed_dim: 32
+  max_text_length: 16
+optim:
+  lr: 2.0e-3
+  warmup_steps: 2
+  min_lr_ratio: 0.1
+train:
+  max_steps: 6
+  log_every: 2
+  save_every: 3
+  keep_last: 2
+  eval_at_end: false
+  progress_bar: false
+"""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def make_shards(base: Path) -> Path:
+    """256 train + 2x16 val synthetic samples of 32 px in ``base/trainer_shards`` (made once)."""
+    from mmpretrain.data.synthetic import generate
+
+    out = base / "trainer_shards"
+    if not (out / "manifest.json").is_file():
+        generate(str(out), num_samples=256, num_val=16, samples_per_shard=64, image_size=32, vocab_size=300)
+    return out
+
+
+def make_config(base: Path) -> Path:
+    path = base / "trainer_tiny.yaml"
+    if not path.is_file():
+        path.write_text(TINY.format(shards=make_shards(base)))
+    return path
+
+
+def run_train(config: Path, out_dir: Path, *overrides: str) -> int:
+    return main(["--config", str(config), f"train.output_dir={out_dir}", *overrides])
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Last training record per step of ``metrics.jsonl`` (eval records left out)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    recs = metrics(run_dir)
+    return [recs[s]["loss"] for s in sorted(recs)]
+
+
+def assert_losses_close(a: list[float], b: list[float], tol: float) -> None:
+    assert len(a) == len(b), (a, b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if math.isnan(x) or math.isnan(y):
+            assert math.isnan(x) and math.isnan(y), f"step {i + 1}: {x} vs {y}"
+        else:
+            assert abs(x - y) <= tol, f"step {i + 1}: {x} vs {y} (all: {a} vs {b})"
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k] - b[k]).abs().max()}"
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_config(tmp_path_factory.getbasetemp())
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.max_steps=30", "train.log_every=10", "train.save_every=10",
+                   "optim.lr=5e-4", "optim.warmup_steps=3", "loss.itm_weight=0.5")
+    assert rc == 0
+    out = capsys.readouterr().out
+    recs = metrics(run)
+    assert sorted(recs) == list(range(1, 31))
+    curve = [recs[s]["loss"] for s in range(1, 31)]
+    assert all(math.isfinite(x) for x in curve)
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first - 0.1, f"loss did not go down: {first:.4f} -> {last:.4f}"
+    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm"):
+        assert key in recs[30], key
+    # warmup then cosine towards min_lr_ratio * lr
+    assert recs[1]["lr"] == pytest.approx(5e-4 / 3)
+    assert recs[3]["lr"] == pytest.approx(5e-4)
+    assert recs[3]["lr"] > recs[15]["lr"] > recs[30]["lr"] >= 5e-5
+    # the dense line
+    line = next(ln for ln in out.splitlines() if ln.startswith("step 30/30"))
+    for part in ("loss", "itc", "itm", "lr", "samples/s", "data", "mem", "mfu", "eta"):
+        assert part in line, (part, line)
+
+    # run directory: resolved config, metrics, tensorboard, last K checkpoints
+    assert (run / "config.yaml").is_file()
+    from mmpretrain.config import load_config
+
+    assert load_config(run / "config.yaml").train.max_steps == 30
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000030"]  # keep_last=2, nothing half-written left
+    ckpt = run / "checkpoints" / "step_00000030"
+    meta = json.loads((ckpt / "mmpretrain.json").read_text())
+    assert meta["format"] == "mmpretrain-ckpt/1" and meta["step"] == 30
+    assert meta["distributed_type"] == "NO" and meta["zero_stage"] == 0 and meta["world_size"] == 1
+    assert meta["config"]["train"]["max_steps"] == 30 and meta["vocab_size"] > 10
+    assert meta["data_state"]["batches"] == 30 and meta["counters"]["step"] == 30
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "data_state_0.json",
+                 "tokenizer/tokenizer.json"):
+        assert (ckpt / name).is_file(), name
+    # mmpretrain.json is written last: no file in the directory is newer
+    newest = max(p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file())
+    assert (ckpt / "mmpretrain.json").stat().st_mtime_ns == newest
+
+
+def test_optimizer_groups_and_schedule():
+    from mmpretrain.config import load_config
+    from mmpretrain.models import build_model
+    from mmpretrain.trainer.optim import WarmupCosine, build_optimizer, lr_at
+
+    cfg = load_config(None, ["model.width=32", "model.depth=1", "model.num_heads=2", "model.embed_dim=16",
+                             "model.image_size=32", "optim.warmup_steps=4", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
+    model = build_model(cfg.model, cfg.loss, vocab_size=50)
+    opt = build_optimizer(model, cfg.optim)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["decay"]["weight_decay"] == cfg.optim.weight_decay and groups["no_decay"]["weight_decay"] == 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert any("logit_scale" in n for n in no_decay)
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
+    embeddings = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)}
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert embeddings and norms and (embeddings | norms) <= no_decay
+    assert not decay & no_decay and len(decay) + len(no_decay) == len(list(model.parameters()))
+
+    assert [lr_at(s, cfg.optim, 20) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_at(20, cfg.optim, 20) == pytest.approx(0.1) and lr_at(12, cfg.optim, 20) == pytest.approx(0.55)
+    sched = WarmupCosine(opt, cfg.optim, 20)
+    sched.load_state_dict({"steps_taken": 12})
+    assert all(g["lr"] == pytest.approx(0.55) for g in opt.param_groups)
+
+
+def test_grad_accumulation_with_feature_cache_equals_the_big_batch(tiny, tmp_path):
+    """2 micro-batches of 4 with the feature cache = one batch of 8 (InfoNCE only: ITM mines
+    negatives per micro-batch by design)."""
+    common = ["loss.itm_weight=0", "train.save_every=100"]
+    assert run_train(tiny, tmp_path / "big", *common) == 0
+    assert run_train(tiny, tmp_path / "acc", *common, "data.batch_size=4", "train.grad_accum_steps=2") == 0
+    assert run_train(tiny, tmp_path / "nocache", *common, "data.batch_size=4", "train.grad_accum_steps=2",
+                     "train.feature_cache=false") == 0
+    big, acc, nocache = losses(tmp_path / "big"), losses(tmp_path / "acc"), losses(tmp_path / "nocache")
+    assert_losses_close(big, acc, 1e-5)
+    w_big = checkpoint_weights(tmp_path / "big/checkpoints/step_00000006")
+    w_acc = checkpoint_weights(tmp_path / "acc/checkpoints/step_00000006")
+    for k in w_big:
+        assert torch.allclose(w_big[k], w_acc[k], atol=1e-5), k
+    # without the cache each micro-batch contrasts only against itself: a different objective
+    assert abs(nocache[0] - big[0]) > 1e-3
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny, tmp_path):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_steps=[2,3]", "train.save_every=1", "train.keep_last=10",
+                   "train.max_bad_steps=3")
+    assert rc == 0
+    recs = metrics(run)
+    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 1, 1, 0, 0, 0]
+    assert recs[6]["bad_steps_total"] == 2
+    ckpts = run / "checkpoints"
+    w1, w3, w4 = (checkpoint_weights(ckpts / f"step_{s:08d}") for s in (1, 3, 4))
+    floats = lambda w: {k: v for k, v in w.items() if v.is_floating_point()}  # noqa: E731 (not the ITM step counter)
+    assert_same_weights(floats(w1), floats(w3))  # skipped steps leave the weights alone
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)
+    assert json.loads((ckpts / "step_00000006/mmpretrain.json").read_text())["counters"]["bad_steps_total"] == 2
+
+
+def test_too_many_bad_steps_stop_with_the_last_checkpoint_intact(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_steps=[3,4,5]", "train.save_every=2", "train.max_bad_steps=2")
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "train.max_bad_steps=2" in err
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002"]
+    meta = json.loads((run / "checkpoints/step_00000002/mmpretrain.json").read_text())
+    assert meta["counters"]["bad_steps_total"] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_sise=8", "unknown config key 'data.batch_sise'; did you mean 'data.batch_size'"),
+    ("data.train_shards=[/nonexistent/train-*.tar]", "no shards match '/nonexistent/train-*.tar'"),
+    ("train.resume=/nonexistent/step_00000003", "no such checkpoint directory"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+])
+def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    assert run_train(tiny, run, override) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_launch_checks():
+    from types import SimpleNamespace
+
+    from mmpretrain.config import load_config
+    from mmpretrain.trainer import accel
+
+    with pytest.raises(accel.LaunchError, match=r"data.batch_size=6 .* not divisible by the world size 4"):
+        accel.per_rank_batch_size(6, 4)
+    # Accelerate seeing 1 process where the launcher started 2 (e.g. `accelerate launch --cpu`)
+    info = accel.LaunchInfo(launched=True, world_size=2, use_deepspeed=False, has_gpu=False)
+    one = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
+    with pytest.raises(accel.LaunchError, match="Accelerate sees 1 process"):
+        accel.check_accelerator(one, info)
+    # DeepSpeed asked for, DDP running (ACCELERATE_USE_CPU with a DeepSpeed plugin)
+    info_ds = accel.LaunchInfo(launched=False, world_size=1, use_deepspeed=True, has_gpu=False)
+    ddp = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
+    with pytest.raises(accel.LaunchError, match="DEEPSPEED was launched"):
+        accel.check_accelerator(ddp, info_ds)
+
+    cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
+                             "train.mixed_precision=bf16", "model.width=64"])
+    ds = json.loads((REPO / "launch/zero3.json").read_text())
+    filled = accel.fill_deepspeed_config(ds, cfg, world_size=4)
+    assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["train_batch_size"] == 32
+    assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["zero_optimization"]["stage"] == 3 and filled["zero_optimization"]["reduce_bucket_size"] == 4096
+    ds["gradient_accumulation_steps"] = 4
+    with pytest.raises(accel.LaunchError, match=r"gradient_accumulation_steps=4 .* train.grad_accum_steps gives 2"):
+        accel.fill_deepspeed_config(ds, cfg, world_size=4)
+
+
+def test_deepspeed_with_accelerate_use_cpu_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_train(tiny, tmp_path / "run") == 2
+    assert "ACCELERATE_USE_CPU" in capsys.readouterr().err
+
+
+def test_cli_entry_point_runs_as_a_module(tiny, tmp_path):
+    """`python -m mmpretrain train` (the README command) on the debug config."""
+    run = tmp_path / "run"
+    proc = run_subprocess([sys.executable, "-m", "mmpretrain", "train", "--config", str(tiny),
+                           f"train.output_dir={run}", "train.max_steps=2", "train.save_every=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2/2" in proc.stdout
+    assert (run / "checkpoints/step_00000002/mmpretrain.json").is_file()
