@@ -16,8 +16,9 @@ with ``deepspeed.utils.zero_to_fp32``. Writes::
 What the towers hold (see docs/evaluation.md for the full table):
 - ``unified``: ``image_encoder`` is a timm ``VisionTransformer`` holding the whole image path —
   patch embedding, [CLS], position embedding (+ the image modality-type embedding folded in),
-  every shared block with its image FFN, the final norm, and the image projection as ``head``
-  (bias 0): ``forward_features`` = ``encode_image`` tokens, ``F.normalize(model(x))`` = the image
+  every shared block with its image FFN, the final norm, timm's pooling set to ``model.pool``
+  (mean over all tokens incl. [CLS], or [CLS]) and the image projection as ``head`` (bias 0):
+  ``forward_features`` = ``encode_image`` tokens, ``F.normalize(model(x))`` = the image
   embedding. ``text_encoder`` is a ``BertModel`` with **0 layers**: its embeddings (with the text
   modality-type embedding folded into the LayerNorm bias) equal ``text_inputs``. The shared
   stack is pre-LayerNorm; BERT layers are post-LayerNorm and cannot hold it, so the text
@@ -169,13 +170,13 @@ class Loaded:
             model, cfg, tokenizer, step, meta, source)
 
 
-def load_checkpoint(path: str | Path) -> Loaded:
-    """Rebuild the model of a trainer checkpoint (or an export directory) on the CPU, in eval
-    mode, with its full config and tokenizer."""
+def load_checkpoint(path: str | Path, allow_export: bool = True) -> Loaded:
+    """Rebuild the model of a trainer checkpoint (or, with ``allow_export``, an export
+    directory) on the CPU, in eval mode, with its full config and tokenizer."""
     from mmpretrain.models import build_model
 
     path = Path(path)
-    if (path / "config.json").is_file() and not (path / CKPT_META).is_file():
+    if allow_export and (path / "config.json").is_file() and not (path / CKPT_META).is_file():
         return _load_export_as_checkpoint(path)
     meta, sd = read_checkpoint(path)
     cfg = _config_tree(meta)
@@ -277,18 +278,19 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor) ->
     backbone_mod = backbone.image_tower.backbone
     if backbone.cfg.image_backbone == "small_cnn":
         return None
-    model = timm.create_model(backbone.cfg.image_backbone, pretrained=False, num_classes=0,
-                              **({"img_size": backbone.cfg.image_size}
-                                 if "vit" in backbone.cfg.image_backbone or "deit" in backbone.cfg.image_backbone else {}))
+    name = backbone.cfg.image_backbone
+    kwargs = {"num_classes": 0}
+    if "vit" in name or "deit" in name:  # as the dual encoder's ImageTower builds it
+        kwargs["img_size"] = backbone.cfg.image_size
+    model = timm.create_model(name, pretrained=False, **kwargs)
     load_state_strict(model, {k: v.detach().float().clone() for k, v in backbone_mod.state_dict().items()},
                       "image_encoder (timm backbone)")
     model.eval()
     with torch.no_grad():
         _check_close("image_encoder forward_features vs image backbone",
                      model.forward_features(probe_pixels), backbone_mod.forward_features(probe_pixels))
-    kwargs = {"num_classes": 0}
     _save_timm(model, directory, kwargs)
-    return {"library": "timm", "model_name": backbone.cfg.image_backbone, "kwargs": kwargs,
+    return {"library": "timm", "model_name": name, "kwargs": kwargs,
             "holds": "image backbone only (forward_features); projection and pooling stay in mmpretrain"}
 
 
@@ -314,7 +316,6 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
         sd["embeddings.LayerNorm.bias"] = sd["embeddings.LayerNorm.bias"] + te.type_embed.detach().float().reshape(-1)
         holds = ("embeddings only (0 layers): last_hidden_state = text_inputs (word + position + type "
                  "embeddings, LayerNorm, text modality type); the shared pre-LN stack is not representable")
-        want = lambda: backbone.text_inputs(probe_ids, probe_mask)  # noqa: E731
     else:
         bert_src = backbone.text_tower
         bert = BertModel(bert_src.config, add_pooling_layer=True)
@@ -326,7 +327,6 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
                   "mean of last_hidden_state over tokens with attention_mask 1")
         holds = (f"the whole text tower: last_hidden_state = text_inputs; text embedding = "
                  f"F.normalize(pooled @ text_projection.T), pooled = {pooled}")
-        want = lambda: backbone.text_inputs(probe_ids, probe_mask)  # noqa: E731
     # BertModel's pooler is not part of mmpretrain: identity weights, so pooler_output = tanh([CLS])
     # is deterministic instead of randomly initialised on load.
     sd["pooler.dense.weight"] = torch.eye(c.width)
@@ -335,7 +335,7 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
     bert.eval()
     with torch.no_grad():
         got = bert(input_ids=probe_ids, attention_mask=probe_mask).last_hidden_state
-        ref = want()
+        ref = backbone.text_inputs(probe_ids, probe_mask)
     m = probe_mask.bool()
     _check_close("text_encoder last_hidden_state vs text_inputs", got[m], ref[m])
     bert.save_pretrained(str(directory), safe_serialization=True)
@@ -366,9 +366,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False) ->
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it (the old export stays until the new one is complete)")
-    loaded = load_checkpoint(ckpt)
-    if loaded.source != ckpt or not (ckpt / CKPT_META).is_file():
-        raise ExportError(f"{ckpt}: is already an export, not a training checkpoint")
+    loaded = load_checkpoint(ckpt, allow_export=False)
     model, cfg = loaded.model, loaded.cfg
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -170,3 +170,24 @@ def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert {k: v for k, v in one.items() if k not in TIMING_KEYS} == \
         {k: v for k, v in two.items() if k not in TIMING_KEYS}
+
+
+def test_trainer_evaluates_at_the_end_through_run_evaluation(run, tmp_path):
+    """The real trainer (one process, 2 steps) calls run_evaluation: metrics.json, the report
+    with the run's loss curves, and the eval row in the run's metrics.jsonl agree."""
+    from mmpretrain import train
+
+    shards, _ = run
+    out = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"),
+            *tiny_overrides(shards, out, [f"data.tokenizer={shards}/tokenizer", "train.max_steps=2",
+                                          "train.save_every=2", "train.tensorboard=false",
+                                          "train.progress_bar=false", "optim.warmup_steps=1"])]
+    assert train.main(argv) == 0
+    eval_dir = out / "eval" / "step_00000002"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["num_captions"] == 24
+    assert "2 logged steps from" in (eval_dir / "report.html").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eval"] for r in rows if "eval" in r]
+    assert logged and logged[-1]["mean_recall"] == pytest.approx(metrics["mean_recall"])

@@ -327,3 +327,29 @@ def test_normalize_equals_torchvision():
     ref = torch.stack([tvf.normalize(p.float() / 255.0, mean, std) for p in px])
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     assert normalize(px, mean, std, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    import tarfile
+
+    from mmpretrain.data.loader import TruncatedTar, iter_tar_members
+
+    names = ["a.txt", "d" * 90 + "/sub/" + "k" * 60 + ".jpg", "caf\u00e9.json", "x" * 120 + ".txt"]
+    if fmt == "ustar":
+        names = names[:3]
+        names[2] = "cafe.json"
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format={"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT,
+                                         "ustar": tarfile.USTAR_FORMAT}[fmt]) as tf:
+        for i, n in enumerate(names):
+            data = bytes([i]) * (100 * i + 3)
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        got = list(iter_tar_members(f))
+    assert [(n, len(d)) for n, d in got] == [(n, 100 * i + 3) for i, n in enumerate(names)]
+    raw = path.read_bytes()
+    with pytest.raises(TruncatedTar):
+        list(iter_tar_members(io.BytesIO(raw[:1024 + 200])))

@@ -112,3 +112,19 @@ def test_rerank_moves_rescored_candidates_above_the_rest():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         pessimistic_ranks(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_row_chunking_gives_the_same_ranks(monkeypatch):
+    from mmpretrain.evaluation import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (37, 53), generator=g).float()  # many ties
+    caption_image = torch.randint(0, 37, (53,), generator=g)
+    caption_image[:37] = torch.arange(37)  # every image has a caption
+    whole = retrieval_ranks(scores, caption_image), topk_candidates(scores, 5)
+    chunks = retrieval._row_chunks
+    monkeypatch.setattr(retrieval, "_row_chunks", lambda shape, max_elements=0: chunks(shape, 100))
+    assert len(retrieval._row_chunks(scores.shape)) > 1
+    chunked = retrieval_ranks(scores, caption_image), topk_candidates(scores, 5)
+    assert all(torch.equal(a, b) for a, b in zip(whole[0], chunked[0]))
+    assert torch.equal(whole[1], chunked[1])

@@ -130,7 +130,8 @@ def tiny(tmp_path_factory) -> Path:
 def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     rc = run_train(tiny, run, "train.max_steps=30", "train.log_every=10", "train.save_every=10",
-                   "optim.lr=5e-4", "optim.warmup_steps=3", "loss.itm_weight=0.5")
+                   "optim.lr=5e-4", "optim.warmup_steps=3", "loss.itm_weight=0.5", "train.peak_tflops=0.5",
+                   "train.eval_at_end=true", "eval.itm_rerank_k=4", "eval.report=false")
     assert rc == 0
     out = capsys.readouterr().out
     recs = metrics(run)
@@ -139,8 +140,13 @@ def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
     assert all(math.isfinite(x) for x in curve)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.1, f"loss did not go down: {first:.4f} -> {last:.4f}"
-    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm"):
+    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm", "mfu"):
         assert key in recs[30], key
+    assert recs[30]["mfu"] > 0 and 0 <= recs[30]["data_wait"] <= 1
+    # evaluation at the end, through mmpretrain.evaluation's run_evaluation
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert [e["step"] for e in evals] == [30] and "i2t_R@1" in evals[0]["eval"]
+    assert json.loads((run / "eval/step_00000030/metrics.json").read_text())["step"] == 30
     # warmup then cosine towards min_lr_ratio * lr
     assert recs[1]["lr"] == pytest.approx(5e-4 / 3)
     assert recs[3]["lr"] == pytest.approx(5e-4)
@@ -149,6 +155,7 @@ def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("step 30/30"))
     for part in ("loss", "itc", "itm", "lr", "samples/s", "data", "mem", "mfu", "eta"):
         assert part in line, (part, line)
+    assert "mfu n/a" not in line and "eval @ step 30: " in out
 
     # run directory: resolved config, metrics, tensorboard, last K checkpoints
     assert (run / "config.yaml").is_file()
@@ -307,3 +314,9 @@ def test_cli_entry_point_runs_as_a_module(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2/2" in proc.stdout
     assert (run / "checkpoints/step_00000002/mmpretrain.json").is_file()
+
+
+def test_grad_checkpointing_gives_the_same_losses(tiny, tmp_path):
+    assert run_train(tiny, tmp_path / "plain", "train.max_steps=3") == 0
+    assert run_train(tiny, tmp_path / "ckpt", "train.max_steps=3", "model.grad_checkpointing=true") == 0
+    assert_losses_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), 1e-6)

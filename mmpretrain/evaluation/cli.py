@@ -35,9 +35,11 @@ def _apply_overrides(cfg, overrides: list[str]):
 
 
 def default_out_dir(checkpoint: Path, step: int) -> Path:
+    """``RUN/eval/step_N`` for ``RUN/checkpoints/step_N`` (where the trainer's own evaluation
+    writes); ``PATH-eval`` beside anything else (an export stays as it was exported)."""
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / f"step_{step:08d}"
-    return checkpoint / "eval"
+    return checkpoint.with_name(checkpoint.name + "-eval")
 
 
 def build_eval_accelerator():
@@ -75,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConfigError) as e:
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
+    import torch
+
     accelerator = build_eval_accelerator()
-    model = loaded.model
-    if accelerator is not None:
-        model = model.to(accelerator.device)
+    device = accelerator.device if accelerator is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device)
     out = Path(args.out) if args.out else default_out_dir(Path(args.checkpoint), loaded.step)
     # A world size that does not divide the batch is not an error for evaluation: round it up.
     world = accelerator.num_processes if accelerator is not None else 1

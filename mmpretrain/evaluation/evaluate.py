@@ -20,7 +20,8 @@ calls on a checkpoint. Stages, each run by every rank:
    queries on their image's owner, text->image candidates on the candidate image's owner, each
    (image, caption) pair scored once. So no pixels cross ranks — splitting text->image queries
    by query instead would need nearly every image on every rank. Scores are merged with one
-   gather; ranks pad to the same number of ITM calls (ZeRO-3 again).
+   gather; ranks pad to the same number of ITM calls (ZeRO-3 again). Skipped when
+   ``eval.itm_rerank_k`` is 0 or the model was trained with ``loss.itm_weight=0``.
 5. the main process writes ``metrics.json`` and the report; every rank returns the same dict.
 """
 
@@ -231,7 +232,7 @@ def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tens
                                      data["input_ids"][t].to(device), data["attention_mask"][t].to(device))
             if real:
                 logits = logits.float().cpu()
-                local_scores += (logits[:, 0] - logits[:, 1]).tolist()
+                local_scores += (logits[:, 1] - logits[:, 0]).tolist()
     merged: dict[tuple[int, int], float] = {}
     for part in _gather_objects(list(zip(pairs, local_scores)), accelerator):
         for pair, score in part:
@@ -300,10 +301,13 @@ def pick_examples(data: dict, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor
 # ----------------------------------------------------------------------------- entry point
 
 def find_history(cfg, out_dir: Path, checkpoint: str | Path | None = None) -> Path | None:
-    """The run's ``metrics.jsonl``: in ``train.output_dir``, or above the checkpoint/output."""
-    candidates = [Path(cfg.train.output_dir) / "metrics.jsonl"]
-    for base in ([Path(checkpoint)] if checkpoint else []) + [Path(out_dir)]:
-        candidates += [p / "metrics.jsonl" for p in list(base.resolve().parents)[:3]]
+    """The run's ``metrics.jsonl``: above the checkpoint, in ``train.output_dir``, or above the
+    output directory (``RUN/eval/step_N``)."""
+    candidates = []
+    if checkpoint:  # RUN/checkpoints/step_N -> RUN/metrics.jsonl
+        candidates += [p / "metrics.jsonl" for p in list(Path(checkpoint).resolve().parents)[:2]]
+    candidates.append(Path(cfg.train.output_dir) / "metrics.jsonl")
+    candidates += [p / "metrics.jsonl" for p in list(Path(out_dir).resolve().parents)[:2]]
     return next((p for p in candidates if p.is_file()), None)
 
 
@@ -319,7 +323,8 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
     ks = sorted(int(k) for k in cfg.eval.ks)
     rerank_k = int(cfg.eval.itm_rerank_k)
     core = _unwrap(model, accelerator)
-    do_itm = rerank_k > 0 and hasattr(core, "itm_logits")
+    # an ITM head trained with itm_weight 0 is random: re-ranking with it would only add noise
+    do_itm = rerank_k > 0 and cfg.loss.itm_weight > 0 and hasattr(core, "itm_logits")
     was_training = model.training
     model.eval()
     try:

@@ -164,7 +164,8 @@ def render_png(path: str | Path, metrics: dict, history: list[dict], examples: d
         ax = fig.add_subplot(gs[r, 1:])
         ax.axis("off")
         for j, (cap, ok, sc) in enumerate(zip(q["captions"], q["correct"], q["scores"])):
-            ax.text(0.0, 1.0 - 0.2 * j, f"#{j + 1} {sc:.3f}  {'✔' if ok else '✘'}  {cap}",
+            short = cap if len(cap) <= 130 else cap[:127] + "..."
+            ax.text(0.0, 1.0 - 0.2 * j, f"#{j + 1} {sc:.3f}  {'✔' if ok else '✘'}  {short}",
                     va="top", fontsize=9, color=GREEN if ok else "black",
                     fontweight="bold" if ok else "normal", transform=ax.transAxes)
         r += 1

@@ -31,9 +31,17 @@ def pessimistic_ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Ten
         raise ValueError(f"scores {tuple(scores.shape)} and positive {tuple(positive.shape)} differ")
     if not bool(positive.any(dim=1).all()):
         raise ValueError("every query needs at least one right candidate")
-    scores = scores.double()
-    best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values  # [Q, 1]
-    return ((scores >= best) & ~positive).sum(dim=1)
+    out = []
+    for rows in _row_chunks(scores.shape):  # bounded float64 temporaries for large sets
+        s, pos = scores[rows].double(), positive[rows]
+        best = s.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values  # [q, 1]
+        out.append(((s >= best) & ~pos).sum(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _row_chunks(shape, max_elements: int = 1 << 24):
+    step = max(1, max_elements // max(int(shape[1]), 1))
+    return [slice(i, i + step) for i in range(0, int(shape[0]), step)]
 
 
 def recall_at(ranks: torch.Tensor, ks: list[int]) -> dict[int, float]:
@@ -81,8 +89,9 @@ def topk_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[Q, min(k, C)] candidate indices by descending score; ties broken by lower index
     (stable sort), so the choice is deterministic and uses no labels."""
     k = min(k, scores.shape[1])
-    order = torch.sort(scores.double(), dim=1, descending=True, stable=True).indices
-    return order[:, :k]
+    parts = [torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+             for rows in _row_chunks(scores.shape)]
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long)
 
 
 def rerank_scores(scores: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:

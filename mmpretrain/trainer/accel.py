@@ -24,6 +24,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -160,6 +161,39 @@ def deepspeed_json_from_env() -> dict:
     return {"zero_optimization": zero}
 
 
+def _parent_asked_processes() -> int | None:
+    """``--num_processes N`` of the ``accelerate launch`` that started this process, if it is
+    our parent (Linux ``/proc``; None when unknown)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if not any("accelerate" in a for a in args) or "launch" not in args:
+        return None
+    for i, arg in enumerate(args):
+        if arg.startswith("--num_processes="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--num_processes" and i + 1 < len(args):
+            value = args[i + 1]
+        else:
+            continue
+        return int(value) if value.isdigit() else None
+    return None
+
+
+def check_single_process_launch(info: LaunchInfo) -> None:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process without a launcher
+    environment (no WORLD_SIZE, no LOCAL_RANK): catch it from the parent's command line."""
+    if info.launched or "MASTER_ADDR" not in os.environ:
+        return
+    asked = _parent_asked_processes()
+    if asked is not None and asked > 1:
+        raise LaunchError(f"accelerate launch asked for --num_processes {asked} but started 1 process (it does "
+                          "that with --cpu); on CPU use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                          f"--num_processes {asked}` or `torchrun --nproc_per_node {asked}`")
+
+
 def _check_launch_env(cfg: Config) -> None:
     """Launcher settings that would silently override our config."""
     env = os.environ
@@ -183,6 +217,7 @@ def build_accelerator(cfg: Config):
 
     info = launch_info()
     per_rank_batch_size(cfg.data.batch_size, info.world_size)  # fail before any process group work
+    check_single_process_launch(info)
     _check_launch_env(cfg)
     if info.use_deepspeed and not info.launched:
         raise LaunchError("DeepSpeed needs a launcher: use `accelerate launch --config_file launch/zero2.yaml "

@@ -46,6 +46,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (``output_dir/checkpoints/step_N``)."""
+    found = complete_checkpoints(Path(output_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
 def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
@@ -63,8 +69,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        found = complete_checkpoints(Path(output_dir) / "checkpoints")
-        return found[-1] if found else None
+        return find_latest_checkpoint(output_dir)
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint directory")

@@ -20,12 +20,18 @@ class OptimConfig:
     def __post_init__(self):
         if self.betas is None:
             self.betas = [0.9, 0.98]
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim: need lr > 0, warmup_steps >= 0, grad_clip >= 0, 0 <= min_lr_ratio <= 1")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have 2 values, got {self.betas}")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/."""
     max_steps: int = 200
+    """Optimizer steps (the cosine schedule ends here)."""
     resume: str = ""
     """'' (fresh), 'latest' or a checkpoint directory."""
     grad_accum_steps: int = 1
@@ -38,8 +44,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (Accelerate's dynamo backend 'inductor')."""
     log_every: int = 10
+    """Console line every N steps (metrics.jsonl and TensorBoard get every step)."""
     save_every: int = 100
+    """Checkpoint every N steps (and at the end, and on a stop request)."""
     keep_last: int = 3
+    """Complete checkpoints kept (older ones are deleted)."""
     eval_every: int = 0
     """0: evaluate only at the end."""
     eval_at_end: bool = True

@@ -172,9 +172,9 @@ class RunLogger:
             for key, value in results.items():
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"eval/{key}", value, step)
-        self.info(f"eval @ step {step}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
-            if isinstance(v, (int, float))))
+        headline = [k for k in results if k.endswith("R@1") or k.endswith("mean_recall")]
+        self.info(f"eval @ step {step}: " + ", ".join(f"{k} {float(results[k]):.2f}" for k in headline)
+                  + " (all metrics: metrics.jsonl, eval/)")
 
     def close(self) -> None:
         if not self.is_main:

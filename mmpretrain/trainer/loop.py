@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain import distributed
-from mmpretrain.config import Config, dump_config, to_dict
+from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
 from mmpretrain.trainer.checkpoint import (CheckpointError, load_checkpoint, read_meta, resolve_resume,
                                            save_checkpoint)
@@ -208,7 +208,9 @@ def check_resume_meta(meta: dict, cfg: Config, accelerator, ds_world: int) -> No
         if meta.get("distributed_type") != accel.distributed_type_name(accelerator):
             raise CheckpointError(f"train.resume: checkpoint written by {meta.get('distributed_type')}, this run is "
                                   f"{accel.distributed_type_name(accelerator)}; convert it first (docs/training.md)")
-        if meta.get("world_size") != ds_world:
+        plugin = accelerator.state.deepspeed_plugin
+        universal = plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal")
+        if meta.get("world_size") != ds_world and not universal:
             raise CheckpointError(
                 f"train.resume: a ZeRO checkpoint is tied to its world size ({meta.get('world_size')}), this run "
                 f"has {ds_world}; convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
@@ -328,8 +330,9 @@ def evaluate(run: Run) -> None:
     if run.run_eval is None:
         return
     step = run.counters.step
-    results = run.run_eval(run.model, run.cfg, run.accelerator, run.tokenizer, step,
-                           run.out_dir / "eval" / f"step_{step:08d}")
+    with torch.random.fork_rng(devices=[]):  # evaluation leaves the training RNG untouched
+        results = run.run_eval(run.model, run.cfg, run.accelerator, run.tokenizer, step,
+                               run.out_dir / "eval" / f"step_{step:08d}")
     run.logger.log_eval(step, results)
 
 
@@ -343,7 +346,10 @@ def fit(run: Run, stop: StopRequest) -> None:
     run.model.train()
     while c.step < tcfg.max_steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
+        # a DataLoader draws its workers' base seed from the global torch RNG when an epoch's
+        # iterator starts (and again on resume); forking keeps the training RNG (dropout) exact
+        with torch.random.fork_rng(devices=[]):
+            micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
         t_data = time.perf_counter() - t0
         micro = [model_inputs(b, run.accelerator.device, cfg.data, run.input_dtype) for b in micro]
         result = train_step(run.model, run.optimizer, micro, run.ctx, stop_requested=stop.requested,
@@ -399,6 +405,9 @@ def train(cfg: Config) -> int:
     run_eval = maybe_evaluation()
     # start-up validation, before any process group or model exists
     check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+    if tcfg.grad_accum_steps > 1 and tcfg.feature_cache and cfg.model.dropout > 0:
+        raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed embeddings "
+                          "must agree); set model.dropout=0 or train.feature_cache=false")
     resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
     accelerator, info = accel.build_accelerator(cfg)  # launch checks
     stop = StopRequest()
