@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return train(cfg)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"mmpretrain train: error: {e}", file=sys.stderr)
+        print(f"mmpretrain train: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from mmpretrain.trainer.accel import LaunchError
         from mmpretrain.trainer.checkpoint import CheckpointError
 
         if isinstance(e, (LaunchError, CheckpointError)):
-            print(f"mmpretrain train [rank {rank}]: error: {e}", file=sys.stderr)
+            print(f"mmpretrain train [rank {rank}]: {e}", file=sys.stderr)
             return 2
         raise
 

@@ -421,7 +421,7 @@ def train(cfg: Config) -> int:
         fit(run, stop)
     except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
         if accelerator.is_main_process:
-            print(f"mmpretrain train: error: {e}", file=sys.stderr, flush=True)
+            print(f"mmpretrain train: {e}", file=sys.stderr, flush=True)
         exit_code = EXIT_BAD_STEPS
     finally:
         stop.uninstall()
