@@ -46,13 +46,15 @@ import time
 import warnings
 from typing import Any, Iterator
 from urllib.parse import urlparse
+from zlib import adler32
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpretrain.data.config import DataConfig
-from mmpretrain.data.tokenizer import tokenize
-from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc, stack_chw
+from mmpretrain.data.tokenizer import tokenize_np
+from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc
 
 log = logging.getLogger("mmpretrain.data")
 
@@ -157,33 +159,53 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
+def _tar_checksum(header: bytes) -> int:
+    """The ustar checksum of a header: the unsigned sum of its bytes with the checksum field
+    counted as spaces. Summed in C: ``adler32`` of at most 256 bytes is ``1 + sum(bytes)``
+    exactly (no modulo, 256 * 255 < 65521), so two halves give the sum ~5x faster than
+    ``sum()`` over the header."""
+    mv = memoryview(header)
+    total = (adler32(mv[:256]) & 0xFFFF) + (adler32(mv[256:]) & 0xFFFF) - 2
+    return total - sum(header[148:156]) + 256
+
+
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
 def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of an uncompressed tar stream (ustar, GNU long names,
-    pax headers). A lean replacement for ``tarfile``'s stream mode, about 3x faster per member
+    pax headers). A lean replacement for ``tarfile``'s stream mode, about 5x faster per member
     and strict about truncation: raises ``TruncatedTar`` when the stream ends before the
     end-of-archive marker."""
     long_name: str | None = None
+    read = f.read
     while True:
-        header = f.read(_BLOCK)
+        header = read(_BLOCK)
         if len(header) < _BLOCK:
             raise TruncatedTar("end of stream inside a header / no end-of-archive marker")
-        if header.count(0) == _BLOCK:
+        if header == _ZERO_BLOCK:
             return  # end-of-archive marker
         try:
-            size_field = header[124:136]
-            if size_field[0] & 0x80:  # GNU base-256
-                size = int.from_bytes(size_field[1:], "big")
+            if header[124] & 0x80:  # GNU base-256
+                size = int.from_bytes(header[125:136], "big")
             else:
-                size = int(size_field.rstrip(b"\0 ").strip() or b"0", 8)
+                size = int(header[124:136].rstrip(b"\0 ").strip() or b"0", 8)
         except ValueError:
             raise TruncatedTar("corrupt header") from None
         chk = header[148:156].rstrip(b"\0 ").strip()
-        if chk and int(chk, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        if chk and int(chk, 8) != _tar_checksum(header):
             raise TruncatedTar("header checksum mismatch")
         kind = header[156:157]
-        padded = -(-size // _BLOCK) * _BLOCK
-        data = _read_exact(f, padded)[:size] if size else b""
-        if kind in (b"L",):
+        if size:
+            padded = -(-size // _BLOCK) * _BLOCK
+            data = read(padded)
+            if len(data) != padded:
+                raise TruncatedTar(f"wanted {padded} bytes, got {len(data)}")
+            if padded != size:
+                data = data[:size]
+        else:
+            data = b""
+        if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             continue
         if kind == b"x":
@@ -197,19 +219,41 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
         else:
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
             if header[257:262] == b"ustar":
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = header[345:500].split(b"\0", 1)[0]
                 if prefix:
-                    name = prefix + "/" + name
+                    name = prefix.decode("utf-8", "replace") + "/" + name
         yield name, data
 
 
+_READ_BUFFER = 1 << 20  # local shards: 1 MiB reads instead of Python's default 8 KiB
+
+
 def _open_tar_stream(url: str):
-    stream = open_url(url)
     if url.endswith((".gz", ".tgz")):
         import gzip
 
+        stream = open_url(url)
         return gzip.GzipFile(fileobj=stream, mode="rb"), stream
+    scheme = urlparse(url).scheme
+    if not url.startswith("pipe:") and (len(scheme) <= 1 or scheme == "file"):
+        stream = open(url[len("file://"):] if url.startswith("file://") else url, "rb", buffering=_READ_BUFFER)
+        return stream, stream
+    stream = open_url(url)
     return stream, stream
+
+
+def _member_key(name: str) -> tuple[str | None, str | None]:
+    """``_split_name`` without the ``os.path`` calls for plain names (no ``//``, not absolute),
+    where ``dirname`` is the text before the last ``/``; ``(None, None)`` also for ``__*``
+    files (tar metadata the loader ignores)."""
+    if "//" in name or name.startswith("/"):
+        key, ext = _split_name(name)
+        return (None, None) if key is None or os.path.basename(name).startswith("__") else (key, ext)
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0 or name.startswith("__", slash):
+        return None, None
+    return name[:dot], name[dot + 1:].lower()
 
 
 def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int, dict]]:
@@ -223,21 +267,23 @@ def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int,
     f, raw = _open_tar_stream(url)
     seen: set[str] = set()
     cur: dict | None = None
+    cur_key = None
     idx = -1
     truncated = False
     try:
         try:
             for name, data in iter_tar_members(f):
-                key, ext = _split_name(name)
-                if key is None or os.path.basename(name).startswith("__"):
+                key, ext = _member_key(name)
+                if key is None:
                     continue
-                if cur is None or key != cur["__key__"]:
+                if key != cur_key:
                     if cur is not None:
                         yield idx, cur
                         if stop is not None and idx + 1 >= stop:
                             return
                     idx += 1
                     cur = {"__key__": key, "__url__": url}
+                    cur_key = key
                     if key in seen:
                         cur["__bad__"] = "duplicate_key"
                     seen.add(key)
@@ -318,7 +364,11 @@ def shard_counts(urls: list[str]) -> list[int]:
 
 def stable_hash(value: Any) -> int:
     """Stable 63-bit hash (same in every process and run) of ``str(value)``."""
-    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return _hash_text(str(value))
+
+
+def _hash_text(text: str) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -464,7 +514,7 @@ def _warn_skip(reason: str, detail: str) -> None:
                     "counts in loader.skipped]", reason, detail, WARN_INTERVAL_S)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _RawSample:
     key: str
     image: bytes
@@ -480,21 +530,27 @@ def check_sample(sample: dict, max_pixels: int) -> tuple[str, bytes, str, int]:
     if "__bad__" in sample:
         raise BadSample(sample["__bad__"], f"{sample.get('__url__')} {sample.get('__key__')}")
     key = sample["__key__"]
-    image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    image = None
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            image = sample[ext]
+            break
     if image is None:
         raise BadSample("missing_image", key)
-    if "txt" not in sample:
+    txt = sample.get("txt")
+    if txt is None:
         raise BadSample("missing_caption", key)
     try:
-        caption = sample["txt"].decode("utf-8").strip()
+        caption = txt.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise BadSample("bad_caption", f"{key}: not UTF-8") from None
     if not caption:
         raise BadSample("empty_caption", key)
     image_id: Any = key
-    if "json" in sample:
+    meta_bytes = sample.get("json")
+    if meta_bytes is not None:
         try:
-            meta = json.loads(sample["json"].decode("utf-8"))
+            meta = json.loads(meta_bytes.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BadSample("bad_json", key) from None
         if isinstance(meta, dict) and meta.get("image_id") is not None:
@@ -576,17 +632,21 @@ class _Worker:
             yield self._final(0)
             return
         raw_pos = 0
-        buf: list[tuple[_RawSample, Any]] = []
+        size, max_pixels, train, crop = ds.image_size, ds.max_pixels, ds.train, ds.train_crop
+        # crop seed = stable_hash((seed, epoch, key, pass_no)): the tuple's text, built from a prefix
+        seed_prefix = str((ds.seed, ds.epoch))[:-1] + ", "
+        pixels = np.empty((b, 3, size, size), dtype=np.uint8)  # the batch, filled in place
+        buf: list[_RawSample] = []
         if planned is None or planned > 0:
             for s in self._stream(pieces):
                 raw_pos += 1
                 if skip_raw is not None and raw_pos <= skip_raw:
                     self.good += 1  # consumed before the checkpoint (decoded fine then)
                     continue
-                crop_seed = stable_hash((ds.seed, ds.epoch, s.key, s.pass_no))
+                crop_seed = _hash_text(f"{seed_prefix}{s.key!r}, {s.pass_no!r})")
                 try:
-                    pixels = decode_and_crop_hwc(s.image, ds.image_size, max_pixels=ds.max_pixels, train=ds.train,
-                                             crop=ds.train_crop, seed=crop_seed)
+                    hwc = decode_and_crop_hwc(s.image, size, max_pixels=max_pixels, train=train, crop=crop,
+                                              seed=crop_seed)
                 except BadSample as e:
                     self._count(e.reason, f"{s.key}: {e}", s.pass_no)
                     continue
@@ -596,15 +656,17 @@ class _Worker:
                 if skip_good > 0:
                     skip_good -= 1
                     continue
-                buf.append((s, pixels))
+                pixels[len(buf)] = hwc.transpose(2, 0, 1)
+                buf.append(s)
                 if len(buf) == b:
                     done += 1
-                    yield self._collate(buf, raw_pos)
+                    yield self._collate(buf, pixels, raw_pos)
                     buf = []
+                    pixels = np.empty((b, 3, size, size), dtype=np.uint8)
                     if planned is not None and done >= planned:
                         break
         if buf and not ds.train:
-            yield self._collate(buf, raw_pos)
+            yield self._collate(buf, pixels[:len(buf)].copy(), raw_pos)
         yield self._final(raw_pos)
 
     def _meta(self, raw_pos: int) -> dict:
@@ -614,17 +676,54 @@ class _Worker:
     def _final(self, raw_pos: int) -> dict:
         return {**self._meta(raw_pos), "_final": True}
 
-    def _collate(self, buf: list[tuple[_RawSample, Any]], raw_pos: int) -> dict:
-        captions = [s.caption for s, _ in buf]
-        batch = {
-            "pixels": stack_chw([p for _, p in buf]),
-            **tokenize(self.ds.tokenizer, captions, self.ds.max_length),
-            "image_ids": torch.tensor([s.image_id for s, _ in buf], dtype=torch.int64),
-            "keys": [s.key for s, _ in buf],
-            "captions": captions,
-        }
+    def _collate(self, buf: list[_RawSample], pixels: np.ndarray, raw_pos: int) -> dict:
+        ds = self.ds
+        captions = [s.caption for s in buf]
+        input_ids, attention_mask = tokenize_np(ds.tokenizer, captions, ds.max_length)
+        image_ids = np.array([s.image_id for s in buf], dtype=np.int64)
+        keys = [s.key for s in buf]
+        if not ds.pack:
+            batch = {"pixels": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids),
+                     "attention_mask": torch.from_numpy(attention_mask), "image_ids": torch.from_numpy(image_ids),
+                     "keys": keys, "captions": captions}
+        else:
+            batch = _pack(pixels, input_ids, attention_mask, image_ids, keys, captions)
         batch.update(self._meta(raw_pos))
         return batch
+
+
+# Transport from DataLoader worker processes. Every tensor in a worker's result travels through
+# its own shared-memory segment whose file descriptor the main process fetches over a socket
+# (about 0.3-0.5 ms per tensor). So the int64 arrays travel as one ``bytes`` blob through the
+# result pipe, and so do the pixels of batches up to ``PIPE_PIXELS_MAX`` bytes (cheaper than a
+# segment below about 1 MiB); larger pixel batches travel as one shared-memory tensor. The main
+# process (``_unpack``) rebuilds exactly the batch a worker-less loader yields.
+PIPE_PIXELS_MAX = 1 << 20
+
+
+def _pack(pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, image_ids: np.ndarray,
+          keys: list[str], captions: list[str]) -> dict:
+    ints = np.concatenate([image_ids, input_ids.ravel(), attention_mask.ravel()]).tobytes()
+    px: Any = pixels.tobytes() if pixels.nbytes <= PIPE_PIXELS_MAX else torch.from_numpy(pixels)
+    return {"_pixels": px, "_shape": (pixels.shape, input_ids.shape), "_ints": ints, "keys": keys,
+            "captions": captions}
+
+
+def _unpack(item: dict) -> dict:
+    """A packed worker batch -> the batch dict (same keys, order, dtypes and values)."""
+    px_shape, tok_shape = item.pop("_shape")
+    px = item.pop("_pixels")
+    if isinstance(px, bytes):
+        px = torch.frombuffer(bytearray(px), dtype=torch.uint8).view(px_shape)
+    ints = np.frombuffer(item.pop("_ints"), dtype=np.int64)
+    n, t = px_shape[0], tok_shape[0] * tok_shape[1]
+    batch = {"pixels": px,
+             "input_ids": torch.from_numpy(ints[n:n + t].reshape(tok_shape).copy()),
+             "attention_mask": torch.from_numpy(ints[n + t:n + 2 * t].reshape(tok_shape).copy()),
+             "image_ids": torch.from_numpy(ints[:n].copy()),
+             "keys": item.pop("keys"), "captions": item.pop("captions")}
+    batch.update(item)
+    return batch
 
 
 class _EpochDataset(IterableDataset):
@@ -637,6 +736,9 @@ class _EpochDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid = info.id if info is not None else 0
+        if info is not None and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # DataLoader does this already; workers never run torch ops in threads
+        self.pack = info is not None  # results cross a process boundary: see _pack
         # DataLoader polls its workers round-robin from worker 0; a resumed epoch continues
         # with slot (batches done % K), so worker i plays slot (i + rotate) % K
         return _Worker(self, (wid + self.rotate) % self.num_workers).batches()
@@ -817,6 +919,8 @@ class ShardLoader:
             self._worker_raw = [0] * k
         epoch_skipped = self._skipped_epoch
         for item in source:
+            if "_ints" in item:
+                item = _unpack(item)
             w = item.pop("_worker")
             self._worker_raw[w] = max(self._worker_raw[w], item.pop("_raw"))
             epoch_skipped[w] = item.pop("_skipped")

@@ -194,6 +194,13 @@ def check_single_process_launch(info: LaunchInfo) -> None:
                           f"--num_processes {asked}` or `torchrun --nproc_per_node {asked}`")
 
 
+def may_leave_parameters_unused(cfg: Config) -> bool:
+    """DDP must be told when a loss term is off: without ITM the fused head gets no gradient,
+    and a non-InfoNCE contrastive loss leaves the logit scale out of the graph."""
+    loss = cfg.loss
+    return loss.itm_weight == 0 or loss.contrastive_weight == 0 or loss.contrastive != "infonce"
+
+
 def _check_launch_env(cfg: Config) -> None:
     """Launcher settings that would silently override our config."""
     env = os.environ
@@ -213,7 +220,7 @@ def _check_launch_env(cfg: Config) -> None:
 def build_accelerator(cfg: Config):
     """The ``Accelerator`` for this launch, checked against it. Returns (accelerator, info)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     info = launch_info()
     per_rank_batch_size(cfg.data.batch_size, info.world_size)  # fail before any process group work
@@ -243,6 +250,8 @@ def build_accelerator(cfg: Config):
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     elif not info.has_gpu:
         kwargs["cpu"] = True
+    if not info.use_deepspeed and info.world_size > 1 and may_leave_parameters_unused(cfg):
+        kwargs.setdefault("kwargs_handlers", []).append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(**kwargs)
     try:
         check_accelerator(accelerator, info)

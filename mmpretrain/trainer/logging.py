@@ -97,7 +97,7 @@ class RunLogger:
                 self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is a dependency, but logging must never kill a run
                 print("tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():  # no bar in batch-job logs
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -7,7 +7,7 @@ layers, every parameter with fewer than 2 dimensions (biases, gains, a ``[1]`` l
 parameters held directly whose name marks them as a position / type embedding or a token.
 
 The schedule is a plain object (not a torch ``LRScheduler``) that writes ``lr`` into the
-optimizer's param groups once per optimizer step. It is not passed to ``accelerator.prepare``:
+optimizer's param groups once per training step. It is not passed to ``accelerator.prepare``:
 Accelerate's wrapper steps a scheduler ``num_processes`` times per call, and DeepSpeed would
 step it inside ``engine.step()``; here the step count alone decides the rate, on every backend.
 """
@@ -67,7 +67,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 class WarmupCosine:
-    """Sets ``lr`` of every param group from the number of optimizer steps taken.
+    """Sets ``lr`` of every param group from the number of training steps taken.
 
     ``state_dict``/``load_state_dict`` make it checkpointable with
     ``accelerator.register_for_checkpointing``.
@@ -90,7 +90,8 @@ class WarmupCosine:
             group["lr"] = self.lr
 
     def step(self) -> None:
-        """Call once after each optimizer step that was taken (not after skipped ones)."""
+        """Call once per training step, skipped (non-finite) steps included: the rate is a
+        function of the step counter."""
         self.steps_taken += 1
         self.apply()
 
