@@ -8,12 +8,13 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
+
 
 import pytest
 import torch
+
+import _proc
 
 from mmpretrain.config import load_config
 from mmpretrain.evaluation import cli
@@ -163,7 +164,7 @@ def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mmpretrain.evaluation.cli", *argv, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _proc.run(cmd, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == two  # printed once, by rank 0, last

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+import _proc
 
 from mmpretrain.config import load_config, to_dict
 from mmpretrain.export import ExportError, export_checkpoint, load_checkpoint, load_pretrained, main
@@ -278,7 +279,7 @@ def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path)
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(run), str(shards / "tokenizer"), *tiny_overrides(shards, run)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _proc.run(cmd, timeout=300, env=env)
     live_file = run / "live_weights.safetensors"
     # DeepSpeed on gloo sometimes aborts at interpreter exit after finishing: judge by the outputs
     assert live_file.is_file(), proc.stderr[-3000:]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import _proc
 from test_trainer import (REPO, assert_same_weights, checkpoint_weights, losses, make_config, metrics,
                           run_train)
 
@@ -60,7 +61,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):
 
     run = tmp_path / "run"
     common = ["train.max_steps=400", "train.save_every=1000", "train.log_every=1000"]
-    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain.train", "--config", str(tiny),
+    proc = _proc.popen([sys.executable, "-m", "mmpretrain.train", "--config", str(tiny),
                              f"train.output_dir={run}", *common], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # same threads as this process: exact match
     deadline = time.time() + 120
@@ -71,7 +72,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = _proc.communicate(proc, timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "stop requested (SIGTERM)" in out
     k = max(metrics(run))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -66,3 +67,56 @@ def test_load_errors(tmp_path):
         load_tokenizer(str(tmp_path / "missing" / "tok"), None, 100)
     with pytest.raises(ValueError, match="no captions|none match"):
         load_tokenizer("auto", [str(tmp_path / "nothing-*.tar")], 100)
+
+
+def _ref_ids(tok, captions, max_length):
+    ref = tok(list(captions), padding="max_length", truncation=True, max_length=max_length)
+    return ref["input_ids"], ref["attention_mask"]
+
+
+EDGE_CAPTIONS = [
+    "a red circle", "A RED Circle, left of a Blue square!", "", " ", "\x00", "\t\n\r", "\x01\x1f\x7f",
+    "x", "!", "...", "a\tb\nc\rd\x0be\x0cf", "a  b   c", "word" * 60, "[PAD]", "a [CLS] b [SEP]",
+    "[pad] [Mask] [UNK", "Über café naïve", "中文字 mixed ASCII", "zero\u200bwidth", "\ufffd\ufeffx",
+    "a\u00a0b", "ÉCOLE", "left, right; up: down (x) [y] {z} 'q' \"w\" a-b a_b a/b",
+    " ".join(caption_for(i) for i in range(12)),  # far longer than max_length
+] + [caption_for(i) for i in range(40)] + [f"a{chr(c)}B{chr(c)}" for c in range(128)]
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 8, 32])
+def test_fast_tokenization_equals_transformers(saved, max_length):
+    """The loader's path (Rust backend, ASCII shortcut, numpy arrays) gives exactly the ids and
+    masks of the transformers call: long, empty-ish, special-token, non-ASCII captions and every
+    ASCII character, in mixed and uniform batches."""
+    from mmpretrain.data.tokenizer import _fast_backend, tokenize_np
+
+    _, tok = saved
+    fast = _fast_backend(tok, max_length)
+    assert fast is not None and fast.plain is not None  # the BertNormalizer shortcut is active
+    for batch in (EDGE_CAPTIONS, [c for c in EDGE_CAPTIONS if c.isascii() and "[" not in c], ["Über", "ça"], []):
+        ids, mask = tokenize_np(tok, batch, max_length)
+        assert ids.dtype == np.int64 and mask.dtype == np.int64
+        assert ids.shape == mask.shape == (len(batch), max_length)
+        if batch:
+            ref_ids, ref_mask = _ref_ids(tok, batch, max_length)
+            assert ids.tolist() == ref_ids
+            assert mask.tolist() == ref_mask
+    out = tokenize(tok, EDGE_CAPTIONS, max_length)  # the torch wrapper: same numbers
+    assert out["input_ids"].dtype == torch.int64 and out["input_ids"].tolist() == _ref_ids(tok, EDGE_CAPTIONS, max_length)[0]
+
+
+def test_fast_tokenization_other_normalizer_settings(saved):
+    """The ASCII shortcut follows BertNormalizer's flags (no lower-casing, no text cleaning)."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmpretrain.data.tokenizer import tokenize_np
+
+    d, _ = saved
+    for flags in (dict(lowercase=False), dict(clean_text=False), dict(clean_text=False, lowercase=False)):
+        backend = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+        backend.normalizer = normalizers.BertNormalizer(**flags)
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+        ids, mask = tokenize_np(tok, EDGE_CAPTIONS, 16)
+        ref_ids, ref_mask = _ref_ids(tok, EDGE_CAPTIONS, 16)
+        assert ids.tolist() == ref_ids and mask.tolist() == ref_mask, flags

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import _proc
 
 from mmpretrain.train import main
 
@@ -117,7 +118,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("ACCELERATE_USE_CPU", None)
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return _proc.run(args, timeout=timeout, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import _proc
 from test_trainer import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
                           run_subprocess, run_train)
 
@@ -64,7 +65,7 @@ def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
               "loss.itm_weight=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.Popen([str(REPO / "launch/cpu_2proc.sh"), "ddp", "--config", str(tiny),
+    proc = _proc.popen([str(REPO / "launch/cpu_2proc.sh"), "ddp", "--config", str(tiny),
                              f"train.output_dir={run}", *common], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -75,7 +76,7 @@ def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
         assert proc.poll() is None, proc.communicate()[1][-4000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler would; it forwards to the ranks
-    out, err = proc.communicate(timeout=120)
+    out, err = _proc.communicate(proc, timeout=120)
     assert "stop requested (SIGTERM)" in out, (out + err)[-4000:]
     k = max(metrics(run))
     assert 3 <= k < 60

@@ -171,13 +171,16 @@ class FastTokenizer:
         self.plain = None
         state = json.loads(spec)
         norm = state.get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer":
+        added = state.get("added_tokens", [])
+        # added tokens matched after normalization would be matched against un-normalized text
+        # by a backend without a normalizer: no shortcut for such tokenizers
+        if norm.get("type") == "BertNormalizer" and not any(t.get("normalized") for t in added):
             plain = Tokenizer.from_str(spec)
             plain.normalizer = None
             self.plain = self._configure(plain, tokenizer)
             self._table = _ASCII_CLEAN if norm.get("clean_text", True) else {}
             self._lower = bool(norm.get("lowercase", True))
-            self._starts = frozenset(t["content"][:1] for t in state.get("added_tokens", []) if t.get("content"))
+            self._starts = frozenset(t["content"][:1] for t in added if t.get("content"))
         encode = "encode_batch_fast" if hasattr(self.full, "encode_batch_fast") else "encode_batch"  # tokenizers>=0.20
         self._encode_full = getattr(self.full, encode)
         self._encode_plain = getattr(self.plain, encode) if self.plain is not None else None

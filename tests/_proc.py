@@ -1,0 +1,54 @@
+"""Subprocesses for tests that launch real workers (torchrun, accelerate, cpu_2proc.sh).
+
+Each child gets its own process group, so a timeout or a failed assertion kills the launcher
+*and* every rank it started (killing only the launcher leaves orphaned ranks spinning in a
+collective). `conftest.py` reaps whatever is still alive after each test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+_LIVE: list[subprocess.Popen] = []
+
+
+def popen(args, **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    _LIVE.append(proc)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    # always, even after the launcher exited: its ranks may outlive it
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def communicate(proc: subprocess.Popen, timeout: float):
+    """Like ``proc.communicate(timeout)``, but a timeout kills the whole process group."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args!r} timed out after {timeout}s; killed its process group.\n"
+                             f"stdout tail: {str(out)[-2000:]}\nstderr tail: {str(err)[-3000:]}") from None
+
+
+def run(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=…)`` with group kill."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("text", True)
+    proc = popen(args, **kwargs)
+    out, err = communicate(proc, timeout)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def reap_all() -> None:
+    while _LIVE:
+        kill_group(_LIVE.pop())
