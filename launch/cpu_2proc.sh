@@ -2,7 +2,7 @@
 # Two gloo processes on one CPU machine, through the same launchers as a GPU cluster.
 #   launch/cpu_2proc.sh MODE --config FILE [key=value ...]
 #   MODE: ddp | zero2 | zero3 | zero3_offload (accelerate launch) | torchrun (DDP via torchrun)
-# Facts behind the flags: /work/shared/NOTES-distributed.md, docs/training.md. DeepSpeed must
+# Facts behind the flags: docs/training.md. DeepSpeed must
 # run without ACCELERATE_USE_CPU (it would silently fall back to DDP); DDP needs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -93,7 +94,12 @@ def test_fast_tokenization_equals_transformers(saved, max_length):
     _, tok = saved
     fast = _fast_backend(tok, max_length)
     assert fast is not None and fast.plain is not None  # the BertNormalizer shortcut is active
-    for batch in (EDGE_CAPTIONS, [c for c in EDGE_CAPTIONS if c.isascii() and "[" not in c], ["Über", "ça"], []):
+    assert (fast._words is not None) == (max_length >= 2)  # and the word-level one
+    rng = random.Random(max_length)
+    pieces = [chr(c) for c in range(128) if chr(c) != "["] + ["red ", "Circle", " left of ", "x" * 120, "##", "]"]
+    ascii_random = ["".join(rng.choice(pieces) for _ in range(rng.choice([0, 1, 3, 10, 40, 150]))) for _ in range(300)]
+    ascii_edge = [c for c in EDGE_CAPTIONS if c.isascii() and "[" not in c]
+    for batch in (EDGE_CAPTIONS, ascii_edge, ascii_random, ["Über", "ça"], []):
         ids, mask = tokenize_np(tok, batch, max_length)
         assert ids.dtype == np.int64 and mask.dtype == np.int64
         assert ids.shape == mask.shape == (len(batch), max_length)

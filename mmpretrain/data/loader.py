@@ -139,13 +139,6 @@ class TruncatedTar(Exception):
 _BLOCK = 512
 
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise TruncatedTar(f"wanted {n} bytes, got {len(data)}")
-    return data
-
-
 def _pax_path(data: bytes) -> str | None:
     path, pos = None, 0
     while pos < len(data):

@@ -156,8 +156,10 @@ class FastTokenizer:
     ASCII, accent stripping and CJK spacing change nothing) and encoded by a copy of the backend
     without a normalizer, which skips the Rust normalizer's per-character alignment bookkeeping
     (about a third of the encoding time for short captions). Every other caption goes through
-    the full backend. ``tests/test_tokenizer.py`` checks the equality against the
-    ``transformers`` call, over every ASCII character too.
+    the full backend. Batches that are all ASCII-shortcut captions skip the Rust pipeline as
+    well for BERT pre-tokenizer + WordPiece tokenizers (``_setup_word_cache``).
+    ``tests/test_tokenizer.py`` checks the equality against the ``transformers`` call, over
+    every ASCII character too.
     """
 
     def __init__(self, tokenizer, max_length: int):
@@ -184,6 +186,53 @@ class FastTokenizer:
         encode = "encode_batch_fast" if hasattr(self.full, "encode_batch_fast") else "encode_batch"  # tokenizers>=0.20
         self._encode_full = getattr(self.full, encode)
         self._encode_plain = getattr(self.plain, encode) if self.plain is not None else None
+        self._words = None
+        if self.plain is not None and (state.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer" \
+                and (state.get("model") or {}).get("type") == "WordPiece":
+            self._setup_word_cache(spec, tokenizer.pad_token_id)
+
+    def _setup_word_cache(self, spec: str, pad_id: int) -> None:
+        """Word-level shortcut for the ASCII path: the BERT pre-tokenizer on normalized ASCII
+        text is "split on ASCII whitespace, isolate ASCII punctuation" (a regex), WordPiece
+        tokenizes each word on its own (the Rust model, cached per word), and the post-processor
+        puts fixed special tokens around the truncated word pieces. The prefix / suffix are read
+        from the backend (an empty and a one-word probe); anything unexpected disables it."""
+        import re
+        import string
+
+        from tokenizers import Tokenizer
+
+        probe = Tokenizer.from_str(spec)
+        probe.normalizer = None
+        probe.no_padding()
+        probe.no_truncation()
+        empty = probe.encode("").ids
+        word = probe.model.tokenize("a")
+        one = probe.encode("a").ids
+        k = next((k for k in range(len(empty) + 1) if empty[:k] + [t.id for t in word] + empty[k:] == one), None)
+        if k is None or self.max_length < len(empty) or probe.post_processor is None:
+            return
+        self._prefix, self._suffix, self._room = empty[:k], empty[k:], self.max_length - len(empty)
+        self._model_tokenize = probe.model.tokenize
+        self._pad_id = int(pad_id)
+        punct = re.escape(string.punctuation)
+        self._split = re.compile(f"[^ \\t\\n\\x0b\\x0c\\r{punct}]+|[{punct}]").findall
+        self._words: dict[str, list[int]] | None = {}
+        self._probe = probe  # keeps the model alive
+
+    def _word_ids(self, text: str) -> list[int]:
+        """The ids of normalized ASCII ``text`` (see ``_setup_word_cache``), unpadded."""
+        words = self._words
+        ids: list[int] = []
+        for w in self._split(text):
+            piece = words.get(w)
+            if piece is None:
+                piece = [t.id for t in self._model_tokenize(w)]
+                if len(words) >= 200_000:
+                    words.clear()
+                words[w] = piece
+            ids += piece
+        return self._prefix + ids[:self._room] + self._suffix
 
     def _configure(self, backend, tokenizer):
         backend.no_truncation()
@@ -213,6 +262,15 @@ class FastTokenizer:
         else:
             plain = [self._plain_text(t) for t in texts]
             slow = [i for i, t in enumerate(plain) if t is None]
+            if not slow and self._words is not None:
+                rows = [self._word_ids(t) for t in plain]
+                L = self.max_length
+                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+                ids = np.full((n, L), self._pad_id, dtype=np.int64)
+                flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(lengths.sum()))
+                mask = (np.arange(L) < lengths[:, None]).astype(np.int64)
+                ids[mask.astype(bool)] = flat
+                return ids, mask
             if not slow:
                 encs = self._encode_plain(plain)
             elif len(slow) == n:
