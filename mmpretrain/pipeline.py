@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "--num-val", str(args.num_val)])
     train_argv = ["train", "--config", args.config, f"train.output_dir={out}",
                   f"data.train_shards=[{shards}/train-*.tar]",
-                  f"data.val_shards={shards}/val-*.tar", *args.overrides]
+                  f"data.val_shards={shards}/val-*.tar",
+                  # the eval stage below evaluates the final checkpoint; don't do it twice
+                  "train.eval_at_end=false", *args.overrides]
     _stage("train", train_cli.main, train_argv)
     ckpt = find_latest_checkpoint(out)
     if ckpt is None:

@@ -36,7 +36,6 @@ import dataclasses
 import glob as globmod
 import hashlib
 import heapq
-import io
 import json
 import logging
 import os
