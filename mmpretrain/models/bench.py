@@ -10,6 +10,7 @@ process group (torchrun) the gathers and exchanges are real; in one process they
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -69,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-itm", action="store_true", help="InfoNCE only")
     args = ap.parse_args(argv)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    log = print
+    if world > 1:  # under torchrun: real gloo collectives, so the gather share is measured
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        if dist.get_rank() != 0:
+            log = lambda *a, **k: None  # noqa: E731  (one report, from rank 0)
     over, text_len, vocab, default_b = PRESETS[args.config]
     cfg = ModelConfig(arch=args.arch, modality_experts=args.experts, **over)
     lcfg = LossConfig(itm_weight=0.0 if args.no_itm else 1.0)
@@ -76,26 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(cfg, lcfg, vocab).train()
     flops = training_flops_per_sample(cfg, lcfg, text_len)
-    print(f"model {args.config} arch={args.arch} experts={args.experts} params={count_params(model) / 1e6:.1f}M "
+    log(f"model {args.config} arch={args.arch} experts={args.experts} params={count_params(model) / 1e6:.1f}M "
           f"train FLOPs/sample={flops / 1e9:.2f} GFLOP batch={b} text_len={text_len} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} world={world} (batch is per rank)")
 
     cpu = torch.device("cpu")
     if not args.skip_cpu:
         step, shares = _run(model, _batch(b, cfg, text_len, vocab, cpu), args.steps, cpu)
-        print(f"cpu fp32: {step / b * 1e3:.1f} ms/sample fwd+bwd ({step:.3f} s/step), "
+        log(f"cpu fp32: {step / b * 1e3:.1f} ms/sample fwd+bwd ({step:.3f} s/step), "
               f"{flops * b / step / 1e9:.1f} GFLOP/s; share of step: gather {shares.get('gather', 0) * 100:.2f}%, "
               f"itm mining {shares.get('itm_mining', 0) * 100:.2f}%")
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and world == 1:
         dev = torch.device("cuda")
         model = model.to(dev)
         gb = args.gpu_batch or (256 if args.config == "vilt_b32" else 512)
         step, shares = _run(model, _batch(gb, cfg, text_len, vocab, dev), args.steps, dev, torch.bfloat16)
         sps = gb / step
-        print(f"cuda bf16 autocast: {sps:.0f} samples/s (batch {gb}), MFU {flops * sps / H100_BF16_PEAK * 100:.1f}% "
+        log(f"cuda bf16 autocast: {sps:.0f} samples/s (batch {gb}), MFU {flops * sps / H100_BF16_PEAK * 100:.1f}% "
               f"of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s; share of step: gather {shares.get('gather', 0) * 100:.2f}%, "
               f"itm mining {shares.get('itm_mining', 0) * 100:.2f}%  [{torch.cuda.get_device_name()}]")
     else:
-        print("cuda: not available (bf16 samples/s and MFU not measured)")
+        log("cuda: not available (bf16 samples/s and MFU not measured)")
     return 0
