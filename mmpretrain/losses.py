@@ -96,12 +96,15 @@ class FeatureCache:
 
     ``image_emb``/``text_emb``: [W * A, E], rank-major (rank r's block ``[r*A, (r+1)*A)``).
     ``offset``: first row of this micro-batch inside this rank's block. ``num_micro``: M.
+    ``world_size``: how many ranks' blocks the cache holds (1 for a cache built without
+    gathering: then it is this rank's block alone).
     """
 
     image_emb: torch.Tensor
     text_emb: torch.Tensor
     offset: int = 0
     num_micro: int = 1
+    world_size: int = 1
 
     @classmethod
     def from_local(cls, image_embs: Sequence[torch.Tensor] | torch.Tensor,
@@ -110,9 +113,11 @@ class FeatureCache:
         m = len(image_embs) if isinstance(image_embs, (list, tuple)) else 1
         img = torch.cat(list(image_embs)) if isinstance(image_embs, (list, tuple)) else image_embs
         txt = torch.cat(list(text_embs)) if isinstance(text_embs, (list, tuple)) else text_embs
+        world = 1
         if gather:
             img, txt = D.all_gather_no_grad(img), D.all_gather_no_grad(txt)
-        return cls(img.detach(), txt.detach(), 0, m)
+            world = D.get_world_size()
+        return cls(img.detach(), txt.detach(), 0, m, world)
 
     def at(self, micro_index: int, micro_batch: int) -> "FeatureCache":
         """The same cache pointing at micro-batch ``micro_index`` of size ``micro_batch``."""
@@ -164,11 +169,14 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gathe
     # ---- feature cache: all of this rank's accumulated rows vs every accumulated column
     world = D.get_world_size() if gather else 1
     rank = D.get_rank() if gather else 0
-    cache_img, cache_txt = _f32(cache.image_emb).detach(), _f32(cache.text_emb).detach()
-    if not gather and cache_img.shape[0] != 0 and D.is_distributed():
-        a = cache_img.shape[0] // D.get_world_size()
+    cache_img = cache.image_emb.detach().to(image_emb.dtype)
+    cache_txt = cache.text_emb.detach().to(image_emb.dtype)
+    if not gather and cache.world_size > 1:  # a gathered cache, used without gathering: own block
+        a = cache_img.shape[0] // cache.world_size
         r0 = D.get_rank() * a
         cache_img, cache_txt = cache_img[r0:r0 + a], cache_txt[r0:r0 + a]
+    elif gather and cache.world_size != world:
+        raise ValueError(f"FeatureCache holds {cache.world_size} ranks' rows but the loss gathers over {world}")
     a = cache_img.shape[0] // world
     b = image_emb.shape[0]
     if cache.offset + b > a:
@@ -186,7 +194,7 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gathe
     scale_m = scale.detach() + (scale - scale.detach()) / m  # logit-scale gradient counted once
     labels = torch.arange(rank * a, (rank + 1) * a, device=image_emb.device)
     surrogate = _symmetric_ce(cols_img[rows], cols_txt[rows], cols_img, cols_txt, scale_m, labels)
-    value = D.global_mean(surrogate) if gather else surrogate.detach()
+    value = D.global_mean(surrogate)  # reported value: the mean over ranks, as report_global
     return m * surrogate + (value - m * surrogate.detach())
 
 

@@ -3,8 +3,8 @@
     make synthetic shards -> train (single process) -> evaluate -> export -> reload
 
 Each stage calls the same ``main(argv)`` as its own sub-command, so this is exactly what a
-user would type, in order. Stages whose output already exists are reused (shards), so the
-command can be re-run.
+user would type, in order. Shards made earlier with the same sizes are reused; training starts
+afresh in ``--out`` and the export there is replaced, so the command can be re-run.
 """
 
 from __future__ import annotations
@@ -43,13 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     from mmpretrain.trainer.checkpoint import find_latest_checkpoint
 
     shards, out = Path(args.shards), Path(args.out)
-    if (shards / "manifest.json").is_file():
+    config = Path(args.config)
+    if not config.is_file() and not config.is_absolute():
+        # the embedded default lives in the repository's configs/ (editable install)
+        repo_config = Path(__file__).resolve().parent.parent / config
+        if not repo_config.is_file():
+            raise SystemExit(f"mmpretrain pipeline: config not found: {config} "
+                             "(run from the repository root or pass --config)")
+        config = repo_config
+    manifest = shards / "manifest.json"
+    if manifest.is_file():
+        splits = json.loads(manifest.read_text()).get("splits", {})
+        have = (splits.get("train", {}).get("num_samples"), splits.get("val", {}).get("num_images"))
+        if have != (args.num_samples, args.num_val):
+            raise SystemExit(f"mmpretrain pipeline: {shards} holds {have[0]} training pairs and {have[1]} "
+                             f"held-out images, not the {args.num_samples} and {args.num_val} asked for; "
+                             "delete it or pass another --shards directory")
         print(f"=== shards: reusing {shards} (delete it to rebuild)")
     else:
         _stage("shards", shards_cli.main, ["shards", "synthetic", "--out", str(shards),
                                            "--num-samples", str(args.num_samples),
                                            "--num-val", str(args.num_val)])
-    train_argv = ["train", "--config", args.config, f"train.output_dir={out}",
+    train_argv = ["train", "--config", str(config), f"train.output_dir={out}",
                   f"data.train_shards=[{shards}/train-*.tar]",
                   f"data.val_shards={shards}/val-*.tar",
                   # the eval stage below evaluates the final checkpoint; don't do it twice
@@ -61,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     _stage("eval", eval_cli.main, ["eval", "--checkpoint", str(ckpt),
                                    "--shards", f"{shards}/val-*.tar", "--out", str(out / "eval")])
     _stage("export", export_cli.main, ["export", "--checkpoint", str(ckpt),
-                                       "--out", str(out / "export")])
+                                       "--out", str(out / "export"), "--force"])
 
     # Reload the export the way a downstream user would, without the trainer.
     import mmpretrain

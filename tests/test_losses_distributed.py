@@ -145,6 +145,15 @@ def _worker(rank, port, outdir):
         values.append(out["loss_itc"])
     res["cache"] = (values, _avg_grads(model))
 
+    # 4b) feature cache without gathering (loss.gather=false): each rank's own block only
+    g = torch.Generator().manual_seed(10 + rank)
+    xe = F.normalize(torch.randn(m * b, 8, generator=g, dtype=torch.float64), dim=-1)
+    ye = F.normalize(torch.randn(m * b, 8, generator=g, dtype=torch.float64), dim=-1)
+    local = L.FeatureCache.from_local([xe[:b], xe[b:]], [ye[:b], ye[b:]], gather=False)
+    vals = [L.info_nce(xe[i * b:(i + 1) * b], ye[i * b:(i + 1) * b], 10.0, gather=False, cache=local.at(i, b))
+            for i in range(m)]
+    res["cache_nogather"] = (torch.stack(vals), L.info_nce(xe, ye, 10.0, gather=False))
+
     # 5) fetch_rows: uneven requests (rank 0 asks only rank 1's rows, rank 1 mixes)
     local = torch.arange(B * 4, dtype=torch.float64).view(B, 4) + 100 * rank
     req = torch.tensor([3, 4, 5]) if rank == 0 else torch.tensor([5, 0, 2])
@@ -243,6 +252,12 @@ def test_feature_cache_matches_full_accumulated_batch(dist_results):
     for n, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)  # ITM head unused (itm_weight 0)
         torch.testing.assert_close(dgrads[n], g, rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_feature_cache_without_gather_uses_the_local_block(dist_results):
+    for r in range(WORLD):
+        values, full = dist_results[r]["cache_nogather"]
+        torch.testing.assert_close(values, full.expand_as(values), **TOL)
 
 
 def test_fetch_rows_all_to_all(dist_results):
