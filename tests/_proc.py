@@ -52,3 +52,12 @@ def run(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
 def reap_all() -> None:
     while _LIVE:
         kill_group(_LIVE.pop())
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a test's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 
@@ -19,16 +18,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _proc  # noqa: E402
 from _shardutil import caption_for, jpeg_bytes, write_raw_shard, write_test_shards  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 60
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, data_dir: str, tok_dir: str, out_dir: str) -> None:
@@ -77,7 +72,7 @@ def test_two_gloo_ranks_one_epoch_equal_batches(tmp_path):
     train_tokenizer([caption_for(i) for i in range(50)], tok_dir, 80)
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.start_processes(_rank_main, args=(2, _free_port(), data, tok_dir, str(out)), nprocs=2, join=False,
+    ctx = mp.start_processes(_rank_main, args=(2, _proc.free_port(), data, tok_dir, str(out)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S + 30
     while not ctx.join(timeout=1):

@@ -7,12 +7,12 @@ its results and the test process compares them with single-process references.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import _proc
 from mmpretrain import distributed as D
 from mmpretrain import losses as L
 from mmpretrain.models import LossConfig, ModelConfig, build_model
@@ -169,16 +169,11 @@ def _reduce(g):
     return g / WORLD
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(_worker, args=(_proc.free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
