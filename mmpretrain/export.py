@@ -497,15 +497,46 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ExportError(f"{path}: not an mmpretrain export (no config.json)")
-    config = json.loads(cfg_file.read_text())
+    config = _read_json(cfg_file)
     if config.get("format") != FORMAT:
         raise ExportError(f"{cfg_file}: not an {FORMAT} export (format={config.get('format')!r})")
-    model = build_model_from_dict(config["model"])
+    if not isinstance(config.get("model"), dict):
+        raise ExportError(f"{cfg_file}: no 'model' section")
+    # read before the weights: a broken export fails fast, naming the file
+    preprocessing = _read_json(path / "preprocessing.json", PREPROCESSING_KEYS)
+    try:
+        model = build_model_from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{cfg_file}: cannot build the model its 'model' section describes: {e}") from None
     load_state_strict(model, _load_safetensors(path / "model.safetensors"), str(path))
     model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    preprocessing = json.loads((path / "preprocessing.json").read_text())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot load the tokenizer files: {' '.join(str(e).split())}") from None
     return Pretrained(model, tokenizer, config, preprocessing, device)
+
+
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "max_length")
+
+
+def _read_json(file: Path, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object from an export file; ``ExportError`` naming the file when it is missing,
+    unreadable, not a JSON object or lacks one of ``required``."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{file}: missing; the export is incomplete (re-run mmpretrain export)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{file}: unreadable: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{file}: not a JSON object")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ExportError(f"{file}: missing {', '.join(missing)}")
+    return data
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 
 import pytest
@@ -104,18 +105,27 @@ def _val_samples(cfg, tokenizer):
     return sorted(rows, key=lambda r: r[0])
 
 
-def test_contrastive_and_full_itm_rerank_match_brute_force(run, tmp_path):
+def test_contrastive_and_full_itm_rerank_match_brute_force(run, tmp_path, monkeypatch):
     """With itm_rerank_k >= every candidate, the re-ranked metrics are those of the full ITM
     score matrix; the contrastive ones those of the full cosine matrix (float64 model, so batch
-    composition cannot flip a near-tie)."""
+    composition cannot flip a near-tie). Pixels go through the data package's ``normalize``."""
     from mmpretrain.data.transforms import normalize
+    from mmpretrain.evaluation import evaluate as evaluate_mod
 
     shards, ckpt = run
     loaded = load_checkpoint(ckpt)
     model = loaded.model.double()
     cfg = load_config(None, tiny_overrides(shards, tmp_path, ["eval.itm_rerank_k=100", "eval.report=false",
-                                                              "eval.batch_size=7"]))
+                                                              "eval.batch_size=7", "data.mean=[0.4,0.5,0.6]"]))
+    calls = []
+
+    def spy(pixels, mean, std, dtype=torch.float32):
+        calls.append((list(mean), list(std), dtype))
+        return normalize(pixels, mean, std, dtype)
+
+    monkeypatch.setattr(evaluate_mod, "normalize", spy)  # the one normalisation, not a copy of it
     metrics = run_evaluation(model, cfg, None, loaded.tokenizer, 0, tmp_path / "e")
+    assert calls and all(c == (cfg.data.mean, cfg.data.std, torch.float64) for c in calls)
 
     rows = _val_samples(cfg, loaded.tokenizer)
     image_ids = []
@@ -151,6 +161,99 @@ def test_eval_rejects_a_path_that_is_not_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "not an mmpretrain checkpoint" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_keys_repeated_across_shards_is_one_line_error(run, tmp_path, capsys):
+    """Two shards holding the same keys: exit 2 with one line naming a repeated key and both
+    shards (not a RuntimeError traceback blaming the loader)."""
+    import shutil
+    import tarfile
+
+    shards, ckpt = run
+    data = tmp_path / "dup"
+    data.mkdir()
+    first = data / "val-000000.tar"
+    shutil.copy(shards / "val-000000.tar", first)
+    shutil.copy(shards / "val-000001.tar", data / "val-000001.tar")
+    copy = data / "val-000002.tar"
+    shutil.copy(first, copy)  # every key of val-000000.tar again
+    with tarfile.open(first) as tf:
+        keys = {m.name.split(".", 1)[0] for m in tf.getmembers()}
+    rc = cli.main(["--checkpoint", str(ckpt), "--shards", f"{data}/val-*.tar", "--out", str(tmp_path / "o"),
+                   "eval.report=false"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "occurs more than once" in err and str(first) in err and str(copy) in err
+    assert any(repr(k) in err for k in keys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_out_dir_uses_the_trainers_step_dir_name(monkeypatch):
+    from mmpretrain.trainer import checkpoint
+
+    assert cli.default_out_dir(Path("r/checkpoints/step_00000007"), 7) == Path("r/eval/step_00000007")
+    assert cli.default_out_dir(Path("exports/x"), 7) == Path("exports/x-eval")
+    monkeypatch.setattr(checkpoint, "step_dir_name", lambda step: f"s{step}")  # one definition of the name
+    assert cli.default_out_dir(Path("r/checkpoints/s7"), 7) == Path("r/eval/s7")
+
+
+def test_eval_launch_mismatch_is_one_line_error(run, tmp_path, capsys, monkeypatch):
+    """The launch is checked by the trainer's accel.check_accelerator: a launcher that claims 2
+    processes while Accelerate sees 1 fails with one line and exit 2, and leaves no state."""
+    from accelerate.state import PartialState
+
+    from mmpretrain.trainer import accel
+
+    shards, ckpt = run
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accel, "launch_info", lambda: accel.LaunchInfo(launched=True, world_size=2,
+                                                                       use_deepspeed=False, has_gpu=False))
+    rc = cli.main(["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "launch check failed" in err and "WORLD_SIZE=2" in err, err
+    assert not PartialState._shared_state and not (tmp_path / "o").exists()
+
+
+EVAL_WRAPPER = r'''
+"""`mmpretrain eval` under torchrun, with the trainer's launch check observed."""
+import json, sys
+import torch.distributed as dist
+from accelerate.state import PartialState
+from mmpretrain.evaluation import cli
+from mmpretrain.trainer import accel
+
+checked = []
+real_check = accel.check_accelerator
+def spy(acc, info):
+    checked.append([acc.num_processes, info.world_size, info.expected_type])
+    return real_check(acc, info)
+accel.check_accelerator = spy
+rc = cli.main(sys.argv[1:])
+print("AFTER " + json.dumps({"rc": rc, "checked": checked, "group_alive": dist.is_initialized(),
+                             "accelerate_state": bool(PartialState._shared_state)}), flush=True)
+sys.exit(rc)
+'''
+
+
+@pytest.mark.distributed
+def test_two_process_eval_uses_the_launch_check_and_ends_its_process_group(run, tmp_path):
+    shards, ckpt = run
+    script = tmp_path / "eval_wrapper.py"
+    script.write_text(EVAL_WRAPPER)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
+           "eval.itm_rerank_k=0", "--out", str(tmp_path / "two")]
+    proc = _proc.run(cmd, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = [json.loads(line[len("AFTER "):]) for line in proc.stdout.splitlines() if line.startswith("AFTER ")]
+    assert len(after) == 2  # both ranks
+    for a in after:
+        assert a == {"rc": 0, "checked": [[2, 2, "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"]],
+                     "group_alive": False, "accelerate_state": False}
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.distributed

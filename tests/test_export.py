@@ -301,3 +301,34 @@ def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path)
 def test_loading_an_export_dir_that_is_not_one(tmp_path):
     with pytest.raises(ExportError):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["no_preprocessing", "preprocessing_lacks_std", "config_not_json"])
+def test_broken_export_is_one_export_error_naming_the_file(exported, tmp_path, capsys, damage):
+    """load_pretrained and `mmpretrain eval` on an incomplete / corrupt export: an ExportError
+    (one line, exit 2) naming the file, not a FileNotFoundError / JSONDecodeError traceback."""
+    import shutil
+
+    from mmpretrain.evaluation import cli as eval_cli
+
+    _, out = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    if damage == "no_preprocessing":
+        (broken / "preprocessing.json").unlink()
+        name, what = "preprocessing.json", "missing"
+    elif damage == "preprocessing_lacks_std":
+        pre = json.loads((broken / "preprocessing.json").read_text())
+        del pre["std"]
+        (broken / "preprocessing.json").write_text(json.dumps(pre))
+        name, what = "preprocessing.json", "missing std"
+    else:
+        (broken / "config.json").write_text('{"format": "mmpretrain-export/1", "model": {')
+        name, what = "config.json", "not valid JSON"
+    with pytest.raises(ExportError, match=f"{name}.*{what}") as e:
+        load_pretrained(broken)
+    assert str(broken / name) in str(e.value)
+    rc = eval_cli.main(["--checkpoint", str(broken), "--shards", "x-*.tar", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and name in err and what in err, err
+    assert not (tmp_path / "o").exists()

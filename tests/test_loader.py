@@ -255,6 +255,36 @@ def test_resume_mid_epoch_yields_exactly_the_rest(bad_dir, tok, use_raw_cursor):
     assert resumed.epoch == 3
 
 
+@pytest.mark.parametrize("use_raw_cursor", [True, False])
+def test_resume_keeps_skip_and_refill_counts(bad_dir, tok, use_raw_cursor):
+    """Stopped mid-epoch and resumed from the (JSON) state, the loader reports exactly the
+    skip / refill counts of an uninterrupted run: earlier epochs are kept, and the replayed part
+    of the current epoch is not counted a second time."""
+    import json
+
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    ref = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    run_epoch(ref)
+    run_epoch(ref)
+    first = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    run_epoch(first)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # as the checkpoint stores it
+    del it
+    if not use_raw_cursor:
+        state = {**state, "worker_raw": None}
+    resumed = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    resumed.load_state_dict(state)
+    run_epoch(resumed)
+    assert resumed.epoch == ref.epoch == 2
+    want = ref.skipped
+    assert want["corrupt_image"] == 4 and want["missing_caption"] == 2  # decode and raw-check skips
+    assert resumed.skipped == want
+    assert resumed.refilled == ref.refilled > 0
+
+
 def test_infinite_advances_epochs(uneven, tok):
     cfg = cfg_for(os.path.join(uneven, "train-*.tar"), num_workers=0)
     ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0)

@@ -25,8 +25,9 @@ Eval (``train=False``): no shuffle, center crop, last partial batch kept, each s
 once over all ranks and workers (ranks may differ in batch count).
 
 Resume: ``state_dict()`` holds ``(epoch, batches consumed)`` plus, per worker, how many
-shuffle-buffer outputs it consumed; a resumed worker replays tar reading and the shuffle buffer
-without decoding images and continues with exactly the next batch.
+shuffle-buffer outputs it consumed, and the skip / refill counters up to the cursor; a resumed
+worker replays tar reading and the shuffle buffer without decoding images (and without counting
+the replayed skips again) and continues with exactly the next batch.
 """
 
 from __future__ import annotations
@@ -319,6 +320,24 @@ def count_samples(url: str) -> int:
     return n
 
 
+def shards_with_key(urls: list[str], key: str, limit: int = 2) -> list[str]:
+    """The first ``limit`` distinct local shards among ``urls`` holding a sample with this
+    ``__key__`` (tar headers only; remote shards are not searched). For error messages."""
+    found: list[str] = []
+    for url in dict.fromkeys(urls):
+        if len(found) >= limit:
+            break
+        if _is_remote(url):
+            continue
+        try:
+            with tarfile.open(url[len("file://"):] if url.startswith("file://") else url, "r:*") as tf:
+                if any(info.isreg() and _split_name(info.name)[0] == key for info in tf):
+                    found.append(url)
+        except (tarfile.TarError, EOFError, OSError):
+            continue
+    return found
+
+
 _MANIFEST_CACHE: dict[str, dict[str, int] | None] = {}
 
 
@@ -559,9 +578,12 @@ class _Worker:
         self.skipped: collections.Counter = collections.Counter()
         self.good = 0
         self.refilled = 0
+        # True while a resumed worker replays what was consumed before the checkpoint: those
+        # skips and refills are already in the loader's restored counters (state_dict)
+        self.replaying = False
 
     def _count(self, reason: str, detail: str, pass_no: int) -> None:
-        if pass_no == 0:
+        if pass_no == 0 and not self.replaying:
             self.skipped[reason] += 1
             _warn_skip(reason, detail)
 
@@ -629,11 +651,14 @@ class _Worker:
         seed_prefix = str((ds.seed, ds.epoch))[:-1] + ", "
         pixels = np.empty((b, 3, size, size), dtype=np.uint8)  # the batch, filled in place
         buf: list[_RawSample] = []
+        self.replaying = bool(skip_raw) or skip_good > 0
         if planned is None or planned > 0:
             for s in self._stream(pieces):
                 raw_pos += 1
                 if skip_raw is not None and raw_pos <= skip_raw:
                     self.good += 1  # consumed before the checkpoint (decoded fine then)
+                    if raw_pos == skip_raw:
+                        self.replaying = False  # the next raw sample is new: count from here
                     continue
                 crop_seed = _hash_text(f"{seed_prefix}{s.key!r}, {s.pass_no!r})")
                 try:
@@ -643,11 +668,13 @@ class _Worker:
                     self._count(e.reason, f"{s.key}: {e}", s.pass_no)
                     continue
                 self.good += 1
+                if skip_good > 0:  # no raw cursor: decode and drop what was consumed (counted then)
+                    skip_good -= 1
+                    if skip_good == 0:
+                        self.replaying = False
+                    continue
                 if s.pass_no > 0:
                     self.refilled += 1
-                if skip_good > 0:
-                    skip_good -= 1
-                    continue
                 pixels[len(buf)] = hwc.transpose(2, 0, 1)
                 buf.append(s)
                 if len(buf) == b:
@@ -842,9 +869,11 @@ class ShardLoader:
         self._resume_raw = None
 
     def state_dict(self) -> dict:
+        """The cursor, plus this rank's skip / refill counters up to it (all epochs so far)."""
         return {"epoch": self.epoch, "batches": self.batches_done, "seed": self.seed,
                 "world_size": self.world_size, "num_workers": self.slots_per_rank, "rank": self.rank,
-                "worker_raw": list(self._worker_raw) if self._worker_raw is not None else None}
+                "worker_raw": list(self._worker_raw) if self._worker_raw is not None else None,
+                "skipped": self.skipped, "refilled": self.refilled}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -858,6 +887,15 @@ class ShardLoader:
         self._resume_raw = list(raw) if same and raw is not None and state.get("rank", self.rank) == self.rank \
             else None
         self._worker_raw = list(self._resume_raw) if self._resume_raw is not None else None
+        # This rank's counters up to the cursor. The resumed workers replay the consumed part of
+        # the epoch without counting it again, so what they report adds to these. (Another
+        # rank's counts are not taken over: summed over ranks they would be counted twice.)
+        if ("skipped" in state or "refilled" in state) and state.get("rank", self.rank) == self.rank:
+            self._skipped_past = collections.Counter({str(k): int(v) for k, v in
+                                                      (state.get("skipped") or {}).items()})
+            self._skipped_epoch = {}
+            self._refilled_past = int(state.get("refilled") or 0)
+            self._refilled_epoch = {}
 
     # -- counters
     def _fold_skipped(self) -> None:

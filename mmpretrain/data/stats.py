@@ -84,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="images are center-cropped to this size before the pixel statistics")
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from mmpretrain.data.loader import expand_sources
     from mmpretrain.data.tokenizer import load_tokenizer
 
     try:
+        if not expand_sources(args.shards):  # before the tokenizer, which would complain instead
+            raise ValueError(f"no shards match {args.shards}")
         tok = load_tokenizer(args.tokenizer, [args.shards], args.vocab_size, save=False)
         stats = compute_stats(args.shards, tokenizer=tok, max_length=args.max_length,
                               image_size=args.image_size, num_workers=args.workers)

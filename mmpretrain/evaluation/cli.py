@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,24 +36,54 @@ def _apply_overrides(cfg, overrides: list[str]):
 def default_out_dir(checkpoint: Path, step: int) -> Path:
     """``RUN/eval/step_N`` for ``RUN/checkpoints/step_N`` (where the trainer's own evaluation
     writes); ``PATH-eval`` beside anything else (an export stays as it was exported)."""
+    from mmpretrain.trainer.checkpoint import step_dir_name
+
     if checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent / "eval" / f"step_{step:08d}"
+        return checkpoint.parent.parent / "eval" / step_dir_name(step)
     return checkpoint.with_name(checkpoint.name + "-eval")
 
 
 def build_eval_accelerator():
-    """An Accelerator when a launcher started several processes (gloo on CPU), else None.
-    Evaluation needs no DDP/DeepSpeed wrapping: every rank holds the full model."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "LOCAL_RANK" not in os.environ or world == 1:
-        return None
-    import torch
-    from accelerate import Accelerator
+    """An Accelerator when a launcher started several processes, else None.
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.num_processes != world:
-        raise RuntimeError(f"Accelerate sees {acc.num_processes} process(es) but the launcher started {world}")
+    The launch is read and checked by the trainer's own ``accel.launch_info()`` /
+    ``accel.check_accelerator()`` (no GPU: gloo, through ``cpu=True``, or DeepSpeed's own gloo
+    group when the launch config asks for DeepSpeed). Evaluation needs no DDP/DeepSpeed
+    wrapping: every rank holds the full model. ``release_eval_accelerator`` ends the group.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from mmpretrain.trainer.accel import LaunchError, check_accelerator, launch_info
+
+    info = launch_info()
+    if not info.launched or info.world_size == 1:
+        return None
+    kwargs: dict = {}
+    if info.use_deepspeed:  # Accelerate sets DeepSpeed up from the launch environment
+        if not info.has_gpu:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif not info.has_gpu:
+        kwargs["cpu"] = True
+    acc = Accelerator(**kwargs)
+    try:
+        check_accelerator(acc, info)
+    except LaunchError:
+        release_eval_accelerator(acc)
+        raise
     return acc
+
+
+def release_eval_accelerator(accelerator) -> None:
+    """End the process group ``build_eval_accelerator`` started and forget Accelerate's
+    process-wide state (so a later Accelerator in the same process starts afresh)."""
+    if accelerator is None:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()  # destroys the default process group
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConfigError) as e:
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
+    from mmpretrain.trainer.accel import LaunchError
+
+    try:
+        accelerator = build_eval_accelerator()
+    except LaunchError as e:
+        print("mmpretrain eval: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return 2
+    try:
+        return _evaluate(args, cfg, loaded, accelerator, run_evaluation)
+    finally:
+        release_eval_accelerator(accelerator)
+
+
+def _evaluate(args, cfg, loaded, accelerator, run_evaluation) -> int:
     import torch
 
-    accelerator = build_eval_accelerator()
     device = accelerator.device if accelerator is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
@@ -91,14 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run_evaluation(model, cfg, accelerator, loaded.tokenizer, loaded.step, out,
                                  checkpoint=args.checkpoint)
-    except ValueError as e:  # e.g. no shards match the pattern
+    except ValueError as e:  # e.g. no shards match the pattern, a sample key in two shards
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
     if accelerator is None or accelerator.is_main_process:
         print(f"wrote {out / 'metrics.json'}" + (f", {out / 'report.html'}, {out / 'report.png'}" if cfg.eval.report else ""))
         print(json.dumps(metrics))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmpretrain.data.transforms import normalize
 from mmpretrain.evaluation import report as report_mod
 from mmpretrain.evaluation.retrieval import (
     metrics_from_ranks,
@@ -72,12 +73,6 @@ def _model_dtype(core) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def _normalize(pixels: torch.Tensor, data_cfg, device, dtype) -> torch.Tensor:
-    from mmpretrain.data.transforms import normalize
-
-    return normalize(pixels.to(device), data_cfg.mean, data_cfg.std, dtype)
 
 
 # ----------------------------------------------------------------------------- 1. embed
@@ -120,8 +115,9 @@ def embed_shards(model, cfg, accelerator, tokenizer, keep_pixels: bool) -> dict:
             elif dummy is None:  # this rank got no data at all: a one-sample blank batch
                 dummy = _blank_batch(cfg, tokenizer)
             b = batch if real else dummy
-            feats = model(_normalize(b["pixels"], cfg.data, device, dtype), b["input_ids"].to(device),
-                          b["attention_mask"].to(device), b["image_ids"].to(device), mode="features")
+            pixels_in = normalize(b["pixels"].to(device), cfg.data.mean, cfg.data.std, dtype)
+            feats = model(pixels_in, b["input_ids"].to(device), b["attention_mask"].to(device),
+                          b["image_ids"].to(device), mode="features")
             if not real:
                 continue
             n = len(b["keys"])
@@ -156,12 +152,32 @@ def _blank_batch(cfg, tokenizer) -> dict:
 
 # ----------------------------------------------------------------------------- 2. gather
 
-def gather_samples(local: dict, accelerator) -> dict:
+def _duplicate_key_error(key: str, shards) -> ValueError:
+    """A one-line error for a sample key read twice, naming the shards that hold it."""
+    where = ""
+    if shards:
+        from mmpretrain.data.loader import expand_sources, shards_with_key
+
+        urls = expand_sources(shards)
+        found = shards_with_key(urls, key, limit=2)
+        if len(found) >= 2:
+            where = f" (in {found[0]} and in {found[1]})"
+        elif found and urls.count(found[0]) > 1:
+            where = f" (in {found[0]}, which the shard pattern lists twice)"
+        elif found:
+            where = f" (in {found[0]} and in another shard)"
+    return ValueError(f"sample key {key!r} occurs more than once in the held-out shards{where}; evaluation "
+                      "needs keys that are unique across shards (re-key or drop the duplicates)")
+
+
+def gather_samples(local: dict, accelerator, shards=None) -> dict:
     """Every rank's samples merged and sorted by key; images deduplicated by image id.
 
     Returns captions-level tensors (``text_emb``, ``input_ids``, ``attention_mask``,
     ``caption_image``: index of each caption's unique image), image-level ones (``image_emb``,
     ``image_ids``, ``owner``: the rank holding the pixels), ``keys`` and ``captions``.
+    A key read twice (the same key in two shards) is a ``ValueError`` on every rank that names
+    the key and, when ``shards`` (the held-out source) is given, the shards holding it.
     """
     mine = {k: v for k, v in local.items() if k != "pixels"}
     mine["pixel_ids"] = sorted(local["pixels"])
@@ -170,10 +186,11 @@ def gather_samples(local: dict, accelerator) -> dict:
     for r, p in enumerate(parts):
         rows += [(key, r, i) for i, key in enumerate(p["keys"])]
     if not rows:
-        raise RuntimeError("evaluation found no samples in the held-out shards")
+        raise ValueError("evaluation found no usable sample in the held-out shards")
     rows.sort(key=lambda x: x[0])
-    if len({k for k, _, _ in rows}) != len(rows):
-        raise RuntimeError("evaluation saw a sample key twice: the loader did not split samples across ranks")
+    for (a, _, _), (b, _, _) in zip(rows, rows[1:]):
+        if a == b:  # the loader reads each sample once, so the shards hold this key twice
+            raise _duplicate_key_error(a, shards)
 
     def take(name):
         return torch.stack([parts[r][name][i] for _, r, i in rows])
@@ -228,7 +245,7 @@ def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tens
                 s = cfg.data.image_size
                 px = torch.zeros(1, 3, s, s, dtype=torch.uint8)
                 t = torch.zeros(1, dtype=torch.long)
-            logits = core.itm_logits(_normalize(px, cfg.data, device, dtype),
+            logits = core.itm_logits(normalize(px.to(device), cfg.data.mean, cfg.data.std, dtype),
                                      data["input_ids"][t].to(device), data["attention_mask"][t].to(device))
             if real:
                 logits = logits.float().cpu()
@@ -331,7 +348,7 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         t0 = time.perf_counter()
         local = embed_shards(model, cfg, accelerator, tokenizer,
                              keep_pixels=do_itm or (cfg.eval.report and cfg.eval.num_examples > 0))
-        data = gather_samples(local, accelerator)
+        data = gather_samples(local, accelerator, shards=cfg.data.val_shards)
         scores = data["image_emb"] @ data["text_emb"].t()  # [U, N] cosine (embeddings are L2-normalised)
         i2t, t2i = retrieval_ranks(scores, data["caption_image"])
         metrics: dict[str, Any] = {"step": int(step)}
