@@ -25,22 +25,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (or stopped on request), 2 a start-up error (one line on stderr: a bad
+    config value, data, launch or checkpoint), 3 too many non-finite steps. Errors raised inside
+    the training loop keep their traceback."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    rank = os.environ.get("RANK", "0")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    prefix = "mmpretrain train" + (f" [rank {os.environ.get('RANK', '0')}]" if world > 1 else "")
     try:
         cfg = load_config(args.config, args.overrides)
         from mmpretrain.trainer.loop import train
 
         return train(cfg)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"mmpretrain train: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from mmpretrain.trainer.accel import LaunchError
         from mmpretrain.trainer.checkpoint import CheckpointError
+        from mmpretrain.trainer.loop import SetupError
 
-        if isinstance(e, (LaunchError, CheckpointError)):
-            print(f"mmpretrain train [rank {rank}]: {e}", file=sys.stderr)
+        if isinstance(e, (LaunchError, CheckpointError, SetupError)):
+            print(f"{prefix}: {e}", file=sys.stderr)
             return 2
         raise
 

@@ -1,12 +1,14 @@
 """Resume, single process on CPU: a run stopped at step k and resumed reaches exactly the
 parameters and loss curve of an uninterrupted run (RNG, data cursor with loader workers, schedule,
-optimizer); SIGTERM finishes the step, checkpoints and exits 0, and the run resumes from there.
+optimizer); SIGTERM finishes the step, checkpoints and exits 0, and the run resumes from there; a
+checkpoint whose mmpretrain.json is corrupt or incomplete is refused in one line (exit 2).
 The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in test_trainer_distributed.py.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -54,6 +56,55 @@ def test_resume_rejects_a_different_model(tiny, tmp_path, capsys):
     assert run_train(tiny, tmp_path / "run", "train.max_steps=3") == 0
     assert run_train(tiny, tmp_path / "run", "train.resume=latest", "model.depth=3") == 2
     assert "model section differs" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(tiny, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("one_step")
+    assert run_train(tiny, run, "train.max_steps=1") == 0
+    return run / "checkpoints/step_00000001"
+
+
+def _drop(key):
+    def edit(meta):
+        del meta[key]
+        return json.dumps(meta)
+    return edit
+
+
+def _drop_counter(meta):
+    del meta["counters"]["bad_steps_in_a_row"]
+    return json.dumps(meta)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda meta: '{"format": "mmpretrain-ckpt/1", "step": ', "unreadable or not valid JSON"),
+    (lambda meta: "[1, 2]", "expected a JSON object, got list"),
+    (lambda meta: json.dumps(dict(meta, format="other/9")), "unknown format 'other/9'"),
+    (_drop("counters"), "missing required key(s) counters"),
+    (_drop("config"), "missing required key(s) config"),
+    (_drop_counter, "'counters' lacks integer bad_steps_in_a_row"),
+], ids=["truncated", "list", "format", "no-counters", "no-config", "no-counter"])
+@pytest.mark.parametrize("resume", ["path", "latest"])
+def test_a_corrupt_checkpoint_is_refused_in_one_line(tiny, tmp_path, capsys, one_step_checkpoint, corrupt,
+                                                     message, resume):
+    from mmpretrain.trainer.checkpoint import CheckpointError, read_meta
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / one_step_checkpoint.name
+    shutil.copytree(one_step_checkpoint, ckpt)
+    meta_file = ckpt / "mmpretrain.json"
+    meta_file.write_text(corrupt(json.loads(meta_file.read_text())))
+    with pytest.raises(CheckpointError) as err:  # what `mmpretrain export` will rely on too
+        read_meta(ckpt)
+    assert str(err.value).startswith(f"{meta_file}: ") and message in str(err.value)
+    capsys.readouterr()
+    target = "latest" if resume == "latest" else str(ckpt)
+    assert run_train(tiny, run, f"train.resume={target}", "train.max_steps=2") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mmpretrain train")]
+    assert len(lines) == 1 and lines[0].startswith(f"mmpretrain train: {meta_file}: ") and message in lines[0]
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """Trainer, single process on CPU: a debug config trains and its loss goes down; the run
 directory and checkpoint layout; optimizer groups and schedule; gradient accumulation with the
-feature cache; non-finite losses; start-up validation.
+feature cache (InfoNCE only); non-finite losses and gradients; fp16 overflow skips; start-up
+validation and start-up errors.
 
 Helpers here (tiny shards, run config, metrics readers) are shared with test_resume.py and
 test_trainer_distributed.py.
@@ -141,17 +142,19 @@ def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
     assert all(math.isfinite(x) for x in curve)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.1, f"loss did not go down: {first:.4f} -> {last:.4f}"
-    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm", "mfu"):
+    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm", "mfu",
+                "overflow", "overflow_skips"):
         assert key in recs[30], key
     assert recs[30]["mfu"] > 0 and 0 <= recs[30]["data_wait"] <= 1
     # evaluation at the end, through mmpretrain.evaluation's run_evaluation
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [30] and "i2t_R@1" in evals[0]["eval"]
     assert json.loads((run / "eval/step_00000030/metrics.json").read_text())["step"] == 30
-    # warmup then cosine towards min_lr_ratio * lr
+    # warmup then cosine: the peak once (the last warmup step), the last step exactly at min_lr_ratio * lr
     assert recs[1]["lr"] == pytest.approx(5e-4 / 3)
     assert recs[3]["lr"] == pytest.approx(5e-4)
-    assert recs[3]["lr"] > recs[15]["lr"] > recs[30]["lr"] >= 5e-5
+    assert recs[3]["lr"] > recs[4]["lr"] > recs[15]["lr"] > recs[29]["lr"] > recs[30]["lr"]
+    assert recs[30]["lr"] == pytest.approx(5e-5)
     # the dense line
     line = next(ln for ln in out.splitlines() if ln.startswith("step 30/30"))
     for part in ("loss", "itc", "itm", "lr", "samples/s", "data", "mem", "mfu", "eta"):
@@ -202,10 +205,33 @@ def test_optimizer_groups_and_schedule():
     assert not decay & no_decay and len(decay) + len(no_decay) == len(list(model.parameters()))
 
     assert [lr_at(s, cfg.optim, 20) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lr_at(20, cfg.optim, 20) == pytest.approx(0.1) and lr_at(12, cfg.optim, 20) == pytest.approx(0.55)
+    # 0-based step 19 is the last of 20; the cosine runs from the peak (step 3) to it, midpoint 11
+    assert lr_at(19, cfg.optim, 20) == pytest.approx(0.1) and lr_at(11, cfg.optim, 20) == pytest.approx(0.55)
     sched = WarmupCosine(opt, cfg.optim, 20)
-    sched.load_state_dict({"steps_taken": 12})
+    sched.load_state_dict({"steps_taken": 11})
     assert all(g["lr"] == pytest.approx(0.55) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("warmup, total", [(4, 20), (0, 20), (0, 2), (3, 4)])
+def test_schedule_as_the_loop_steps_it(warmup, total):
+    """The rate each optimizer step uses, stepped as ``fit`` does (read, optimizer step,
+    ``scheduler.step()``): first step, warmup end, last step exactly lr * min_lr_ratio."""
+    from mmpretrain.trainer.config import OptimConfig
+    from mmpretrain.trainer.optim import WarmupCosine
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=warmup, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = WarmupCosine(opt, cfg, total)
+    used = []
+    for _ in range(total):  # steps 1..total
+        used.append(opt.param_groups[0]["lr"])
+        assert sched.lr == used[-1]  # what metrics.jsonl records
+        sched.step()
+    assert used[0] == pytest.approx(1.0 / warmup if warmup else 1.0)
+    peak = max(warmup, 1)  # 1-based step at the peak
+    assert used[peak - 1] == pytest.approx(1.0) and used.count(1.0) == 1
+    assert used[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(used[peak - 1:], used[peak:]))
 
 
 def test_grad_accumulation_with_feature_cache_equals_the_big_batch(tiny, tmp_path):
@@ -252,6 +278,159 @@ def test_too_many_bad_steps_stop_with_the_last_checkpoint_intact(tiny, tmp_path,
     assert ckpts == ["step_00000002"]
     meta = json.loads((run / "checkpoints/step_00000002/mmpretrain.json").read_text())
     assert meta["counters"]["bad_steps_total"] == 0
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_non_finite_gradient_with_a_finite_loss_is_skipped(tiny, tmp_path, capsys, grad_clip):
+    """A NaN gradient (finite loss) at step 2: not applied (clipping would multiply the gradients
+    by NaN, AdamW would write them into the weights), counted as a bad step."""
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_grad_steps=[2]", f"optim.grad_clip={grad_clip}",
+                   "train.save_every=1", "train.keep_last=10", "train.max_steps=4")
+    assert rc == 0
+    assert "step 2: non-finite gradient norm, step skipped" in capsys.readouterr().out
+    recs = metrics(run)
+    assert [recs[s]["skipped"] for s in range(1, 5)] == [0, 1, 0, 0]
+    assert math.isfinite(recs[2]["loss"]) and not math.isfinite(recs[2]["grad_norm"])
+    assert all(math.isfinite(recs[s]["grad_norm"]) for s in (1, 3, 4)) and recs[4]["bad_steps_total"] == 1
+    ckpts = run / "checkpoints"
+    w1, w2, w3 = (checkpoint_weights(ckpts / f"step_{s:08d}") for s in (1, 2, 3))
+    floats = lambda w: {k: v for k, v in w.items() if v.is_floating_point()}  # noqa: E731
+    assert_same_weights(floats(w1), floats(w2))
+    assert all(torch.isfinite(v).all() for v in floats(w3).values())
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    assert json.loads((ckpts / "step_00000003/mmpretrain.json").read_text())["counters"]["bad_steps_total"] == 1
+
+
+class _Optimizer:
+    def __init__(self, step_was_skipped=False):
+        self.step_was_skipped, self.steps, self.zeroed = step_was_skipped, 0, 0
+
+    def step(self):
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.zeroed += 1
+
+
+def _ctx(deepspeed: bool, loss_scaling: bool, accelerator=None):
+    from mmpretrain.trainer.loop import StepContext
+
+    return StepContext(accelerator=accelerator, deepspeed=deepspeed, feature_cache=False, gather=False,
+                       grad_clip=1.0, loss_scaling=loss_scaling)
+
+
+def test_fp16_overflow_skip_is_not_a_bad_step():
+    """A step skipped by loss scaling (finite loss) is an overflow, not a bad step; without loss
+    scaling an update DeepSpeed refused with a finite loss is a non-finite gradient."""
+    from types import SimpleNamespace
+
+    from mmpretrain.trainer.loop import StepResult, finish_step
+
+    engine = SimpleNamespace(was_step_applied=lambda: False, get_global_grad_norm=lambda: None)
+    r = StepResult()
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=True), r)
+    assert r.overflow and not r.skipped
+    r = StepResult()
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=False), r)
+    assert r.skipped and not r.overflow and r.reason == "non-finite gradient norm"
+    r = StepResult(skipped=True, reason="non-finite loss")  # a non-finite loss stays a bad step
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=True), r)
+    assert r.skipped and not r.overflow
+
+    # without DeepSpeed: the GradScaler skipped the step (inf gradients after unscaling)
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    acc = SimpleNamespace(scaler=object(), unscale_gradients=lambda: None,
+                          clip_grad_norm_=lambda params, max_norm: torch.tensor(float("inf")))
+    opt = _Optimizer(step_was_skipped=True)
+    r = StepResult()
+    finish_step(model, opt, _ctx(deepspeed=False, loss_scaling=True, accelerator=acc), r)
+    assert opt.steps == 1  # the scaler must see the step to lower its scale
+    assert r.overflow and not r.skipped and "grad_norm" not in r.metrics
+
+
+def test_overflow_skips_are_reported_apart_and_never_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
+    """Three overflow skips with train.max_bad_steps=2: the run goes on; metrics count them as
+    overflow_skips, not as bad steps; a bad step after them starts its own count."""
+    from mmpretrain.trainer import loop
+
+    real = loop.finish_step
+    calls = []
+
+    def overflowing(model, optimizer, ctx, result):
+        calls.append(1)
+        if len(calls) <= 3:
+            optimizer.zero_grad(set_to_none=True)
+            result.overflow = True
+        else:
+            real(model, optimizer, ctx, result)
+
+    monkeypatch.setattr(loop, "finish_step", overflowing)
+    run = tmp_path / "run"
+    assert run_train(tiny, run, "train.max_bad_steps=2", "train.inject_nan_steps=[4]") == 0
+    recs = metrics(run)
+    assert [recs[s]["overflow"] for s in range(1, 7)] == [1, 1, 1, 0, 0, 0]
+    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 1, 0, 0]
+    assert recs[6]["overflow_skips"] == 3 and recs[6]["bad_steps_total"] == 1
+    counters = json.loads((run / "checkpoints/step_00000006/mmpretrain.json").read_text())["counters"]
+    assert counters["overflow_skips"] == 3 and counters["bad_steps_total"] == 1
+    assert "3 fp16 overflow skips" in capsys.readouterr().out
+
+
+def test_triplet_loss_skips_the_feature_pass_and_allows_dropout(tiny, tmp_path, monkeypatch):
+    """The feature cache is InfoNCE only: with the triplet loss no features pass runs, and
+    train.feature_cache (the default) does not refuse dropout."""
+    from mmpretrain.losses import FeatureCache
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("features pass run for a loss that ignores the cache")
+
+    monkeypatch.setattr(FeatureCache, "from_local", no_cache)
+    assert run_train(tiny, tmp_path / "run", "loss.contrastive=triplet", "data.batch_size=4",
+                     "train.grad_accum_steps=2", "model.dropout=0.1", "train.max_steps=2") == 0
+    assert sorted(metrics(tmp_path / "run")) == [1, 2]
+
+
+def test_start_up_value_errors_are_one_line_and_loop_errors_are_not_swallowed(tiny, tmp_path, capsys,
+                                                                               monkeypatch):
+    # the loader refuses a batch larger than the data (a ValueError raised during set-up)
+    assert run_train(tiny, tmp_path / "big", "data.batch_size=512") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mmpretrain train")]
+    assert len(lines) == 1 and lines[0].startswith("mmpretrain train: ") and "data.batch_size=512" in lines[0]
+
+    from mmpretrain.trainer import loop
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the training loop")
+
+    monkeypatch.setattr(loop, "train_step", broken)
+    with pytest.raises(ValueError, match="a bug inside the training loop"):
+        run_train(tiny, tmp_path / "loop")
+
+
+def test_one_helper_for_accelerate_reset_and_step_dir_names():
+    """Trainer code resets Accelerate's state through ``accel.reset_accelerate_state`` and names
+    step directories through ``checkpoint.step_dir_name`` only."""
+    import inspect
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from mmpretrain.trainer import accel, checkpoint, loop
+
+    Accelerator(cpu=True)
+    assert PartialState._shared_state and AcceleratorState._shared_state
+    accel.reset_accelerate_state()
+    assert not PartialState._shared_state and not AcceleratorState._shared_state
+    for module in (loop, accel):
+        source = inspect.getsource(module)
+        assert source.count("_reset_state(") == (2 if module is accel else 0), module.__name__
+        assert ":08d}" not in source, module.__name__
+    assert ":08d}" in inspect.getsource(checkpoint.step_dir_name)
 
 
 @pytest.mark.parametrize("override, message", [

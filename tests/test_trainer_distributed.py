@@ -2,7 +2,7 @@
 DeepSpeed ZeRO-2 / ZeRO-3 run the same trainer and match one process on the same global batches
 (``train.emulate_world_size=2``) loss for loss. Each launch checks several things at once
 (DeepSpeed start-up is slow): a non-finite loss injected on rank 1 only must be skipped by both
-ranks; a SIGTERM to the DDP launcher and a stop of the ZeRO-3 run must leave checkpoints that
+ranks, and so must a NaN gradient with a finite loss (ZeRO-2); a SIGTERM to the DDP launcher and a stop of the ZeRO-3 run must leave checkpoints that
 resume onto the same curve; the checkpoint layout per backend.
 
 Outputs are checked, not only exit codes: about 1 in 20 DeepSpeed-on-gloo runs prints
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.distributed
 
 TOL = 1e-4
 NAN_STEP = 5  # injected on the last rank only; every rank must skip it
+NAN_GRAD_STEP = 3  # a finite loss with a NaN gradient on the last rank (ZeRO-2 test)
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +103,20 @@ def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
 
 def test_zero2_with_accumulation_and_feature_cache_matches_one_process(tiny, tmp_path):
     """DeepSpeed owns the accumulation boundary and the step; the feature cache gathers the
-    accumulated batch across ranks; the bad step is skipped through DeepSpeed's overflow path."""
-    accum = ["data.batch_size=4", "train.grad_accum_steps=2", f"train.inject_nan_steps=[{NAN_STEP}]"]
+    accumulated batch across ranks; the bad steps are skipped through DeepSpeed's overflow path:
+    without fp16 loss scaling, an update refused with a finite loss is a bad step too."""
+    accum = ["data.batch_size=4", "train.grad_accum_steps=2", f"train.inject_nan_steps=[{NAN_STEP}]",
+             f"train.inject_nan_grad_steps=[{NAN_GRAD_STEP}]"]
     run, ref = tmp_path / "zero2", tmp_path / "ref"
     proc = launch("zero2", tiny, run, *accum)
     check_finished(proc, run, 6)
     assert "DEEPSPEED ZeRO-2, 2 process(es), global batch 4 x 2 accumulation" in proc.stdout
     assert run_train(tiny, ref, *accum, "train.emulate_world_size=2") == 0
     recs = metrics(run)
-    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 0]
+    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 0, 1, 0, 1, 0]
+    assert recs[6]["bad_steps_total"] == 2 and recs[6]["overflow_skips"] == 0
+    assert "step 3: non-finite gradient norm, step skipped" in proc.stdout
+    assert metrics(ref)[3]["skipped"] == 1
     assert_losses_close(losses(run), losses(ref), TOL)
     ckpt = run / "checkpoints/step_00000006"
     meta = json.loads((ckpt / "mmpretrain.json").read_text())

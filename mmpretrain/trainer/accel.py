@@ -256,12 +256,18 @@ def build_accelerator(cfg: Config):
     try:
         check_accelerator(accelerator, info)
     except LaunchError:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         raise
     return accelerator, info
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state (``AcceleratorState``, ``PartialState``,
+    ``GradientState``), so another ``Accelerator`` can be built in this process (tests, notebooks)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def check_accelerator(accelerator, info: LaunchInfo) -> None:

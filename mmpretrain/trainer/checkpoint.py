@@ -52,13 +52,37 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+# What a resume needs from ``mmpretrain.json`` (``save`` in loop.py writes all of these, and more).
+REQUIRED_KEYS = {"format": str, "step": int, "config": dict, "vocab_size": int, "distributed_type": str,
+                 "world_size": int, "counters": dict}
+REQUIRED_COUNTERS = ("step", "samples_seen", "bad_steps_total", "bad_steps_in_a_row")
+
+
 def read_meta(path: str | Path) -> dict:
+    """The checked ``mmpretrain.json`` of checkpoint ``path``. Raises ``CheckpointError("<file>:
+    ...")`` when it is missing, unreadable, not JSON, of another format, or lacks a required key."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{meta_path}: unreadable or not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: missing required key(s) {', '.join(missing)}")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise CheckpointError(f"{meta_path}: {key!r} must be a JSON {kind.__name__}, got {meta[key]!r}")
+    counters = meta["counters"]
+    bad = [k for k in REQUIRED_COUNTERS
+           if not isinstance(counters.get(k), int) or isinstance(counters.get(k), bool)]
+    if bad:
+        raise CheckpointError(f"{meta_path}: 'counters' lacks integer {', '.join(bad)}")
     return meta
 
 
@@ -140,5 +164,8 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
     meta = read_meta(path)
     accelerator.load_state(str(path))
     own = path / f"data_state_{accelerator.process_index}.json"
-    data_state = json.loads(own.read_text()) if own.is_file() else meta.get("data_state", {})
+    try:
+        data_state = json.loads(own.read_text()) if own.is_file() else meta.get("data_state", {})
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{own}: unreadable or not valid JSON ({e})") from None
     return meta, data_state

@@ -36,8 +36,8 @@ class TrainConfig:
     """'' (fresh), 'latest' or a checkpoint directory."""
     grad_accum_steps: int = 1
     feature_cache: bool = True
-    """With grad_accum_steps > 1, contrast against the whole accumulated batch (extra
-    no-grad forward per micro-batch)."""
+    """With grad_accum_steps > 1 and the InfoNCE loss, contrast against the whole accumulated
+    batch (extra no-grad forward per micro-batch). Ignored with loss.contrastive=triplet."""
     mixed_precision: str = "no"
     """'no', 'bf16' or 'fp16'. The single source of truth: it fills the DeepSpeed JSON's "auto"
     precision entries, and a launch config that asks for something else is an error."""
@@ -54,7 +54,8 @@ class TrainConfig:
     eval_at_end: bool = True
     """Evaluate on data.val_shards when training finishes (not after a stop request)."""
     max_bad_steps: int = 5
-    """Consecutive non-finite losses tolerated before the run stops."""
+    """Consecutive bad steps (non-finite loss, or non-finite gradient norm without fp16 loss
+    scaling) tolerated before the run stops. fp16 loss-scale overflows are not bad steps."""
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float = 0.0
@@ -68,6 +69,9 @@ class TrainConfig:
     inject_nan_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: at these steps (1-based) the loss of the last rank is made
     non-finite, which every rank must then skip together."""
+    inject_nan_grad_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: at these steps (1-based) the last rank's loss stays finite but
+    its gradient becomes NaN (every rank sees it after the gradient all-reduce)."""
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -6,14 +6,21 @@ skip) -> schedule -> log -> evaluate (every ``eval_every``) -> checkpoint (every
 and on a stop request) -> stop checks. Every rank runs the same collectives in the same order;
 decisions that end or skip work (a stop signal, a non-finite loss) are all-reduced first so all
 ranks agree.
+
+What counts as a bad step (``train.max_bad_steps`` in a row stop the run): a non-finite loss on
+any rank, or a non-finite global gradient norm without fp16 loss scaling. An fp16 loss-scale
+overflow (the GradScaler or DeepSpeed skipping a step while it lowers the scale) is expected
+early in fp16 runs: it is counted apart (``overflow_skips``), never as a bad step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +29,7 @@ from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
 from mmpretrain.trainer.checkpoint import (CheckpointError, load_checkpoint, read_meta, resolve_resume,
-                                           save_checkpoint)
+                                           save_checkpoint, step_dir_name)
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
@@ -32,7 +39,22 @@ EXIT_BAD_STEPS = 3
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class SetupError(RuntimeError):
+    """A bad value found while setting the run up (config, data, model, checkpoint), before the
+    first step; ``mmpretrain train`` prints it as one line and exits 2."""
+
+
+@contextlib.contextmanager
+def setting_up():
+    """Turn a ``ValueError`` raised inside into a ``SetupError``. Only set-up code runs inside:
+    an error from the training loop keeps its traceback."""
+    try:
+        yield
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- state
@@ -45,12 +67,24 @@ class Counters:
     samples_seen: int = 0
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
+    overflow_skips: int = 0
+
+    @classmethod
+    def from_meta(cls, saved: dict) -> "Counters":
+        """From a checkpoint's ``counters`` (``read_meta`` checked the required ones); a counter
+        newer than the checkpoint starts at 0."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in saved.items() if k in known})
 
 
 @dataclass
 class StepResult:
     metrics: dict = field(default_factory=dict)
     skipped: bool = False
+    """A bad step: not applied, counted towards ``train.max_bad_steps``."""
+    reason: str = ""
+    overflow: bool = False
+    """Not applied because fp16 loss scaling overflowed (not a bad step)."""
     stop_requested: bool = False
 
 
@@ -88,8 +122,29 @@ class StepContext:
     accelerator: object
     deepspeed: bool
     feature_cache: bool
+    """Feature pass + cache when accumulating (InfoNCE only: the triplet loss ignores it)."""
     gather: bool
     grad_clip: float
+    loss_scaling: bool = False
+    """fp16: an update skipped by DeepSpeed with a finite loss is a loss-scale overflow. (Without
+    DeepSpeed the GradScaler itself says so.)"""
+
+
+def uses_feature_cache(cfg: Config) -> bool:
+    """The features pass runs only where the loss uses it: accumulation with InfoNCE."""
+    return cfg.train.feature_cache and cfg.train.grad_accum_steps > 1 and cfg.loss.contrastive == "infonce"
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient (fault injection)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -109,7 +164,8 @@ def model_inputs(batch: dict, device, data_cfg, dtype: torch.dtype) -> dict:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
-               inject_nan: bool = False, stop_requested: bool = False) -> StepResult:
+               inject_nan: bool = False, inject_nan_grad: bool = False,
+               stop_requested: bool = False) -> StepResult:
     """One optimizer step over ``len(micro_batches)`` micro-batches (model inputs, this rank's).
 
     With a feature cache and more than one micro-batch, a no-grad feature pass over every
@@ -141,6 +197,8 @@ def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
             loss = out["loss"]
             if inject_nan and last:
                 loss = loss * float("nan")
+            if inject_nan_grad and last:
+                loss = _NanGradient.apply(loss)
             bad = bad | ~torch.isfinite(loss.detach())
             for key, value in out.items():
                 if torch.is_tensor(value) and value.numel() == 1:
@@ -151,6 +209,7 @@ def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
                                     + [sums[k] / num_micro for k in keys])
                 reduced = distributed.global_mean(local).tolist()  # one collective + one sync per step
                 result.skipped = reduced[0] > 0
+                result.reason = "non-finite loss" if result.skipped else ""
                 result.stop_requested = reduced[1] > 0
                 result.metrics = dict(zip(keys, reduced[2:]))
                 if result.skipped and ctx.deepspeed:
@@ -164,14 +223,23 @@ def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
 
 
 def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
-    """Clip + optimizer step, or the skip; DeepSpeed already stepped inside ``backward``."""
+    """Clip + optimizer step, or the skip; DeepSpeed already stepped inside ``backward``.
+
+    Sets ``result.skipped`` (a bad step) or ``result.overflow`` (an fp16 loss-scale skip).
+    Without DeepSpeed the global gradient norm is computed even when clipping is off: after the
+    DDP all-reduce every rank has the same gradients, so every rank takes the same decision
+    without another collective.
+    """
     accelerator = ctx.accelerator
     if ctx.deepspeed:
         applied = bool(model.was_step_applied())
         if result.skipped and applied:
             raise TrainingError("DeepSpeed applied an optimizer step whose loss was non-finite")
-        if not applied:
-            result.skipped = True  # fp16 loss-scale overflow also lands here
+        if not applied and not result.skipped:
+            if ctx.loss_scaling:
+                result.overflow = True  # DeepSpeed lowered the loss scale
+            else:  # no loss scaling: only a non-finite gradient stops DeepSpeed's update
+                result.skipped, result.reason = True, "non-finite gradient norm"
         norm = model.get_global_grad_norm()
         if norm is not None and applied:
             result.metrics["grad_norm"] = float(norm)
@@ -179,10 +247,24 @@ def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
     if result.skipped:
         optimizer.zero_grad(set_to_none=True)
         return
+    params = [p for p in model.parameters() if p.grad is not None]
     if ctx.grad_clip > 0:
-        norm = accelerator.clip_grad_norm_(model.parameters(), ctx.grad_clip)
-        result.metrics["grad_norm"] = float(norm)
-    optimizer.step()
+        norm = float(accelerator.clip_grad_norm_(params, ctx.grad_clip))
+    else:
+        accelerator.unscale_gradients()  # fp16: the GradScaler's found-inf check happens here
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None and not math.isfinite(norm):
+        # clipping multiplied the gradients by NaN, and AdamW would write them into the weights
+        optimizer.zero_grad(set_to_none=True)
+        result.skipped, result.reason = True, "non-finite gradient norm"
+        result.metrics["grad_norm"] = norm
+        return
+    optimizer.step()  # with a GradScaler: skipped by the scaler on inf/NaN, which lowers the scale
+    if scaler is not None and optimizer.step_was_skipped:
+        result.overflow = True
+    else:
+        result.metrics["grad_norm"] = norm
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -271,7 +353,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     use_ds = info.use_deepspeed
     meta = None
     if resume_from is not None:
-        meta = read_meta(resume_from)
+        meta = read_meta(resume_from)  # CheckpointError on a corrupt or incomplete mmpretrain.json
         check_resume_meta(meta, cfg, accelerator, world)
     out_dir = Path(tcfg.output_dir)
     if accelerator.is_main_process:
@@ -295,15 +377,16 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     counters = Counters()
     if resume_from is not None:
         _, data_state = load_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
-        counters = Counters(**meta["counters"])
+        counters = Counters.from_meta(meta["counters"])
         loader.load_state_dict(data_state)
 
     logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
                        start_step=counters.step, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
                        progress_bar=tcfg.progress_bar, flops_per_sample=flops, peak_tflops=tcfg.peak_tflops,
                        world_size=world)
-    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=tcfg.feature_cache,
-                      gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip)
+    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=uses_feature_cache(cfg),
+                      gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip,
+                      loss_scaling=tcfg.mixed_precision == "fp16")
     input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
     logger.info(f"mmpretrain train: {accel.distributed_type_name(accelerator)}"
                 + (f" ZeRO-{accel.zero_stage(accelerator)}" if use_ds else "")
@@ -332,12 +415,12 @@ def evaluate(run: Run) -> None:
     step = run.counters.step
     with torch.random.fork_rng(devices=[]):  # evaluation leaves the training RNG untouched
         results = run.run_eval(run.model, run.cfg, run.accelerator, run.tokenizer, step,
-                               run.out_dir / "eval" / f"step_{step:08d}")
+                               run.out_dir / "eval" / step_dir_name(step))
     run.logger.log_eval(step, results)
 
 
 def fit(run: Run, stop: StopRequest) -> None:
-    """The step loop. Raises ``TrainingError`` when too many steps in a row were non-finite."""
+    """The step loop. Raises ``TrainingError`` when too many steps in a row were bad."""
     cfg, tcfg, c = run.cfg, run.cfg.train, run.counters
     rank, world = run.accelerator.process_index, run.accelerator.num_processes
     samples_per_step = cfg.data.batch_size * tcfg.grad_accum_steps
@@ -352,27 +435,34 @@ def fit(run: Run, stop: StopRequest) -> None:
             micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
         t_data = time.perf_counter() - t0
         micro = [model_inputs(b, run.accelerator.device, cfg.data, run.input_dtype) for b in micro]
+        last_rank = rank == world - 1
         result = train_step(run.model, run.optimizer, micro, run.ctx, stop_requested=stop.requested,
-                            inject_nan=(c.step + 1) in tcfg.inject_nan_steps and rank == world - 1)
+                            inject_nan=(c.step + 1) in tcfg.inject_nan_steps and last_rank,
+                            inject_nan_grad=(c.step + 1) in tcfg.inject_nan_grad_steps and last_rank)
         c.step += 1
         c.samples_seen += samples_per_step
         steps_here += 1
         lr = run.scheduler.lr
         run.scheduler.step()  # the rate follows the step counter, skipped steps included
         c.bad_steps_total += int(result.skipped)
-        c.bad_steps_in_a_row = c.bad_steps_in_a_row + 1 if result.skipped else 0
+        c.overflow_skips += int(result.overflow)
+        if result.skipped:
+            c.bad_steps_in_a_row += 1
+        elif not result.overflow:  # an overflow skip neither counts nor ends a bad stretch
+            c.bad_steps_in_a_row = 0
         result.metrics.update(lr=lr, bad_steps_total=c.bad_steps_total, skipped=int(result.skipped),
+                              overflow=int(result.overflow), overflow_skips=c.overflow_skips,
                               epoch=run.loader.epoch)
         run.logger.log_step(c.step, result.metrics, step_seconds=time.perf_counter() - t0, data_seconds=t_data,
                             samples=samples_per_step)
         if result.skipped:
-            run.logger.info(f"step {c.step}: non-finite loss, step skipped ({c.bad_steps_in_a_row} in a row, "
+            run.logger.info(f"step {c.step}: {result.reason}, step skipped ({c.bad_steps_in_a_row} in a row, "
                             f"{c.bad_steps_total} in all)")
         if c.bad_steps_in_a_row >= tcfg.max_bad_steps:  # before any checkpoint: the last one stays good
             raise TrainingError(
-                f"{c.bad_steps_in_a_row} non-finite losses in a row at step {c.step} (train.max_bad_steps="
-                f"{tcfg.max_bad_steps}): stopping. The last checkpoint is intact; lower optim.lr, check the data, "
-                "or try train.mixed_precision=no")
+                f"{c.bad_steps_in_a_row} non-finite steps (loss or gradient norm) in a row at step {c.step} "
+                f"(train.max_bad_steps={tcfg.max_bad_steps}): stopping. The last checkpoint is intact; lower "
+                "optim.lr, check the data, or try train.mixed_precision=no")
         finished = c.step >= tcfg.max_steps
         if tcfg.eval_every and c.step % tcfg.eval_every == 0 and not finished:
             evaluate(run)
@@ -386,37 +476,41 @@ def fit(run: Run, stop: StopRequest) -> None:
     if tcfg.eval_at_end:
         evaluate(run)
     run.logger.info(f"done: {c.step} steps, {c.samples_seen} samples, {c.bad_steps_total} skipped steps, "
-                    f"skipped samples {run.loader.skipped or 'none'}")
+                    + (f"{c.overflow_skips} fp16 overflow skips, " if c.overflow_skips else "")
+                    + f"skipped samples {run.loader.skipped or 'none'}")
 
 
 def release_accelerator(accelerator) -> None:
     """End the run's process group and forget Accelerate's process-wide state, so ``train``
     can run again in the same process (tests, notebooks)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     accelerator.end_training()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    accel.reset_accelerate_state()
 
 
 def train(cfg: Config) -> int:
-    """Train from ``cfg``; returns the process exit code (0 also after a stop request)."""
+    """Train from ``cfg``; returns the process exit code (0 also after a stop request).
+
+    Set-up raises ``SetupError`` for a bad value (config, data, model) and ``CheckpointError`` /
+    ``LaunchError`` / ``FileNotFoundError`` before the first step; errors from inside the
+    training loop propagate unchanged.
+    """
     tcfg = cfg.train
     run_eval = maybe_evaluation()
-    # start-up validation, before any process group or model exists
-    check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
-    if tcfg.grad_accum_steps > 1 and tcfg.feature_cache and cfg.model.dropout > 0:
-        raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed embeddings "
-                          "must agree); set model.dropout=0 or train.feature_cache=false")
-    resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
-    accelerator, info = accel.build_accelerator(cfg)  # launch checks
+    with setting_up():  # start-up validation, before any process group or model exists
+        check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+        if uses_feature_cache(cfg) and cfg.model.dropout > 0:
+            raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
+                              "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
+        resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
+        accelerator, info = accel.build_accelerator(cfg)  # launch checks
     stop = StopRequest()
     exit_code = EXIT_OK
     run = None
     try:
         if info.use_deepspeed and accel.zero_stage(accelerator) == 0:
             raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
-        run = setup(cfg, accelerator, info, resume_from, run_eval)
+        with setting_up():
+            run = setup(cfg, accelerator, info, resume_from, run_eval)
         stop.install()
         fit(run, stop)
     except TrainingError as e:  # every rank raises it together (the decision was all-reduced)

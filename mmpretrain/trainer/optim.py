@@ -56,12 +56,21 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup from lr/warmup to lr
-    over ``warmup_steps``, then cosine down to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """Learning rate of optimizer step ``step`` (0-based; the loop's step ``step + 1``).
+
+    Linear warmup from lr/warmup to lr over the first ``warmup_steps`` steps (the last of them
+    at lr), then cosine down to exactly ``lr * min_lr_ratio`` at the last step,
+    ``total_steps - 1``. Without warmup the first step is at lr. The peak is taken once: the
+    cosine starts at the peak step (the last warmup step, or step 0 without warmup). A run with
+    no step after the peak (``total_steps <= max(warmup_steps, 1)``) never decays.
+    """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    peak = max(cfg.warmup_steps - 1, 0)
+    decay_steps = total_steps - 1 - peak
+    if decay_steps <= 0:
+        return cfg.lr
+    progress = min(1.0, (step - peak) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
