@@ -50,9 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmpretrain.trainer.checkpoint import META_FILE, MODEL_KEYS, CheckpointError, read_meta
+
 FORMAT = "mmpretrain-export/1"
-CKPT_FORMAT = "mmpretrain-ckpt/1"
-CKPT_META = "mmpretrain.json"
+CKPT_META = META_FILE
 TOWER_ATOL = 1e-4
 
 
@@ -87,15 +88,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path}: not a checkpoint directory (does not exist or is a file)")
-    meta_file = path / CKPT_META
-    if not meta_file.is_file():
+    if not (path / CKPT_META).is_file():
         raise ExportError(f"{path}: not an mmpretrain checkpoint (no {CKPT_META}; an incomplete or foreign directory)")
     try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_file}: not valid JSON ({e})") from None
-    if meta.get("format") != CKPT_FORMAT or "config" not in meta or "vocab_size" not in meta:
-        raise ExportError(f"{meta_file}: not an {CKPT_FORMAT} checkpoint (format={meta.get('format')!r})")
+        meta = read_meta(path, required=MODEL_KEYS)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if (path / "model.safetensors").is_file():
         sd = _load_safetensors(path / "model.safetensors")
     elif (path / "pytorch_model").is_dir():

@@ -56,11 +56,14 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
 REQUIRED_KEYS = {"format": str, "step": int, "config": dict, "vocab_size": int, "distributed_type": str,
                  "world_size": int, "counters": dict}
 REQUIRED_COUNTERS = ("step", "samples_seen", "bad_steps_total", "bad_steps_in_a_row")
+# What rebuilding the model needs (export, evaluation).
+MODEL_KEYS = {"format": str, "config": dict, "vocab_size": int}
 
 
-def read_meta(path: str | Path) -> dict:
+def read_meta(path: str | Path, required: dict[str, type] = REQUIRED_KEYS) -> dict:
     """The checked ``mmpretrain.json`` of checkpoint ``path``. Raises ``CheckpointError("<file>:
-    ...")`` when it is missing, unreadable, not JSON, of another format, or lacks a required key."""
+    ...")`` when it is missing, unreadable, not JSON, of another format, or lacks a required key.
+    ``required``: the keys checked (all a resume needs by default; ``MODEL_KEYS`` for export)."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})")
@@ -72,12 +75,14 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_path}: missing required key(s) {', '.join(missing)}")
-    for key, kind in REQUIRED_KEYS.items():
+    for key, kind in required.items():
         if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
             raise CheckpointError(f"{meta_path}: {key!r} must be a JSON {kind.__name__}, got {meta[key]!r}")
+    if "counters" not in required:
+        return meta
     counters = meta["counters"]
     bad = [k for k in REQUIRED_COUNTERS
            if not isinstance(counters.get(k), int) or isinstance(counters.get(k), bool)]
