@@ -11,14 +11,13 @@ import json
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import _proc
 from test_trainer import (REPO, assert_same_weights, checkpoint_weights, losses, make_config, metrics,
-                          run_train)
+                          run_train, wait_for_metric_lines)
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +114,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):
     proc = _proc.popen([sys.executable, "-m", "mmpretrain.train", "--config", str(tiny),
                              f"train.output_dir={run}", *common], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # same threads as this process: exact match
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        mfile = run / "metrics.jsonl"
-        if mfile.is_file() and len(mfile.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_for_metric_lines(proc, run, 3, 120)
     proc.send_signal(signal.SIGTERM)
     out, err = _proc.communicate(proc, timeout=120)
     assert proc.returncode == 0, err[-3000:]

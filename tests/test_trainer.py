@@ -10,6 +10,7 @@ test_trainer_distributed.py.
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import sys
@@ -90,6 +91,18 @@ def metrics(run_dir: Path) -> dict[int, dict]:
         if "eval" not in rec:
             out[rec["step"]] = rec
     return out
+
+
+def wait_for_metric_lines(proc, run_dir: Path, lines: int, seconds: float) -> None:
+    """Block until the running trainer ``proc`` has written ``lines`` rows of metrics.jsonl."""
+    deadline = time.time() + seconds
+    mfile = Path(run_dir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if mfile.is_file() and len(mfile.read_text().splitlines()) >= lines:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        time.sleep(0.1)
+    raise AssertionError(f"no {lines} metrics rows in {seconds}s")
 
 
 def losses(run_dir: Path) -> list[float]:

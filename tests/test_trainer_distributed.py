@@ -15,14 +15,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import _proc
 from test_trainer import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
-                          run_subprocess, run_train)
+                          run_subprocess, run_train, wait_for_metric_lines)
 
 pytestmark = pytest.mark.distributed
 
@@ -69,13 +68,7 @@ def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
     proc = _proc.popen([str(REPO / "launch/cpu_2proc.sh"), "ddp", "--config", str(tiny),
                              f"train.output_dir={run}", *common], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        mfile = run / "metrics.jsonl"
-        if mfile.is_file() and len(mfile.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        time.sleep(0.1)
+    wait_for_metric_lines(proc, run, 3, 240)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler would; it forwards to the ranks
     out, err = _proc.communicate(proc, timeout=120)
     assert "stop requested (SIGTERM)" in out, (out + err)[-4000:]
