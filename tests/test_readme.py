@@ -79,6 +79,15 @@ def test_main_command_runs(workdir):
     assert metrics["num_images"] == 40 and metrics["num_captions"] == 80
     assert (workdir / "runs/pipeline/export/config.json").is_file()
 
+    # the README's "Using an exported model" snippet, on that export
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(workdir / "photo.jpg")
+    snippet = README.split("## Using an exported model", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    check = snippet + "\nassert img.shape == txt.shape and img.shape[0] == 1\nassert 0.0 <= float(p_match[0]) <= 1.0\n"
+    proc = _proc.run([sys.executable, "-c", check], timeout=300, cwd=workdir, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
 
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci/run").read_text()
