@@ -1,4 +1,12 @@
-"""Shared test set-up: tiers (unit / distributed / slow) and process hygiene."""
+"""Shared test set-up: tiers by directory, helper imports, process hygiene.
+
+Tiers: ``tests/unit`` (CPU, seconds each), ``tests/distributed`` (2 real gloo processes:
+torch.multiprocessing, torchrun, accelerate launch, launch/cpu_2proc.sh) and ``tests/e2e``
+(real training runs, the README walkthrough, the pipeline). Every test gets its directory's
+marker (``unit`` / ``distributed`` / ``e2e``), so ``-m`` selects a tier whichever way a file
+was written. Helpers ``tests/_*.py`` (``_proc``, ``_shardutil``, ``_trainutil``,
+``_exportutil``) are importable from every tier.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_*.py helpers
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # tests/_*.py helpers, for every tier (and spawned ranks inherit it)
 
 import _proc  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TIERS = ("unit", "distributed", "e2e")
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +34,10 @@ def _reap_launched_processes():
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        has_cuda = False
-    skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
-            item.add_marker(skip_gpu)
+        try:
+            tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # a test file outside tests/ (given on the command line)
+            continue
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

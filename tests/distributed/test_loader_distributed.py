@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import pytest
@@ -17,9 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _proc  # noqa: E402
-from _shardutil import caption_for, jpeg_bytes, write_raw_shard, write_test_shards  # noqa: E402
+import _proc
+from _shardutil import caption_for, jpeg_bytes, write_raw_shard, write_test_shards
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 60

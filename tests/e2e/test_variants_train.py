@@ -11,7 +11,7 @@ import pytest
 from mmpretrain.data import cli as shards_cli
 from mmpretrain.train import main as train_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Export: round trip, the standard-library towers, ZeRO-3 consolidation, bad input.
+"""Export: round trip, the standard-library towers, bad input (the 2-process ZeRO-3
+consolidation is in tests/distributed/test_export_distributed.py).
 
 Checkpoints are written with the trainer's own ``save_checkpoint`` (Accelerate ``save_state`` +
 ``mmpretrain.json`` + ``tokenizer/``), on a tiny model over tiny synthetic shards.
@@ -7,61 +8,14 @@ Checkpoints are written with the trainer's own ``save_checkpoint`` (Accelerate `
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import _proc
+from _exportutil import make_checkpoint, make_shards
 
-from mmpretrain.config import load_config, to_dict
 from mmpretrain.export import ExportError, export_checkpoint, load_checkpoint, load_pretrained, main
-
-TINY = ["model.image_size=32", "data.image_size=32", "model.width=32", "model.depth=2", "model.num_heads=2",
-        "model.embed_dim=16", "model.patch_size=8", "data.max_length=16", "model.max_text_length=16",
-        "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "eval.itm_rerank_k=4",
-        "eval.num_examples=3"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_shards(directory: Path) -> Path:
-    from mmpretrain.data.synthetic import generate
-
-    if not (directory / "manifest.json").is_file():
-        generate(str(directory), num_samples=16, num_val=12, samples_per_shard=8, image_size=32, vocab_size=200)
-    return directory
-
-
-def tiny_overrides(shards: Path, run_dir: Path, extra=()) -> list[str]:
-    return TINY + [f"data.val_shards={shards}/val-*.tar", f"data.train_shards=[{shards}/train-*.tar]",
-                   f"train.output_dir={run_dir}", *extra]
-
-
-def make_checkpoint(run_dir: Path, shards: Path, extra=(), step: int = 3, seed: int = 0) -> Path:
-    """A single-process checkpoint of a freshly initialised tiny model whose zero-initialised
-    modality-type embeddings are made non-zero (so that folding them is really tested)."""
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
-
-    from mmpretrain.models import build_model
-    from mmpretrain.trainer.checkpoint import save_checkpoint
-
-    cfg = load_config(None, tiny_overrides(shards, run_dir, extra))
-    tok = AutoTokenizer.from_pretrained(str(shards / "tokenizer"))
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, cfg.loss, len(tok))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "type_embed" in name:
-                p.normal_(0.0, 0.1)
-    acc = Accelerator(cpu=True)
-    model = acc.prepare(model)
-    meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "NO", "zero_stage": 0,
-            "world_size": 1}
-    return save_checkpoint(acc, run_dir / "checkpoints", step, meta, {}, tok)
 
 
 @pytest.fixture(scope="module")
@@ -220,82 +174,6 @@ def test_existing_export_is_never_clobbered(exported, tmp_path, capsys):
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out.old").exists()
-
-
-# ----------------------------------------------------------------------------- ZeRO-3
-
-ZERO3_SCRIPT = r'''
-"""2 processes, DeepSpeed ZeRO-3 on CPU (gloo): one step, a checkpoint, the gathered live weights."""
-import json, sys
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-from safetensors.torch import save_file
-from transformers import AutoTokenizer
-
-from mmpretrain.config import load_config, to_dict
-from mmpretrain.models import build_model
-from mmpretrain.trainer.checkpoint import save_checkpoint
-
-out, tok_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-cfg = load_config(None, overrides)
-ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-      "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
-# no GPU: Accelerate picks no backend while DeepSpeed starts gloo -> name gloo explicitly
-acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
-                  kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-assert acc.num_processes == 2 and acc.distributed_type.name == "DEEPSPEED", (acc.num_processes, acc.distributed_type)
-tok = AutoTokenizer.from_pretrained(tok_dir)
-torch.manual_seed(0)
-model = build_model(cfg.model, cfg.loss, len(tok))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-model, opt = acc.prepare(model, opt)
-g = torch.Generator().manual_seed(acc.process_index)
-s = cfg.model.image_size
-pixels = torch.randn(2, 3, s, s, generator=g)
-ids = torch.randint(5, len(tok), (2, cfg.data.max_length), generator=g)
-loss = model(pixels, ids, torch.ones_like(ids), torch.arange(2) + 2 * acc.process_index)["loss"]
-acc.backward(loss)
-opt.step()
-meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "DEEPSPEED", "zero_stage": 3,
-        "world_size": acc.num_processes}
-ckpt = save_checkpoint(acc, f"{out}/checkpoints", 1, meta, {}, tok)
-full = acc.get_state_dict(model)  # collective: gathers the ZeRO-3 partitions
-if acc.is_main_process:
-    save_file({k: v.float().contiguous() for k, v in full.items()}, f"{out}/live_weights.safetensors")
-    print(json.dumps({"checkpoint": str(ckpt)}))
-acc.wait_for_everyone()
-'''
-
-
-@pytest.mark.distributed
-def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path):
-    from safetensors.torch import load_file
-
-    script = tmp_path / "zero3_save.py"
-    script.write_text(ZERO3_SCRIPT)
-    run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(run), str(shards / "tokenizer"), *tiny_overrides(shards, run)]
-    proc = _proc.run(cmd, timeout=300, env=env)
-    live_file = run / "live_weights.safetensors"
-    # DeepSpeed on gloo sometimes aborts at interpreter exit after finishing: judge by the outputs
-    assert live_file.is_file(), proc.stderr[-3000:]
-    ckpt = run / "checkpoints" / "step_00000001"
-    assert (ckpt / "pytorch_model").is_dir() and not (ckpt / "model.safetensors").exists()
-    out = export_checkpoint(ckpt, tmp_path / "export")
-    live, exported = load_file(str(live_file)), load_file(str(out / "model.safetensors"))
-    assert set(live) == set(exported)
-    for k in live:
-        assert torch.equal(live[k].float(), exported[k]), k
-    # the step moved the weights away from their initialisation (the comparison is not trivial)
-    torch.manual_seed(0)
-    from mmpretrain.models import build_model_from_dict
-
-    init = build_model_from_dict(json.loads((out / "config.json").read_text())["model"]).state_dict()
-    assert any(not torch.equal(init[k].float(), exported[k]) for k in exported if exported[k].is_floating_point())
 
 
 def test_loading_an_export_dir_that_is_not_one(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from mmpretrain.config import ConfigError, all_keys, config_from_dict, load_config, to_dict
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_configs_exist():

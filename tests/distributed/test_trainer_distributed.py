@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import _proc
-from test_trainer import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
-                          run_subprocess, run_train, wait_for_metric_lines)
+from _trainutil import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
+                        run_subprocess, run_train, wait_for_metric_lines)
 
 pytestmark = pytest.mark.distributed
 

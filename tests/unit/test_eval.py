@@ -1,21 +1,19 @@
-"""Evaluation: the command's outputs, ITM re-ranking against a brute-force ITM matrix, the
-report, and 2 gloo processes giving the metrics of 1."""
+"""Evaluation in one process: the command's outputs, ITM re-ranking against a brute-force ITM
+matrix, the report, one-line errors. Two gloo processes: tests/distributed/test_eval_distributed.py;
+the trainer's evaluation at the end of a run: tests/e2e/test_trainer_runs.py."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 import re
-import sys
 from pathlib import Path
-
 
 import pytest
 import torch
 
-import _proc
+from _exportutil import make_checkpoint, make_shards, tiny_overrides
 
 from mmpretrain.config import load_config
 from mmpretrain.evaluation import cli
@@ -23,10 +21,6 @@ from mmpretrain.evaluation.evaluate import run_evaluation
 from mmpretrain.evaluation.report import render_html
 from mmpretrain.evaluation.retrieval import retrieval_metrics
 from mmpretrain.export import load_checkpoint
-
-from test_export import REPO, make_checkpoint, make_shards, tiny_overrides
-
-TIMING_KEYS = {"contrastive_seconds", "itm_seconds", "world_size"}
 
 
 @pytest.fixture(scope="module")
@@ -213,85 +207,3 @@ def test_eval_launch_mismatch_is_one_line_error(run, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "launch check failed" in err and "WORLD_SIZE=2" in err, err
     assert not PartialState._shared_state and not (tmp_path / "o").exists()
-
-
-EVAL_WRAPPER = r'''
-"""`mmpretrain eval` under torchrun, with the trainer's launch check observed."""
-import json, sys
-import torch.distributed as dist
-from accelerate.state import PartialState
-from mmpretrain.evaluation import cli
-from mmpretrain.trainer import accel
-
-checked = []
-real_check = accel.check_accelerator
-def spy(acc, info):
-    checked.append([acc.num_processes, info.world_size, info.expected_type])
-    return real_check(acc, info)
-accel.check_accelerator = spy
-rc = cli.main(sys.argv[1:])
-print("AFTER " + json.dumps({"rc": rc, "checked": checked, "group_alive": dist.is_initialized(),
-                             "accelerate_state": bool(PartialState._shared_state)}), flush=True)
-sys.exit(rc)
-'''
-
-
-@pytest.mark.distributed
-def test_two_process_eval_uses_the_launch_check_and_ends_its_process_group(run, tmp_path):
-    shards, ckpt = run
-    script = tmp_path / "eval_wrapper.py"
-    script.write_text(EVAL_WRAPPER)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
-           "eval.itm_rerank_k=0", "--out", str(tmp_path / "two")]
-    proc = _proc.run(cmd, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    after = [json.loads(line[len("AFTER "):]) for line in proc.stdout.splitlines() if line.startswith("AFTER ")]
-    assert len(after) == 2  # both ranks
-    for a in after:
-        assert a == {"rc": 0, "checked": [[2, 2, "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"]],
-                     "group_alive": False, "accelerate_state": False}
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
-
-
-@pytest.mark.distributed
-def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
-    shards, ckpt = run
-    argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
-            "data.batch_size=6"]
-    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mmpretrain.evaluation.cli", *argv, "--out", str(tmp_path / "two")]
-    proc = _proc.run(cmd, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == two  # printed once, by rank 0, last
-    assert two["world_size"] == 2 and one["world_size"] == 1
-    assert {k: v for k, v in one.items() if k not in TIMING_KEYS} == \
-        {k: v for k, v in two.items() if k not in TIMING_KEYS}
-
-
-def test_trainer_evaluates_at_the_end_through_run_evaluation(run, tmp_path):
-    """The real trainer (one process, 2 steps) calls run_evaluation: metrics.json, the report
-    with the run's loss curves, and the eval row in the run's metrics.jsonl agree."""
-    from mmpretrain import train
-
-    shards, _ = run
-    out = tmp_path / "run"
-    argv = ["--config", str(REPO / "configs" / "tiny.yaml"),
-            *tiny_overrides(shards, out, [f"data.tokenizer={shards}/tokenizer", "train.max_steps=2",
-                                          "train.save_every=2", "train.tensorboard=false",
-                                          "train.progress_bar=false", "optim.warmup_steps=1"])]
-    assert train.main(argv) == 0
-    eval_dir = out / "eval" / "step_00000002"
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert metrics["step"] == 2 and metrics["num_captions"] == 24
-    assert "2 logged steps from" in (eval_dir / "report.html").read_text()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["eval"] for r in rows if "eval" in r]
-    assert logged and logged[-1]["mean_recall"] == pytest.approx(metrics["mean_recall"])

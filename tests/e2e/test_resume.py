@@ -2,7 +2,7 @@
 parameters and loss curve of an uninterrupted run (RNG, data cursor with loader workers, schedule,
 optimizer); SIGTERM finishes the step, checkpoints and exits 0, and the run resumes from there; a
 checkpoint whose mmpretrain.json is corrupt or incomplete is refused in one line (exit 2).
-The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in test_trainer_distributed.py.
+The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in tests/distributed/test_trainer_distributed.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import _proc
-from test_trainer import (REPO, assert_same_weights, checkpoint_weights, losses, make_config, metrics,
-                          run_train, wait_for_metric_lines)
+from _trainutil import (REPO, assert_same_weights, checkpoint_weights, losses, make_config, metrics,
+                        run_train, wait_for_metric_lines)
 
 
 @pytest.fixture(scope="module")

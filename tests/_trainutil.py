@@ -1,0 +1,125 @@
+"""Trainer helpers shared by the trainer, resume and 2-process trainer tests: a tiny debug
+config over tiny synthetic shards, an in-process ``run_train``, and metrics/checkpoint readers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import _proc
+
+from mmpretrain.train import main
+
+REPO = Path(__file__).resolve().parents[1]  # tests/_trainutil.py -> the checkout
+
+TINY = """\
+seed: 0
+data:
+  train_shards: ["{shards}/train-*.tar"]
+  val_shards: "{shards}/val-*.tar"
+  tokenizer: {shards}/tokenizer
+  max_length: 16
+  image_size: 32
+  batch_size: 8
+  num_workers: 0
+  shuffle_buffer: 32
+  train_crop: center
+model:
+  image_size: 32
+  patch_size: 8
+  width: 32
+  depth: 2
+  num_heads: 2
+  embed_dim: 32
+  max_text_length: 16
+optim:
+  lr: 2.0e-3
+  warmup_steps: 2
+  min_lr_ratio: 0.1
+train:
+  max_steps: 6
+  log_every: 2
+  save_every: 3
+  keep_last: 2
+  eval_at_end: false
+  progress_bar: false
+"""
+
+
+def make_shards(base: Path) -> Path:
+    """256 train + 2x16 val synthetic samples of 32 px in ``base/trainer_shards`` (made once)."""
+    from mmpretrain.data.synthetic import generate
+
+    out = base / "trainer_shards"
+    if not (out / "manifest.json").is_file():
+        generate(str(out), num_samples=256, num_val=16, samples_per_shard=64, image_size=32, vocab_size=300)
+    return out
+
+
+def make_config(base: Path) -> Path:
+    path = base / "trainer_tiny.yaml"
+    if not path.is_file():
+        path.write_text(TINY.format(shards=make_shards(base)))
+    return path
+
+
+def run_train(config: Path, out_dir: Path, *overrides: str) -> int:
+    return main(["--config", str(config), f"train.output_dir={out_dir}", *overrides])
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Last training record per step of ``metrics.jsonl`` (eval records left out)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def wait_for_metric_lines(proc, run_dir: Path, lines: int, seconds: float) -> None:
+    """Block until the running trainer ``proc`` has written ``lines`` rows of metrics.jsonl."""
+    deadline = time.time() + seconds
+    mfile = Path(run_dir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if mfile.is_file() and len(mfile.read_text().splitlines()) >= lines:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        time.sleep(0.1)
+    raise AssertionError(f"no {lines} metrics rows in {seconds}s")
+
+
+def losses(run_dir: Path) -> list[float]:
+    recs = metrics(run_dir)
+    return [recs[s]["loss"] for s in sorted(recs)]
+
+
+def assert_losses_close(a: list[float], b: list[float], tol: float) -> None:
+    assert len(a) == len(b), (a, b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if math.isnan(x) or math.isnan(y):
+            assert math.isnan(x) and math.isnan(y), f"step {i + 1}: {x} vs {y}"
+        else:
+            assert abs(x - y) <= tol, f"step {i + 1}: {x} vs {y} (all: {a} vs {b})"
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k] - b[k]).abs().max()}"
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return _proc.run(args, timeout=timeout, cwd=REPO, env=env)

@@ -1,0 +1,116 @@
+"""Evaluation under torchrun with 2 gloo processes: the trainer's launch check is used, the
+process group is ended, and the metrics equal those of one process.
+
+Each rank's output is read from its own file (a wrapper's per-rank JSON, torchrun's per-rank
+``--log-dir`` stdout), never from one pipe that both ranks write into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import _proc
+from _exportutil import REPO, make_checkpoint, make_shards
+
+from mmpretrain.evaluation import cli
+
+pytestmark = pytest.mark.distributed
+
+TIMING_KEYS = {"contrastive_seconds", "itm_seconds", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    shards = make_shards(root / "shards")
+    return shards, make_checkpoint(root / "run", shards)
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _torchrun(log_dir: Path) -> list[str]:
+    """torchrun for 2 local ranks; with ``--redirects 1`` each rank's stdout goes to its own
+    ``<log_dir>/<run id>/attempt_0/<rank>/stdout.log`` (stderr stays on the pipe for failures)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--log-dir", str(log_dir), "--redirects", "1"]
+
+
+def _rank_stdout(log_dir: Path) -> dict[int, str]:
+    files = {int(p.parent.name): p.read_text() for p in log_dir.rglob("stdout.log")}
+    assert sorted(files) == [0, 1], sorted(log_dir.rglob("*"))
+    return files
+
+
+EVAL_WRAPPER = r'''
+"""`mmpretrain eval` under torchrun, with the trainer's launch check observed; each rank writes
+what it saw to its own after_<rank>.json."""
+import json, os, sys
+import torch.distributed as dist
+from accelerate.state import PartialState
+from mmpretrain.evaluation import cli
+from mmpretrain.trainer import accel
+
+checked = []
+real_check = accel.check_accelerator
+def spy(acc, info):
+    checked.append([acc.num_processes, info.world_size, info.expected_type])
+    return real_check(acc, info)
+accel.check_accelerator = spy
+report_dir, argv = sys.argv[1], sys.argv[2:]
+rc = cli.main(argv)
+after = {"rc": rc, "checked": checked, "group_alive": dist.is_initialized(),
+         "accelerate_state": bool(PartialState._shared_state)}
+with open(os.path.join(report_dir, f"after_{os.environ['RANK']}.json"), "w") as f:
+    json.dump(after, f)
+sys.exit(rc)
+'''
+
+
+def test_two_process_eval_uses_the_launch_check_and_ends_its_process_group(run, tmp_path):
+    shards, ckpt = run
+    script = tmp_path / "eval_wrapper.py"
+    script.write_text(EVAL_WRAPPER)
+    report = tmp_path / "after"
+    report.mkdir()
+    cmd = [*_torchrun(tmp_path / "logs"), str(script), str(report),
+           "--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
+           "eval.itm_rerank_k=0", "--out", str(tmp_path / "two")]
+    proc = _proc.run(cmd, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in report.iterdir()) == ["after_0.json", "after_1.json"]  # both ranks
+    expected_type = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
+    for rank in (0, 1):
+        after = json.loads((report / f"after_{rank}.json").read_text())
+        assert after == {"rc": 0, "checked": [[2, 2, expected_type]], "group_alive": False,
+                         "accelerate_state": False}, (rank, after)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
+    shards, ckpt = run
+    argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
+            "data.batch_size=6"]
+    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    logs = tmp_path / "logs"
+    cmd = [*_torchrun(logs), "-m", "mmpretrain.evaluation.cli", *argv, "--out", str(tmp_path / "two")]
+    proc = _proc.run(cmd, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    out = _rank_stdout(logs)
+    assert json.loads(out[0].strip().splitlines()[-1]) == two  # printed by rank 0, as its last line
+    assert '"mean_recall"' not in out[1]  # and by rank 0 only
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert {k: v for k, v in one.items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in two.items() if k not in TIMING_KEYS}

@@ -1,0 +1,230 @@
+"""Trainer, single process on CPU, real training runs: a debug config trains and its loss goes
+down; the run directory and checkpoint layout; gradient accumulation with the feature cache
+(InfoNCE only); non-finite losses and gradients; fp16 overflow skips; the CLI entry point;
+gradient checkpointing. Shared helpers are in tests/_trainutil.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _exportutil import make_shards, tiny_overrides
+from _trainutil import (REPO, assert_losses_close, assert_same_weights, checkpoint_weights, losses, make_config,
+                        metrics, run_subprocess, run_train)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_config(tmp_path_factory.getbasetemp())
+
+
+
+def test_debug_config_trains_and_writes_the_run_layout(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.max_steps=30", "train.log_every=10", "train.save_every=10",
+                   "optim.lr=5e-4", "optim.warmup_steps=3", "loss.itm_weight=0.5", "train.peak_tflops=0.5",
+                   "train.eval_at_end=true", "eval.itm_rerank_k=4", "eval.report=false")
+    assert rc == 0
+    out = capsys.readouterr().out
+    recs = metrics(run)
+    assert sorted(recs) == list(range(1, 31))
+    curve = [recs[s]["loss"] for s in range(1, 31)]
+    assert all(math.isfinite(x) for x in curve)
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first - 0.1, f"loss did not go down: {first:.4f} -> {last:.4f}"
+    for key in ("loss_itc", "loss_itm", "lr", "samples_per_s", "data_wait", "mem_gb", "grad_norm", "mfu",
+                "overflow", "overflow_skips"):
+        assert key in recs[30], key
+    assert recs[30]["mfu"] > 0 and 0 <= recs[30]["data_wait"] <= 1
+    # evaluation at the end, through mmpretrain.evaluation's run_evaluation
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert [e["step"] for e in evals] == [30] and "i2t_R@1" in evals[0]["eval"]
+    assert json.loads((run / "eval/step_00000030/metrics.json").read_text())["step"] == 30
+    # warmup then cosine: the peak once (the last warmup step), the last step exactly at min_lr_ratio * lr
+    assert recs[1]["lr"] == pytest.approx(5e-4 / 3)
+    assert recs[3]["lr"] == pytest.approx(5e-4)
+    assert recs[3]["lr"] > recs[4]["lr"] > recs[15]["lr"] > recs[29]["lr"] > recs[30]["lr"]
+    assert recs[30]["lr"] == pytest.approx(5e-5)
+    # the dense line
+    line = next(ln for ln in out.splitlines() if ln.startswith("step 30/30"))
+    for part in ("loss", "itc", "itm", "lr", "samples/s", "data", "mem", "mfu", "eta"):
+        assert part in line, (part, line)
+    assert "mfu n/a" not in line and "eval @ step 30: " in out
+
+    # run directory: resolved config, metrics, tensorboard, last K checkpoints
+    assert (run / "config.yaml").is_file()
+    from mmpretrain.config import load_config
+
+    assert load_config(run / "config.yaml").train.max_steps == 30
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000030"]  # keep_last=2, nothing half-written left
+    ckpt = run / "checkpoints" / "step_00000030"
+    meta = json.loads((ckpt / "mmpretrain.json").read_text())
+    assert meta["format"] == "mmpretrain-ckpt/1" and meta["step"] == 30
+    assert meta["distributed_type"] == "NO" and meta["zero_stage"] == 0 and meta["world_size"] == 1
+    assert meta["config"]["train"]["max_steps"] == 30 and meta["vocab_size"] > 10
+    assert meta["data_state"]["batches"] == 30 and meta["counters"]["step"] == 30
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "data_state_0.json",
+                 "tokenizer/tokenizer.json"):
+        assert (ckpt / name).is_file(), name
+    # mmpretrain.json is written last: no file in the directory is newer
+    newest = max(p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file())
+    assert (ckpt / "mmpretrain.json").stat().st_mtime_ns == newest
+
+
+def test_grad_accumulation_with_feature_cache_equals_the_big_batch(tiny, tmp_path):
+    """2 micro-batches of 4 with the feature cache = one batch of 8 (InfoNCE only: ITM mines
+    negatives per micro-batch by design)."""
+    common = ["loss.itm_weight=0", "train.save_every=100"]
+    assert run_train(tiny, tmp_path / "big", *common) == 0
+    assert run_train(tiny, tmp_path / "acc", *common, "data.batch_size=4", "train.grad_accum_steps=2") == 0
+    assert run_train(tiny, tmp_path / "nocache", *common, "data.batch_size=4", "train.grad_accum_steps=2",
+                     "train.feature_cache=false") == 0
+    big, acc, nocache = losses(tmp_path / "big"), losses(tmp_path / "acc"), losses(tmp_path / "nocache")
+    assert_losses_close(big, acc, 1e-5)
+    w_big = checkpoint_weights(tmp_path / "big/checkpoints/step_00000006")
+    w_acc = checkpoint_weights(tmp_path / "acc/checkpoints/step_00000006")
+    for k in w_big:
+        assert torch.allclose(w_big[k], w_acc[k], atol=1e-5), k
+    # without the cache each micro-batch contrasts only against itself: a different objective
+    assert abs(nocache[0] - big[0]) > 1e-3
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny, tmp_path):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_steps=[2,3]", "train.save_every=1", "train.keep_last=10",
+                   "train.max_bad_steps=3")
+    assert rc == 0
+    recs = metrics(run)
+    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 1, 1, 0, 0, 0]
+    assert recs[6]["bad_steps_total"] == 2
+    ckpts = run / "checkpoints"
+    w1, w3, w4 = (checkpoint_weights(ckpts / f"step_{s:08d}") for s in (1, 3, 4))
+    floats = lambda w: {k: v for k, v in w.items() if v.is_floating_point()}  # noqa: E731 (not the ITM step counter)
+    assert_same_weights(floats(w1), floats(w3))  # skipped steps leave the weights alone
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)
+    assert json.loads((ckpts / "step_00000006/mmpretrain.json").read_text())["counters"]["bad_steps_total"] == 2
+
+
+def test_too_many_bad_steps_stop_with_the_last_checkpoint_intact(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_steps=[3,4,5]", "train.save_every=2", "train.max_bad_steps=2")
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "train.max_bad_steps=2" in err
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002"]
+    meta = json.loads((run / "checkpoints/step_00000002/mmpretrain.json").read_text())
+    assert meta["counters"]["bad_steps_total"] == 0
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_non_finite_gradient_with_a_finite_loss_is_skipped(tiny, tmp_path, capsys, grad_clip):
+    """A NaN gradient (finite loss) at step 2: not applied (clipping would multiply the gradients
+    by NaN, AdamW would write them into the weights), counted as a bad step."""
+    run = tmp_path / "run"
+    rc = run_train(tiny, run, "train.inject_nan_grad_steps=[2]", f"optim.grad_clip={grad_clip}",
+                   "train.save_every=1", "train.keep_last=10", "train.max_steps=4")
+    assert rc == 0
+    assert "step 2: non-finite gradient norm, step skipped" in capsys.readouterr().out
+    recs = metrics(run)
+    assert [recs[s]["skipped"] for s in range(1, 5)] == [0, 1, 0, 0]
+    assert math.isfinite(recs[2]["loss"]) and not math.isfinite(recs[2]["grad_norm"])
+    assert all(math.isfinite(recs[s]["grad_norm"]) for s in (1, 3, 4)) and recs[4]["bad_steps_total"] == 1
+    ckpts = run / "checkpoints"
+    w1, w2, w3 = (checkpoint_weights(ckpts / f"step_{s:08d}") for s in (1, 2, 3))
+    floats = lambda w: {k: v for k, v in w.items() if v.is_floating_point()}  # noqa: E731
+    assert_same_weights(floats(w1), floats(w2))
+    assert all(torch.isfinite(v).all() for v in floats(w3).values())
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    assert json.loads((ckpts / "step_00000003/mmpretrain.json").read_text())["counters"]["bad_steps_total"] == 1
+
+
+def test_overflow_skips_are_reported_apart_and_never_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
+    """Three overflow skips with train.max_bad_steps=2: the run goes on; metrics count them as
+    overflow_skips, not as bad steps; a bad step after them starts its own count."""
+    from mmpretrain.trainer import loop
+
+    real = loop.finish_step
+    calls = []
+
+    def overflowing(model, optimizer, ctx, result):
+        calls.append(1)
+        if len(calls) <= 3:
+            optimizer.zero_grad(set_to_none=True)
+            result.overflow = True
+        else:
+            real(model, optimizer, ctx, result)
+
+    monkeypatch.setattr(loop, "finish_step", overflowing)
+    run = tmp_path / "run"
+    assert run_train(tiny, run, "train.max_bad_steps=2", "train.inject_nan_steps=[4]") == 0
+    recs = metrics(run)
+    assert [recs[s]["overflow"] for s in range(1, 7)] == [1, 1, 1, 0, 0, 0]
+    assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 1, 0, 0]
+    assert recs[6]["overflow_skips"] == 3 and recs[6]["bad_steps_total"] == 1
+    counters = json.loads((run / "checkpoints/step_00000006/mmpretrain.json").read_text())["counters"]
+    assert counters["overflow_skips"] == 3 and counters["bad_steps_total"] == 1
+    assert "3 fp16 overflow skips" in capsys.readouterr().out
+
+
+def test_triplet_loss_skips_the_feature_pass_and_allows_dropout(tiny, tmp_path, monkeypatch):
+    """The feature cache is InfoNCE only: with the triplet loss no features pass runs, and
+    train.feature_cache (the default) does not refuse dropout."""
+    from mmpretrain.losses import FeatureCache
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("features pass run for a loss that ignores the cache")
+
+    monkeypatch.setattr(FeatureCache, "from_local", no_cache)
+    assert run_train(tiny, tmp_path / "run", "loss.contrastive=triplet", "data.batch_size=4",
+                     "train.grad_accum_steps=2", "model.dropout=0.1", "train.max_steps=2") == 0
+    assert sorted(metrics(tmp_path / "run")) == [1, 2]
+
+
+def test_cli_entry_point_runs_as_a_module(tiny, tmp_path):
+    """`python -m mmpretrain train` (the README command) on the debug config."""
+    run = tmp_path / "run"
+    proc = run_subprocess([sys.executable, "-m", "mmpretrain", "train", "--config", str(tiny),
+                           f"train.output_dir={run}", "train.max_steps=2", "train.save_every=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2/2" in proc.stdout
+    assert (run / "checkpoints/step_00000002/mmpretrain.json").is_file()
+
+
+def test_grad_checkpointing_gives_the_same_losses(tiny, tmp_path):
+    assert run_train(tiny, tmp_path / "plain", "train.max_steps=3") == 0
+    assert run_train(tiny, tmp_path / "ckpt", "train.max_steps=3", "model.grad_checkpointing=true") == 0
+    assert_losses_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def eval_shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("evalshards") / "shards")
+
+
+def test_trainer_evaluates_at_the_end_through_run_evaluation(eval_shards, tmp_path):
+    """The real trainer (one process, 2 steps) calls run_evaluation: metrics.json, the report
+    with the run's loss curves, and the eval row in the run's metrics.jsonl agree."""
+    from mmpretrain import train
+
+    shards = eval_shards
+    out = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"),
+            *tiny_overrides(shards, out, [f"data.tokenizer={shards}/tokenizer", "train.max_steps=2",
+                                          "train.save_every=2", "train.tensorboard=false",
+                                          "train.progress_bar=false", "optim.warmup_steps=1"])]
+    assert train.main(argv) == 0
+    eval_dir = out / "eval" / "step_00000002"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["num_captions"] == 24
+    assert "2 logged steps from" in (eval_dir / "report.html").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eval"] for r in rows if "eval" in r]
+    assert logged and logged[-1]["mean_recall"] == pytest.approx(metrics["mean_recall"])

@@ -1,0 +1,212 @@
+"""Trainer parts without a training run: optimizer groups and schedule, the fp16-overflow
+step bookkeeping, launch checks, DeepSpeed config filling, start-up validation and start-up
+errors in one line (each fails before the first step). The training runs themselves are in
+tests/e2e/test_trainer_runs.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _trainutil import REPO, make_config, run_train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_config(tmp_path_factory.getbasetemp())
+
+
+def test_optimizer_groups_and_schedule():
+    from mmpretrain.config import load_config
+    from mmpretrain.models import build_model
+    from mmpretrain.trainer.optim import WarmupCosine, build_optimizer, lr_at
+
+    cfg = load_config(None, ["model.width=32", "model.depth=1", "model.num_heads=2", "model.embed_dim=16",
+                             "model.image_size=32", "optim.warmup_steps=4", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
+    model = build_model(cfg.model, cfg.loss, vocab_size=50)
+    opt = build_optimizer(model, cfg.optim)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["decay"]["weight_decay"] == cfg.optim.weight_decay and groups["no_decay"]["weight_decay"] == 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert any("logit_scale" in n for n in no_decay)
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
+    embeddings = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)}
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert embeddings and norms and (embeddings | norms) <= no_decay
+    assert not decay & no_decay and len(decay) + len(no_decay) == len(list(model.parameters()))
+
+    assert [lr_at(s, cfg.optim, 20) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # 0-based step 19 is the last of 20; the cosine runs from the peak (step 3) to it, midpoint 11
+    assert lr_at(19, cfg.optim, 20) == pytest.approx(0.1) and lr_at(11, cfg.optim, 20) == pytest.approx(0.55)
+    sched = WarmupCosine(opt, cfg.optim, 20)
+    sched.load_state_dict({"steps_taken": 11})
+    assert all(g["lr"] == pytest.approx(0.55) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("warmup, total", [(4, 20), (0, 20), (0, 2), (3, 4)])
+def test_schedule_as_the_loop_steps_it(warmup, total):
+    """The rate each optimizer step uses, stepped as ``fit`` does (read, optimizer step,
+    ``scheduler.step()``): first step, warmup end, last step exactly lr * min_lr_ratio."""
+    from mmpretrain.trainer.config import OptimConfig
+    from mmpretrain.trainer.optim import WarmupCosine
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=warmup, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = WarmupCosine(opt, cfg, total)
+    used = []
+    for _ in range(total):  # steps 1..total
+        used.append(opt.param_groups[0]["lr"])
+        assert sched.lr == used[-1]  # what metrics.jsonl records
+        sched.step()
+    assert used[0] == pytest.approx(1.0 / warmup if warmup else 1.0)
+    peak = max(warmup, 1)  # 1-based step at the peak
+    assert used[peak - 1] == pytest.approx(1.0) and used.count(1.0) == 1
+    assert used[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(used[peak - 1:], used[peak:]))
+
+
+class _Optimizer:
+    def __init__(self, step_was_skipped=False):
+        self.step_was_skipped, self.steps, self.zeroed = step_was_skipped, 0, 0
+
+    def step(self):
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.zeroed += 1
+
+
+def _ctx(deepspeed: bool, loss_scaling: bool, accelerator=None):
+    from mmpretrain.trainer.loop import StepContext
+
+    return StepContext(accelerator=accelerator, deepspeed=deepspeed, feature_cache=False, gather=False,
+                       grad_clip=1.0, loss_scaling=loss_scaling)
+
+
+def test_fp16_overflow_skip_is_not_a_bad_step():
+    """A step skipped by loss scaling (finite loss) is an overflow, not a bad step; without loss
+    scaling an update DeepSpeed refused with a finite loss is a non-finite gradient."""
+    from types import SimpleNamespace
+
+    from mmpretrain.trainer.loop import StepResult, finish_step
+
+    engine = SimpleNamespace(was_step_applied=lambda: False, get_global_grad_norm=lambda: None)
+    r = StepResult()
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=True), r)
+    assert r.overflow and not r.skipped
+    r = StepResult()
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=False), r)
+    assert r.skipped and not r.overflow and r.reason == "non-finite gradient norm"
+    r = StepResult(skipped=True, reason="non-finite loss")  # a non-finite loss stays a bad step
+    finish_step(engine, None, _ctx(deepspeed=True, loss_scaling=True), r)
+    assert r.skipped and not r.overflow
+
+    # without DeepSpeed: the GradScaler skipped the step (inf gradients after unscaling)
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    acc = SimpleNamespace(scaler=object(), unscale_gradients=lambda: None,
+                          clip_grad_norm_=lambda params, max_norm: torch.tensor(float("inf")))
+    opt = _Optimizer(step_was_skipped=True)
+    r = StepResult()
+    finish_step(model, opt, _ctx(deepspeed=False, loss_scaling=True, accelerator=acc), r)
+    assert opt.steps == 1  # the scaler must see the step to lower its scale
+    assert r.overflow and not r.skipped and "grad_norm" not in r.metrics
+
+
+def test_start_up_value_errors_are_one_line_and_loop_errors_are_not_swallowed(tiny, tmp_path, capsys,
+                                                                               monkeypatch):
+    # the loader refuses a batch larger than the data (a ValueError raised during set-up)
+    assert run_train(tiny, tmp_path / "big", "data.batch_size=512") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mmpretrain train")]
+    assert len(lines) == 1 and lines[0].startswith("mmpretrain train: ") and "data.batch_size=512" in lines[0]
+
+    from mmpretrain.trainer import loop
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the training loop")
+
+    monkeypatch.setattr(loop, "train_step", broken)
+    with pytest.raises(ValueError, match="a bug inside the training loop"):
+        run_train(tiny, tmp_path / "loop")
+
+
+def test_one_helper_for_accelerate_reset_and_step_dir_names():
+    """Trainer code resets Accelerate's state through ``accel.reset_accelerate_state`` and names
+    step directories through ``checkpoint.step_dir_name`` only."""
+    import inspect
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from mmpretrain.trainer import accel, checkpoint, loop
+
+    Accelerator(cpu=True)
+    assert PartialState._shared_state and AcceleratorState._shared_state
+    accel.reset_accelerate_state()
+    assert not PartialState._shared_state and not AcceleratorState._shared_state
+    for module in (loop, accel):
+        source = inspect.getsource(module)
+        assert source.count("_reset_state(") == (2 if module is accel else 0), module.__name__
+        assert ":08d}" not in source, module.__name__
+    assert ":08d}" in inspect.getsource(checkpoint.step_dir_name)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_sise=8", "unknown config key 'data.batch_sise'; did you mean 'data.batch_size'"),
+    ("data.train_shards=[/nonexistent/train-*.tar]", "no shards match '/nonexistent/train-*.tar'"),
+    ("train.resume=/nonexistent/step_00000003", "no such checkpoint directory"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+])
+def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    assert run_train(tiny, run, override) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_launch_checks():
+    from types import SimpleNamespace
+
+    from mmpretrain.config import load_config
+    from mmpretrain.trainer import accel
+
+    with pytest.raises(accel.LaunchError, match=r"data.batch_size=6 .* not divisible by the world size 4"):
+        accel.per_rank_batch_size(6, 4)
+    # Accelerate seeing 1 process where the launcher started 2 (e.g. `accelerate launch --cpu`)
+    info = accel.LaunchInfo(launched=True, world_size=2, use_deepspeed=False, has_gpu=False)
+    one = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
+    with pytest.raises(accel.LaunchError, match="Accelerate sees 1 process"):
+        accel.check_accelerator(one, info)
+    # DeepSpeed asked for, DDP running (ACCELERATE_USE_CPU with a DeepSpeed plugin)
+    info_ds = accel.LaunchInfo(launched=False, world_size=1, use_deepspeed=True, has_gpu=False)
+    ddp = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
+    with pytest.raises(accel.LaunchError, match="DEEPSPEED was launched"):
+        accel.check_accelerator(ddp, info_ds)
+
+    cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
+                             "train.mixed_precision=bf16", "model.width=64"])
+    ds = json.loads((REPO / "launch/zero3.json").read_text())
+    filled = accel.fill_deepspeed_config(ds, cfg, world_size=4)
+    assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["train_batch_size"] == 32
+    assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["zero_optimization"]["stage"] == 3 and filled["zero_optimization"]["reduce_bucket_size"] == 4096
+    ds["gradient_accumulation_steps"] = 4
+    with pytest.raises(accel.LaunchError, match=r"gradient_accumulation_steps=4 .* train.grad_accum_steps gives 2"):
+        accel.fill_deepspeed_config(ds, cfg, world_size=4)
+
+
+def test_deepspeed_with_accelerate_use_cpu_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_train(tiny, tmp_path / "run") == 2
+    assert "ACCELERATE_USE_CPU" in capsys.readouterr().err
