@@ -21,7 +21,7 @@ import io
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -251,20 +251,84 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 # ---------------------------------------------------------------------------------- captions
+# A caption is composed as a *plan* (see ``CaptionPlan``): a template whose object mentions are
+# placeholders ``{0}``, ``{1}``, ... (in the order they are named) and whose relation words are
+# ``{r}``, plus the words chosen for each mention. ``render_caption(plan)`` turns a plan into
+# the caption text; ``make_caption`` returns exactly that text. The plan is stored in each
+# sample's json, so evaluation can re-render a caption with one thing changed (a colour, a
+# shape, a size word, the relation) and nothing else (mmpretrain.evaluation.compositional).
+_SLOT_RE = re.compile(r"\{(\d+|r)\}")
+
+
+@dataclass
+class Mention:
+    """One object as the caption names it: ``[size] colour shape`` (the words used)."""
+    object: int  # index into Scene.objects (the sample json's "objects")
+    size: str | None  # the size word, or None when the caption does not name the size
+    color: str
+    shape: str
+    position: bool = False  # a position phrase for this object follows the mention
+
+    def phrase(self) -> str:
+        words = ([self.size] if self.size else []) + [self.color, self.shape]
+        return _article(" ".join(words))
+
+
+@dataclass
+class CaptionPlan:
+    """What a caption was made from: ``render_caption(plan)`` is the caption.
+
+    ``template``: the caption before finishing (capital letter, final full stop), with
+    ``{k}`` for mention ``k`` and ``{r}`` for the relation words. ``relation``: the caption
+    says "mention ``subject`` <``words``> mention ``object``", ``relation`` being a key of
+    RELATIONS (``left``/``right``/``above``/``below``), or None when it states no relation.
+    """
+    template: str = ""
+    mentions: list[Mention] = field(default_factory=list)
+    relation: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"template": self.template, "mentions": [asdict(m) for m in self.mentions],
+                "relation": dict(self.relation) if self.relation else None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CaptionPlan":
+        return cls(str(d["template"]), [Mention(**m) for m in d["mentions"]],
+                   dict(d["relation"]) if d.get("relation") else None)
+
+
+def render_caption(plan: CaptionPlan) -> str:
+    """The caption text of ``plan`` (the generator's own finishing: single spaces, capital
+    first letter, full stop)."""
+    def slot(m: re.Match) -> str:
+        name = m.group(1)
+        return str(plan.relation["words"]) if name == "r" else plan.mentions[int(name)].phrase()
+
+    text = " ".join(_SLOT_RE.sub(slot, plan.template).split())
+    return text[0].upper() + text[1:] + "."
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _object_phrase(obj: SceneObject, rng: random.Random) -> str:
-    words = []
-    if rng.random() < 0.6:
-        words.append(rng.choice(SIZES[obj.size][1]))
-    words.append(rng.choice(COLORS[obj.color][1]))  # colour directly before the shape word
-    words.append(rng.choice(SHAPES[obj.shape]))
-    return _article(" ".join(words))
+def _index(scene: Scene, obj: SceneObject) -> int:
+    return next(i for i, o in enumerate(scene.objects) if o is obj)
 
 
-def _position_phrase(obj: SceneObject, rng: random.Random) -> str:
+def _object_phrase(obj: SceneObject, rng: random.Random, plan: CaptionPlan, scene: Scene) -> str:
+    """A placeholder for a new mention of ``obj`` (random words drawn as always)."""
+    size = rng.choice(SIZES[obj.size][1]) if rng.random() < 0.6 else None
+    color = rng.choice(COLORS[obj.color][1])  # colour directly before the shape word
+    shape = rng.choice(SHAPES[obj.shape])
+    plan.mentions.append(Mention(_index(scene, obj), size, color, shape))
+    return "{%d}" % (len(plan.mentions) - 1)
+
+
+def _position_phrase(obj: SceneObject, rng: random.Random, plan: CaptionPlan | None = None) -> str:
+    """Where ``obj`` is; marks the plan's last mention (``obj``'s) as followed by it."""
+    if plan is not None:
+        plan.mentions[-1].position = True
     row, col = ROWS[obj.row], COLS[obj.col]
     if obj.row == 1 and obj.col == 1:
         return rng.choice(("in the center", "in the middle", "at the center of the image"))
@@ -282,18 +346,19 @@ def _background_phrase(scene: Scene, rng: random.Random) -> str:
     return f"{rng.choice(TEXTURES[scene.texture])} {color} background"
 
 
-def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
-    """A spatial relation that holds for "a <relation> b"."""
-    options = []
-    if a.col < b.col:
-        options.append("left")
-    if a.col > b.col:
-        options.append("right")
-    if a.row < b.row:
-        options.append("above")
-    if a.row > b.row:
-        options.append("below")
-    return rng.choice(RELATIONS[rng.choice(options)])
+def relation_holds(relation: str, a_row: int, a_col: int, b_row: int, b_col: int) -> bool:
+    """Whether "a <relation> b" is true for objects in grid cells (row, col)."""
+    return {"left": a_col < b_col, "right": a_col > b_col,
+            "above": a_row < b_row, "below": a_row > b_row}[relation]
+
+
+def _relation(a: SceneObject, b: SceneObject, rng: random.Random, plan: CaptionPlan) -> str:
+    """A spatial relation that holds for "a <relation> b" (the plan's last two mentions)."""
+    options = [r for r in RELATIONS if relation_holds(r, a.row, a.col, b.row, b.col)]
+    key = rng.choice(options)
+    n = len(plan.mentions)
+    plan.relation = {"subject": n - 1, "object": n, "relation": key, "words": rng.choice(RELATIONS[key])}
+    return "{r}"
 
 
 def _join(items: list[str]) -> str:
@@ -306,80 +371,109 @@ def count_tokens(caption: str) -> int:
     return len(_TOKEN_RE.findall(caption)) + 2
 
 
-def _compose(scene: Scene, rng: random.Random) -> str:
+def _compose(scene: Scene, rng: random.Random) -> CaptionPlan:
+    plan = CaptionPlan()
     objs = list(scene.objects)
     rng.shuffle(objs)  # mention order carries no information
     bg = _background_phrase(scene, rng)
     n = len(objs)
+
+    def obj(o):
+        return _object_phrase(o, rng, plan, scene)
+
+    def obj_pos(o):
+        return f"{obj(o)} {_position_phrase(o, rng, plan)}"
+
     if n == 1:
-        obj, pos = _object_phrase(objs[0], rng), _position_phrase(objs[0], rng)
-        return rng.choice(
+        ob = obj(objs[0])
+        pos = _position_phrase(objs[0], rng, plan)
+        plan.template = rng.choice(
             (
-                f"{obj} {pos} on a {bg}",
-                f"{_article(bg)} with {obj} {pos}",
-                f"{pos}, {obj} on a {bg}",
-                f"an image of {obj} {pos} against a {bg}",
-                f"there is {obj} {pos} of a {bg}".replace(" of the image of", " of"),
-                f"{obj} {pos}, set against a {bg}",
+                f"{ob} {pos} on a {bg}",
+                f"{_article(bg)} with {ob} {pos}",
+                f"{pos}, {ob} on a {bg}",
+                f"an image of {ob} {pos} against a {bg}",
+                f"there is {ob} {pos} of a {bg}".replace(" of the image of", " of"),
+                f"{ob} {pos}, set against a {bg}",
             )
         )
+        return plan
     template = rng.randrange(4)
     if template == 0:  # every object with its position
-        with_pos = _join([f"{_object_phrase(o, rng)} {_position_phrase(o, rng)}" for o in objs])
-        return rng.choice((f"{with_pos} on a {bg}", f"{_article(bg)} with {with_pos}"))
+        with_pos = _join([obj_pos(o) for o in objs])
+        plan.template = rng.choice((f"{with_pos} on a {bg}", f"{_article(bg)} with {with_pos}"))
+        return plan
     if template == 1:  # a count and the objects, no positions
         things = rng.choice(("shapes", "objects"))
-        names = _join([_object_phrase(o, rng) for o in objs])
-        return rng.choice(
+        names = _join([obj(o) for o in objs])
+        plan.template = rng.choice(
             (
                 f"{COUNT_WORDS[n]} {things} on a {bg}: {names}",
                 f"{names} on a {bg}",
                 f"{_article(bg)} showing {COUNT_WORDS[n]} {things}, {names}",
             )
         )
+        return plan
     # a spatial relation between two objects, the rest by position (or just named)
     a, b = objs[0], objs[1]
-    rel = f"{_object_phrase(a, rng)} {_relation(a, b, rng)} {_object_phrase(b, rng)}"
+    first = obj(a)
+    rel = f"{first} {_relation(a, b, rng, plan)} {obj(b)}"
     if n == 2:
-        return rng.choice((f"{rel} on a {bg}", f"on a {bg}, {rel}"))
+        plan.template = rng.choice((f"{rel} on a {bg}", f"on a {bg}, {rel}"))
+        return plan
     with_pos = rng.random() < 0.5
-    rest = _join([_object_phrase(o, rng) + (" " + _position_phrase(o, rng) if with_pos else "") for o in objs[2:]])
-    return f"{rel}, {rng.choice(('plus', 'and', 'with'))} {rest}, on a {bg}"
+    rest = _join([obj_pos(o) if with_pos else obj(o) for o in objs[2:]])
+    plan.template = f"{rel}, {rng.choice(('plus', 'and', 'with'))} {rest}, on a {bg}"
+    return plan
 
 
-def _compact(scene: Scene, rng: random.Random) -> str:
+def _compact(scene: Scene, rng: random.Random) -> CaptionPlan:
     """The shortest wording (colours and shapes only): fits MAX_CAPTION_TOKENS for 4 objects."""
+    plan = CaptionPlan()
     objs = list(scene.objects)
     rng.shuffle(objs)
-    names = _join([_article(f"{rng.choice(COLORS[o.color][1])} {rng.choice(SHAPES[o.shape])}") for o in objs])
-    return f"{names} on {rng.choice(BACKGROUNDS[scene.background][1])}"
+    names = []
+    for o in objs:
+        color = rng.choice(COLORS[o.color][1])
+        plan.mentions.append(Mention(_index(scene, o), None, color, rng.choice(SHAPES[o.shape])))
+        names.append("{%d}" % (len(plan.mentions) - 1))
+    plan.template = f"{_join(names)} on {rng.choice(BACKGROUNDS[scene.background][1])}"
+    return plan
+
+
+def make_caption_plan(scene: Scene, rng: random.Random) -> tuple[str, CaptionPlan]:
+    """One caption of ``scene`` and the plan it was rendered from; different ``rng`` states
+    give different wordings. Wordings longer than MAX_CAPTION_TOKENS are redrawn, so no object
+    is lost to truncation."""
+    for _ in range(8):
+        plan = _compose(scene, rng)
+        text = render_caption(plan)
+        if count_tokens(text) <= MAX_CAPTION_TOKENS:
+            return text, plan
+    plan = _compact(scene, rng)
+    return render_caption(plan), plan
 
 
 def make_caption(scene: Scene, rng: random.Random) -> str:
-    """One caption of ``scene``; different ``rng`` states give different wordings. Wordings
-    longer than MAX_CAPTION_TOKENS are redrawn, so no object is lost to truncation."""
-    for _ in range(8):
-        text = _compose(scene, rng)
-        if count_tokens(text + ".") <= MAX_CAPTION_TOKENS:
-            break
-    else:
-        text = _compact(scene, rng)
-    text = " ".join(text.split())
-    return text[0].upper() + text[1:] + "."
+    """One caption of ``scene`` (``make_caption_plan`` without the plan)."""
+    return make_caption_plan(scene, rng)[0]
 
 
-def make_sample(seed: int, split: str, index: int, image_size: int, num_captions: int):
-    """(JPEG bytes, metadata without image_id/source, captions) of one image; pure function."""
+def make_sample_plans(seed: int, split: str, index: int, image_size: int, num_captions: int):
+    """(JPEG bytes, metadata without image_id/source, captions, caption plans) of one image;
+    pure function. The metadata's ``background``, ``texture`` and ``objects`` are the scene."""
     rng = sample_rng(seed, split, index)
     scene = sample_scene(rng, image_size)
     image = draw_scene(scene, image_size)
     captions: list[str] = []
+    plans: list[CaptionPlan] = []
     for _ in range(num_captions):
         for _attempt in range(20):  # val: the captions of one image are worded differently
-            caption = make_caption(scene, rng)
+            caption, plan = make_caption_plan(scene, rng)
             if caption not in captions:
                 break
         captions.append(caption)
+        plans.append(plan)
     meta = {
         "width": image_size,
         "height": image_size,
@@ -387,7 +481,12 @@ def make_sample(seed: int, split: str, index: int, image_size: int, num_captions
         "texture": scene.texture,
         "objects": [o.to_json() for o in scene.objects],
     }
-    return encode_jpeg(image), meta, captions
+    return encode_jpeg(image), meta, captions, plans
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int, num_captions: int):
+    """(JPEG bytes, metadata without image_id/source, captions) of one image; pure function."""
+    return make_sample_plans(seed, split, index, image_size, num_captions)[:3]
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -402,14 +501,15 @@ def _write_split(out: Path, split: str, num_images: int, num_captions: int, seed
     index_in_shard = 0
     with progress_bar(num_images, f"synthetic {split}", unit="image") as bar:
         for i in range(num_images):
-            jpeg, meta, captions = make_sample(seed, split, i, image_size, num_captions)
+            jpeg, meta, captions, plans = make_sample_plans(seed, split, i, image_size, num_captions)
             image_id = f"{split}-{i:08d}"
             meta = {"image_id": image_id, "source": "synthetic", **meta}
             for c, caption in enumerate(captions):
                 if shard is None:
                     shard = TarShard(out / shard_name(split, len(entry["shards"])))
                 key = image_id if num_captions == 1 else f"{image_id}_{c}"
-                shard.add(key, sample_fields(jpeg, "jpg", caption, {**meta, "caption_index": c}))
+                sample_meta = {**meta, "caption_index": c, "caption_plan": plans[c].to_json()}
+                shard.add(key, sample_fields(jpeg, "jpg", caption, sample_meta))
                 captions_all.append(caption)
                 index_in_shard += 1
                 if index_in_shard == samples_per_shard:
