@@ -13,7 +13,7 @@ COMMANDS = {
     "shards": ("mmpretrain.data.cli", "make, build and inspect WebDataset shards"),
     "train": ("mmpretrain.train", "train from a YAML config (also under `accelerate launch`)"),
     "eval": ("mmpretrain.evaluation.cli", "zero-shot retrieval + ITM re-ranking of a checkpoint"),
-    "export": ("mmpretrain.export", "export a checkpoint to safetensors / transformers / timm"),
+    "export": ("mmpretrain.export.cli", "export a checkpoint to safetensors / transformers / timm"),
     "bench": ("mmpretrain.bench", "benchmarks: loader throughput, model step time"),
     "pipeline": ("mmpretrain.pipeline", "the whole job on the embedded default: shards -> train -> eval -> export"),
 }

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmpretrain.data import cli as shards_cli
     from mmpretrain import train as train_cli
     from mmpretrain.evaluation import cli as eval_cli
-    from mmpretrain import export as export_cli
-    from mmpretrain.trainer.checkpoint import find_latest_checkpoint
+    from mmpretrain.export import cli as export_cli
+    from mmpretrain.export.format import find_latest_checkpoint
 
     shards, out = Path(args.shards), Path(args.out)
     config = Path(args.config)

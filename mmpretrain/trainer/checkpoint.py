@@ -20,75 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-FORMAT = "mmpretrain-ckpt/1"
-META_FILE = "mmpretrain.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (``output_dir/checkpoints/step_N``)."""
-    found = complete_checkpoints(Path(output_dir) / "checkpoints")
-    return found[-1] if found else None
-
-
-# What a resume needs from ``mmpretrain.json`` (``save`` in loop.py writes all of these, and more).
-REQUIRED_KEYS = {"format": str, "step": int, "config": dict, "vocab_size": int, "distributed_type": str,
-                 "world_size": int, "counters": dict}
-REQUIRED_COUNTERS = ("step", "samples_seen", "bad_steps_total", "bad_steps_in_a_row")
-# What rebuilding the model needs (export, evaluation).
-MODEL_KEYS = {"format": str, "config": dict, "vocab_size": int}
-
-
-def read_meta(path: str | Path, required: dict[str, type] = REQUIRED_KEYS) -> dict:
-    """The checked ``mmpretrain.json`` of checkpoint ``path``. Raises ``CheckpointError("<file>:
-    ...")`` when it is missing, unreadable, not JSON, of another format, or lacks a required key.
-    ``required``: the keys checked (all a resume needs by default; ``MODEL_KEYS`` for export)."""
-    meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{meta_path}: unreadable or not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise CheckpointError(f"{meta_path}: missing required key(s) {', '.join(missing)}")
-    for key, kind in required.items():
-        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
-            raise CheckpointError(f"{meta_path}: {key!r} must be a JSON {kind.__name__}, got {meta[key]!r}")
-    if "counters" not in required:
-        return meta
-    counters = meta["counters"]
-    bad = [k for k in REQUIRED_COUNTERS
-           if not isinstance(counters.get(k), int) or isinstance(counters.get(k), bool)]
-    if bad:
-        raise CheckpointError(f"{meta_path}: 'counters' lacks integer {', '.join(bad)}")
-    return meta
+# The checkpoint format and its reader belong to the library (``mmpretrain.export.format``, which
+# export and evaluation read with); the trainer writes what it reads. Re-exported here for callers.
+from mmpretrain.export.format import (  # noqa: F401 - re-exports
+    CKPT_FORMAT as FORMAT, META_FILE, MODEL_KEYS, REQUIRED_COUNTERS, REQUIRED_KEYS, STEP_DIR, CheckpointError,
+    complete_checkpoints, find_latest_checkpoint, read_meta, step_dir_name)
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -163,8 +102,11 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
-    """Restore the Accelerate state (collective) and return (meta, this rank's data cursor)."""
+def restore_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
+    """Restore the Accelerate state (collective) and return (meta, this rank's data cursor).
+
+    (Rebuilding only the model of a checkpoint, as evaluation and export do, is
+    ``mmpretrain.export.format.load_checkpoint``.)"""
     path = Path(path)
     meta = read_meta(path)
     accelerator.load_state(str(path))

@@ -28,7 +28,7 @@ import torch
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
-from mmpretrain.trainer.checkpoint import (CheckpointError, load_checkpoint, read_meta, resolve_resume,
+from mmpretrain.trainer.checkpoint import (CheckpointError, read_meta, resolve_resume, restore_checkpoint,
                                            save_checkpoint, step_dir_name)
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.logging import RunLogger
@@ -376,7 +376,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     loader = build_train_loader(cfg, tokenizer, rank, world)
     counters = Counters()
     if resume_from is not None:
-        _, data_state = load_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
+        _, data_state = restore_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
         counters = Counters.from_meta(meta["counters"])
         loader.load_state_dict(data_state)
 
