@@ -9,7 +9,10 @@ each rank embeds its share of the shards and the results are merged (evaluation.
 Overrides apply to the checkpoint's own config (``eval.*``, ``data.batch_size``,
 ``data.num_workers``, ...). Writes ``metrics.json``, ``report.html`` and ``report.png`` into
 ``--out`` (default: ``RUN/eval/step_N`` beside the run's checkpoints) and prints the metrics
-JSON as its last line. Bad input prints one line and exits 2.
+JSON as its last line. The compositional test and the ITM accuracy on hard negatives
+(``eval.compositional``, ``eval.itm_hard_negatives``) are part of it; when one is skipped (no
+scene metadata in the shards, no trained ITM head) a one-line note goes to stderr. Bad input
+prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def _evaluate(args, cfg, loaded, accelerator, run_evaluation) -> int:
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
     if accelerator is None or accelerator.is_main_process:
+        for name in ("compositional", "itm_hard_negatives"):
+            if isinstance(metrics.get(name), dict) and "skipped" in metrics[name]:
+                print(f"mmpretrain eval: note: {name} skipped: {metrics[name]['skipped']}", file=sys.stderr)
         print(f"wrote {out / 'metrics.json'}" + (f", {out / 'report.html'}, {out / 'report.png'}" if cfg.eval.report else ""))
         print(json.dumps(metrics))
     return 0

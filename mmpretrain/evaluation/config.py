@@ -17,3 +17,10 @@ class EvalConfig:
     """Write report.html/report.png next to metrics.json."""
     num_examples: int = 6
     """Queries shown in the report grid."""
+    compositional: bool = True
+    """Run the compositional test (one-change captions; needs the synthetic shards' scene
+    metadata, skipped with a note otherwise). See docs/evaluation.md."""
+    compositional_max_images: int = 0
+    """Images the compositional test uses, the first in key order (0: all)."""
+    itm_hard_negatives: bool = True
+    """ITM accuracy on positives and mined hard negatives of the held-out set."""

@@ -22,7 +22,13 @@ calls on a checkpoint. Stages, each run by every rank:
    by query instead would need nearly every image on every rank. Scores are merged with one
    gather; ranks pad to the same number of ITM calls (ZeRO-3 again). Skipped when
    ``eval.itm_rerank_k`` is 0 or the model was trained with ``loss.itm_weight=0``.
-5. the main process writes ``metrics.json`` and the report; every rank returns the same dict.
+5. compositional test and ITM accuracy on mined hard negatives (``evaluation/compositional.py``,
+   ``eval.compositional`` / ``eval.itm_hard_negatives``), on the same embeddings and pixels,
+   split by image owner like stage 4 (padded model calls, one gather of the per-trial scores);
+   the hard negatives reuse the re-ranking's ITM scores. Nested under ``"compositional"`` and
+   ``"itm_hard_negatives"`` in the metrics (their own timing is left out, so ``metrics.json``
+   is the same for any world size apart from the ``*_seconds`` keys).
+6. the main process writes ``metrics.json`` and the report; every rank returns the same dict.
 """
 
 from __future__ import annotations
@@ -221,35 +227,75 @@ def gather_samples(local: dict, accelerator, shards=None) -> dict:
 
 # ----------------------------------------------------------------------------- 4. ITM re-ranking
 
+def _padded_calls(accelerator, n_items: int, batch_size: int) -> int:
+    """The number of model calls every rank makes for ``n_items`` local items (the most any
+    rank needs: under ZeRO-3 every rank must make the same calls)."""
+    return max(_gather_objects(math.ceil(n_items / batch_size), accelerator))
+
+
 @torch.no_grad()
-def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tensor],
-               pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
-    """ITM log-odds of (unique image, caption) pairs whose image this rank owns; merged over
-    ranks. ``pairs`` is this rank's list; every rank calls this (collectives inside)."""
+def itm_logodds(model, cfg, accelerator, images: list[torch.Tensor], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> list[float]:
+    """ITM log-odds ``logit[1] - logit[0]`` of this rank's pairs ``(images[i], text i)``.
+
+    ``images``: uint8 ``[3, H, W]`` pixels (as the eval loader yields them); ``input_ids`` /
+    ``attention_mask``: ``[P, L]``. In chunks of ``eval.batch_size``; every rank calls this
+    (with its own pairs, maybe none) and ranks pad to the same number of ``itm_logits`` calls.
+    """
     core = _unwrap(model, accelerator)
     device = accelerator.device if accelerator is not None else next(core.parameters()).device
     dtype = _model_dtype(core)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     bs = max(int(cfg.eval.batch_size), 1)
-    n_calls = math.ceil(len(pairs) / bs)
-    n_calls_max = max(_gather_objects(n_calls, accelerator))
-    local_scores: list[float] = []
+    out: list[float] = []
     with autocast:
-        for c in range(n_calls_max):
-            chunk = pairs[c * bs:(c + 1) * bs]
-            real = len(chunk) > 0
+        for c in range(_padded_calls(accelerator, len(images), bs)):
+            lo, hi = c * bs, min((c + 1) * bs, len(images))
+            real = hi > lo
             if real:
-                px = torch.stack([pixels[data["image_ids"][i]] for i, _ in chunk])
-                t = torch.tensor([t for _, t in chunk], dtype=torch.long)
+                px, ids, mask = torch.stack(images[lo:hi]), input_ids[lo:hi], attention_mask[lo:hi]
             else:  # padding call: same module calls as the other ranks, result dropped
                 s = cfg.data.image_size
                 px = torch.zeros(1, 3, s, s, dtype=torch.uint8)
-                t = torch.zeros(1, dtype=torch.long)
+                ids, mask = input_ids.new_zeros(1, input_ids.shape[1]), attention_mask.new_ones(1, input_ids.shape[1])
             logits = core.itm_logits(normalize(px.to(device), cfg.data.mean, cfg.data.std, dtype),
-                                     data["input_ids"][t].to(device), data["attention_mask"][t].to(device))
+                                     ids.to(device), mask.to(device))
             if real:
                 logits = logits.float().cpu()
-                local_scores += (logits[:, 1] - logits[:, 0]).tolist()
+                out += (logits[:, 1] - logits[:, 0]).tolist()
+    return out
+
+
+@torch.no_grad()
+def encode_texts(model, cfg, accelerator, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised fp32 CPU text embeddings ``[P, E]`` (``encode_text``) of this rank's
+    tokens, in chunks of ``eval.batch_size``; every rank calls this, padded as ``itm_logodds``."""
+    core = _unwrap(model, accelerator)
+    device = accelerator.device if accelerator is not None else next(core.parameters()).device
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    bs = max(int(cfg.eval.batch_size), 1)
+    n = int(input_ids.shape[0])
+    out = []
+    with autocast:
+        for c in range(_padded_calls(accelerator, n, bs)):
+            lo, hi = c * bs, min((c + 1) * bs, n)
+            if hi > lo:
+                ids, mask = input_ids[lo:hi], attention_mask[lo:hi]
+            else:
+                ids, mask = input_ids.new_zeros(1, input_ids.shape[1]), attention_mask.new_ones(1, input_ids.shape[1])
+            emb = core.encode_text(ids.to(device), mask.to(device))[1]
+            if hi > lo:
+                out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tensor],
+               pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """ITM log-odds of (unique image, caption) pairs whose image this rank owns; merged over
+    ranks. ``pairs`` is this rank's list; every rank calls this (collectives inside)."""
+    t = torch.tensor([t for _, t in pairs], dtype=torch.long)
+    local_scores = itm_logodds(model, cfg, accelerator, [pixels[data["image_ids"][i]] for i, _ in pairs],
+                               data["input_ids"][t], data["attention_mask"][t])
     merged: dict[tuple[int, int], float] = {}
     for part in _gather_objects(list(zip(pairs, local_scores)), accelerator):
         for pair, score in part:
@@ -258,8 +304,8 @@ def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tens
 
 
 def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.Tensor, k: int):
-    """Re-ranked score matrices (image x caption for i2t, caption x image for t2i) and the
-    candidate lists."""
+    """Re-ranked score matrices (image x caption for i2t, caption x image for t2i) and the ITM
+    log-odds of every pair scored, ``{(unique image, caption): score}`` (the same on every rank)."""
     rank, _ = _world(accelerator)
     cand_i2t = topk_candidates(scores, k)  # [U, k] caption indices
     cand_t2i = topk_candidates(scores.t(), k)  # [N, k] image indices
@@ -275,7 +321,7 @@ def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.
                            dtype=torch.float64)
     new_t2i = torch.tensor([[merged[(int(i), t)] for i in cand_t2i[t]] for t in range(scores.shape[1])],
                            dtype=torch.float64)
-    return (rerank_scores(scores, cand_i2t, new_i2t), rerank_scores(scores.t(), cand_t2i, new_t2i))
+    return rerank_scores(scores, cand_i2t, new_i2t), rerank_scores(scores.t(), cand_t2i, new_t2i), merged
 
 
 # ----------------------------------------------------------------------------- 5. examples
@@ -341,13 +387,16 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
     rerank_k = int(cfg.eval.itm_rerank_k)
     core = _unwrap(model, accelerator)
     # an ITM head trained with itm_weight 0 is random: re-ranking with it would only add noise
-    do_itm = rerank_k > 0 and cfg.loss.itm_weight > 0 and hasattr(core, "itm_logits")
+    itm_ok = cfg.loss.itm_weight > 0 and hasattr(core, "itm_logits")
+    do_itm = rerank_k > 0 and itm_ok
+    do_comp, do_hard = bool(cfg.eval.compositional), bool(cfg.eval.itm_hard_negatives)
     was_training = model.training
     model.eval()
     try:
         t0 = time.perf_counter()
         local = embed_shards(model, cfg, accelerator, tokenizer,
-                             keep_pixels=do_itm or (cfg.eval.report and cfg.eval.num_examples > 0))
+                             keep_pixels=do_itm or (cfg.eval.report and cfg.eval.num_examples > 0)
+                             or (itm_ok and (do_comp or do_hard)))
         data = gather_samples(local, accelerator, shards=cfg.data.val_shards)
         scores = data["image_emb"] @ data["text_emb"].t()  # [U, N] cosine (embeddings are L2-normalised)
         i2t, t2i = retrieval_ranks(scores, data["caption_image"])
@@ -355,9 +404,10 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         metrics.update(metrics_from_ranks(i2t, t2i, ks))
         metrics["contrastive_seconds"] = time.perf_counter() - t0
         show_i2t, show_t2i = scores, scores.t()
+        itm_known: dict = {}
         if do_itm:
             t1 = time.perf_counter()
-            re_i2t, re_t2i = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k)
+            re_i2t, re_t2i, itm_known = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k)
             r_i2t = retrieval_ranks(re_i2t, data["caption_image"])[0]
             r_t2i = retrieval_ranks(re_t2i.t(), data["caption_image"])[1]
             for key, value in metrics_from_ranks(r_i2t, r_t2i, ks).items():
@@ -365,6 +415,22 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
                     metrics[f"itm_{key}"] = value
             metrics["itm_rerank_k"] = rerank_k
             metrics["itm_seconds"] = time.perf_counter() - t1
+        # Compositional test and ITM on hard negatives: nested dicts; their "seconds" are left
+        # out of metrics.json so that it stays identical across world sizes (timing keys aside).
+        if do_comp or do_hard:
+            from mmpretrain.evaluation import compositional as comp
+
+            heldout = comp.HeldOut(data, local["pixels"])
+            if do_comp:
+                result = comp.compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
+                                                 max_images=int(cfg.eval.compositional_max_images), itm=itm_ok)
+                result.pop("seconds", None)
+                metrics["compositional"] = result
+            if do_hard:
+                result = comp.itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
+                                                 known=itm_known)
+                result.pop("seconds", None)
+                metrics["itm_hard_negatives"] = result
         metrics["world_size"] = world
         examples = None
         if cfg.eval.report and cfg.eval.num_examples > 0:

@@ -3,6 +3,9 @@
 Both show the same things, in the order a person asks for them:
 1. loss and learning-rate curves of the run (from its ``metrics.jsonl``, when there is one),
 2. the recall table (contrastive and ITM re-ranked),
+   (HTML only) the compositional test per change kind (cosine and ITM accuracy beside the 50 %
+   chance level, one example per kind) and the ITM accuracy on held-out hard negatives, or
+   a one-line note when they were skipped,
 3. example queries: caption -> top-5 images (right ones framed green, wrong ones red) and
    image -> top-5 captions (right ones green).
 
@@ -81,6 +84,93 @@ def recall_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
         row += [f"{metrics[f'{prefix}mean_recall']:.1f}", f"{metrics.get(secs, 0.0):.2f}"]
         rows.append(row)
     return header, rows
+
+
+KIND_LABELS = {
+    "color_swap": "colours swapped between two objects",
+    "relation_flip": "relation flipped (left↔right, above↔below)",
+    "shape_replace": "one shape replaced by one not in the image",
+    "size_swap": "sizes swapped between two objects",
+}
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100.0 * value:.1f}"
+
+
+def compositional_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the compositional table (accuracies in %, chance 50); no rows when
+    the test did not run or was skipped."""
+    comp = metrics.get("compositional")
+    if not isinstance(comp, dict) or "kinds" not in comp:
+        return [], []
+    chance = _pct(comp.get("chance", 0.5))
+    header = ["change", "trials", "cosine: true > changed (%)", "ITM: true > changed (%)", "chance (%)"]
+    rows = [[KIND_LABELS.get(kind, kind), str(r.get("n", 0)), _pct(r.get("cosine_acc")), _pct(r.get("itm_acc")), chance]
+            for kind, r in comp["kinds"].items()]
+    return header, rows
+
+
+def hard_negative_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and the row of the ITM hard-negative table (accuracies in %, chance 50)."""
+    hard = metrics.get("itm_hard_negatives")
+    if not isinstance(hard, dict) or "balanced_acc" not in hard:
+        return [], []
+    header = ["positives", "hard negatives", "accuracy on positives (%)", "accuracy on negatives (%)",
+              "balanced accuracy (%)", "chance (%)"]
+    return header, [[str(hard["num_positives"]), str(hard["num_negatives"]), _pct(hard["positive_acc"]),
+                     _pct(hard["negative_acc"]), _pct(hard["balanced_acc"]), "50.0"]]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _quality_html(metrics: dict) -> list[str]:
+    """The compositional and the ITM hard-negative sections (a note when skipped)."""
+    e = html.escape
+    parts: list[str] = []
+    comp = metrics.get("compositional")
+    if isinstance(comp, dict):
+        parts.append("<h2 id='compositional'>Compositional test</h2>")
+        header, rows = compositional_rows(metrics)
+        if rows:
+            parts += [
+                f"<p>{comp.get('num_images', '?')} held-out images. Each trial pairs an image with its "
+                "caption and the same caption with exactly one thing changed (rendered by the "
+                "generator, so only the changed words differ, and the changed caption is false for the "
+                "image); it counts as right when the true caption scores higher. "
+                f"{e(str(comp.get('ties', 'a tie counts 0.5')).capitalize())}; chance is 50 %.</p>",
+                _html_table(header, rows)]
+            if comp.get("dropped_truncated"):
+                parts.append(f"<p>{comp['dropped_truncated']} (image, change) pairs had their change past "
+                             "<code>data.max_length</code> tokens and are not counted.</p>")
+            if not comp.get("itm", True):
+                parts.append("<p>ITM column empty: the model has no trained ITM head.</p>")
+            ex = comp.get("examples") or {}
+            if ex:
+                parts.append("<table class='examples'><tr><th>change</th><th>true caption</th>"
+                             "<th>changed caption</th></tr>")
+                parts += [f"<tr><td>{e(KIND_LABELS.get(k, k))}</td><td>{e(v['caption'])}</td>"
+                          f"<td>{e(v['changed'])}</td></tr>" for k, v in ex.items()]
+                parts.append("</table>")
+        else:
+            parts.append(f"<p class='note'>Not run: {e(str(comp.get('skipped', 'no result')))}.</p>")
+    hard = metrics.get("itm_hard_negatives")
+    if isinstance(hard, dict):
+        parts.append("<h2 id='itm-hard-negatives'>ITM on held-out hard negatives</h2>")
+        header, rows = hard_negative_rows(metrics)
+        if rows:
+            parts += ["<p>Positives: every caption with its image. Negatives: for each image its "
+                      "highest-cosine caption of another image, and for each caption its highest-cosine "
+                      "other image (distinct pairs). Right when the ITM head says match for a positive "
+                      "and no match for a negative; a tie counts 0.5; balanced accuracy is the mean of "
+                      "the two, chance 50 %.</p>", _html_table(header, rows)]
+        else:
+            parts.append(f"<p class='note'>Not run: {e(str(hard.get('skipped', 'no result')))}.</p>")
+    return parts
 
 
 def _subtitle(metrics: dict) -> str:
@@ -199,6 +289,7 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         ".q{display:flex;align-items:center;gap:10px;margin:10px 0}.cap{width:260px;font-style:italic}"
         ".hit{outline:5px solid " + GREEN + "}.miss{outline:1px solid " + RED + "}"
         ".img{text-align:center;font-size:11px}li.hit{outline:none;color:" + GREEN + ";font-weight:bold}"
+        "table.examples td{text-align:left}.note{color:#666}"
         "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
         "<h1>mmpretrain retrieval report</h1>",
         f"<p>{e(_subtitle(metrics))}</p>",
@@ -206,6 +297,7 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         "<h2>Recall (%)</h2>", table,
         "<p>Ties count against the query: rank = number of wrong candidates scoring at least as high "
         "as the best right one. An image query is right if any of its captions is retrieved.</p>",
+        *_quality_html(metrics),
     ]
     if png_path is not None and Path(png_path).is_file():
         b64 = base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
