@@ -13,6 +13,13 @@ from a different seed stream than the train split.
 Output (docs/ARCHITECTURE.md): ``DIR/train-NNNNNN.tar`` (1 caption per image),
 ``DIR/val-NNNNNN.tar`` (2 differently worded captions per image, two samples sharing
 ``image_id``), ``DIR/manifest.json`` and ``DIR/tokenizer/`` trained on the train captions.
+
+Sample json: ``image_id``, ``source``, ``width``, ``height``, ``caption_index``, the scene
+(``background``, ``texture``, ``objects``: shape, colour, size, grid ``row``/``col``, position
+name, centre, radius) and ``caption_plan`` (``CaptionPlan.to_json()``: the template, the words
+of each object mention in the order named, the stated relation). ``render_caption`` of the plan
+is the sample's caption; the compositional test (mmpretrain.evaluation.compositional) renders it
+again with one thing changed.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ same JSON-able dict on every rank::
 
     embed_heldout(model, cfg, tokenizer, accelerator=None) -> HeldOut
     compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout=None, max_images=0,
-                       itm=None) -> dict
+                       itm=None, known=None) -> dict
         {"num_images": int, "chance": 0.5, "ties": str, "itm": bool, "dropped_truncated": int,
          "kinds": {kind: {"n": int, "cosine_acc": float | None, "itm_acc": float | None}},
          "examples": {kind: {"caption": str, "changed": str}}, "seconds": float}
@@ -58,8 +58,10 @@ same JSON-able dict on every rank::
 ``heldout`` reuses an embedding pass (``run_evaluation`` passes its own); ``max_images`` > 0
 takes the first images in key order; ``itm=None`` means "when the model has an ITM head trained
 with ``loss.itm_weight > 0``" (with ``itm=False`` the compositional ITM accuracies are None);
-``known``: ITM log-odds already computed, ``{(image index, caption index): score}`` (the
-re-ranking's). Accuracies are fractions in [0, 1].
+``known``: ITM log-odds already computed, ``{(image index, caption index): score}`` over
+``heldout.data`` (the same on every rank; ``run_evaluation`` passes the re-ranking's), not
+computed again; ``itm_hard_negatives`` adds the pairs it scores to it, so a following
+``compositional_test(known=...)`` skips the true (image, caption) pairs. Accuracies are fractions in [0, 1].
 
 Distribution: the work is split by the rank holding each image's pixels (the owner in
 ``gather_samples``): no pixels cross ranks; the per-trial scores are merged with one gather.
@@ -300,7 +302,7 @@ def _images_in_order(data: dict, max_images: int) -> tuple[list[int], dict[int, 
 
 @torch.no_grad()
 def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: HeldOut | None = None,
-                       max_images: int = 0, itm: bool | None = None) -> dict:
+                       max_images: int = 0, itm: bool | None = None, known: dict | None = None) -> dict:
     """Per change kind: trials, and how often the true caption beats the changed one by
     cosine and by ITM (module docstring). Every rank calls this; same dict on every rank."""
     from mmpretrain.data.tokenizer import tokenize
@@ -321,6 +323,7 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     # candidates: (image, kind, true caption, changed caption), captions in key order; the same
     # list on every rank
     candidates: list[tuple[int, str, str, str]] = []
+    caption_index: dict[tuple[int, str], int] = {}
     num_images = 0
     for u in images:
         scene = False
@@ -333,6 +336,7 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
             if render_caption(CaptionPlan.from_json(meta["caption_plan"])) != caption:
                 continue  # the plan is not this caption's (re-captioned shards): not usable
             scene = True
+            caption_index[(u, caption)] = t
             candidates += [(u, kind, caption, changed) for kind, changed in make_variants(meta, key).items()]
         num_images += scene
     texts = sorted({c[2] for c in candidates} | {c[3] for c in candidates})
@@ -363,10 +367,14 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     image_emb = data["image_emb"].float()
     itm_of: dict[tuple[int, int], float] = {}
     if itm:
-        pairs = sorted({(trials[n][0], index[trials[n][c]]) for n in mine for c in (2, 3)})
+        for n in mine:  # true pairs scored before (the hard negatives' positives) are not again
+            u, _, caption, _ = trials[n]
+            if (u, caption_index[(u, caption)]) in (known or {}):
+                itm_of[(u, index[caption])] = known[(u, caption_index[(u, caption)])]
+        pairs = sorted({(trials[n][0], index[trials[n][c]]) for n in mine for c in (2, 3)} - set(itm_of))
         sel = torch.tensor([t for _, t in pairs], dtype=torch.long)
         px = [heldout.pixels[data["image_ids"][u]] for u, _ in pairs]
-        itm_of = dict(zip(pairs, ev.itm_logodds(model, cfg, accelerator, px, ids[sel], mask[sel])))
+        itm_of.update(zip(pairs, ev.itm_logodds(model, cfg, accelerator, px, ids[sel], mask[sel])))
     records = []
     for n in mine:
         u, kind, caption, changed = trials[n]
@@ -418,7 +426,7 @@ def itm_hard_negatives(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     queries = [t for u in images for t in captions_of[u]]
     positives = [(int(cap_img[t]), t) for t in queries]
     negatives = sorted({(u, hardest_caption[u]) for u in images} | {(hardest_image[t], t) for t in queries})
-    known = dict(known or {})
+    known = {} if known is None else known  # filled in place: the caller may reuse the scores
     todo = sorted({p for p in positives + negatives if p not in known and data["owner"][p[0]] == rank})
     known.update(ev.itm_scores(model, cfg, accelerator, data, heldout.pixels, todo))
 
@@ -437,12 +445,13 @@ def quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images: int 
     heldout = embed_heldout(model, cfg, tokenizer, accelerator)
     was_training = model.training
     model.eval()
+    known: dict = {}
     try:
-        comp = compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
-                                  max_images=max_images, itm=itm)
-        hard = itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
+        hard = itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout, known=known,
                                   max_images=max_images) if itm is not False else \
             {"skipped": "ITM disabled (itm=False)"}
+        comp = compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
+                                  max_images=max_images, itm=itm, known=known)
     finally:
         if was_training:
             model.train()

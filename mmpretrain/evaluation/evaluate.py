@@ -25,7 +25,7 @@ calls on a checkpoint. Stages, each run by every rank:
 5. compositional test and ITM accuracy on mined hard negatives (``evaluation/compositional.py``,
    ``eval.compositional`` / ``eval.itm_hard_negatives``), on the same embeddings and pixels,
    split by image owner like stage 4 (padded model calls, one gather of the per-trial scores);
-   the hard negatives reuse the re-ranking's ITM scores. Nested under ``"compositional"`` and
+   ITM scores already computed (re-ranking, then the hard negatives' positives) are reused. Nested under ``"compositional"`` and
    ``"itm_hard_negatives"`` in the metrics (their own timing is left out, so ``metrics.json``
    is the same for any world size apart from the ``*_seconds`` keys).
 6. the main process writes ``metrics.json`` and the report; every rank returns the same dict.
@@ -421,16 +421,19 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
             from mmpretrain.evaluation import compositional as comp
 
             heldout = comp.HeldOut(data, local["pixels"])
-            if do_comp:
-                result = comp.compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
-                                                 max_images=int(cfg.eval.compositional_max_images), itm=itm_ok)
-                result.pop("seconds", None)
-                metrics["compositional"] = result
-            if do_hard:
+            if do_hard:  # first: its positives are the compositional test's true pairs (scored once)
                 result = comp.itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
                                                  known=itm_known)
                 result.pop("seconds", None)
-                metrics["itm_hard_negatives"] = result
+                hard = result
+            if do_comp:
+                result = comp.compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
+                                                 max_images=int(cfg.eval.compositional_max_images), itm=itm_ok,
+                                                 known=itm_known)
+                result.pop("seconds", None)
+                metrics["compositional"] = result
+            if do_hard:
+                metrics["itm_hard_negatives"] = hard
         metrics["world_size"] = world
         examples = None
         if cfg.eval.report and cfg.eval.num_examples > 0:
