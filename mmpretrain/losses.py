@@ -6,7 +6,9 @@ identity and no process-group call is made):
 - ``info_nce(image_emb, text_emb, logit_scale, gather=True, cache=None)``
 - ``triplet_loss(image_emb, text_emb, margin=0.2, gather=True, hardest=True, image_ids=None)``
 - ``sample_itm_negatives(sim_i2t, sim_t2i, image_ids_local, image_ids_global, generator, floor)``
-- ``itm_labels(...)``, ``itm_loss(logits, labels)``
+- ``itm_labels(...)``, ``itm_loss(logits, labels)``, ``itm_uniform_share(step, ...)`` (the
+  hardness curriculum), ``select_hardest(hardness, fraction)`` (score a share of the batch)
+- ``mlm_mask(input_ids, attention_mask, generator, ...)``, ``mlm_loss(logits, labels)``
 - ``combined(parts, loss_cfg)`` -> ``{"loss": weighted total, each part detached}``
 - ``FeatureCache`` (gradient accumulation with a contrastive batch as large as the accumulated
   batch)
@@ -40,10 +42,20 @@ negatives. Fallbacks: a row without valid mass (all candidates share its image i
 softmax is not finite) samples uniformly among all other columns; with N = 1 it takes the
 positive itself. A "negative" that shares the image id is then labelled 1 (matching): labels
 always come from image-id equality, never from the role the pair was sampled for.
+Curriculum (``uniform_mix``): the weights are ``(1 - a) * softmax + a * uniform`` over the valid
+candidates before the floor, with ``a`` a function of the model's forward counter only
+(``itm_uniform_share``), so it is the same on every rank and after a resume.
 The chosen rows (ids/masks, pixels) are fetched without gradient (``distributed.fetch_rows``:
 indices first, then an all-to-all of the chosen rows, O(B) per rank) and the fused pass runs
 locally on B positive + 2B negative pairs; the loss is a 2-way cross-entropy averaged over the
 3B pairs (same scaling argument: DDP averaging gives the single-process gradient exactly).
+
+Losses averaged over a variable number of items (ITM with ``itm_fraction < 1``, MLM over the
+masked tokens): rank r holds ``n_r`` items with loss sum ``S_r``; the single-process loss is
+``sum_r S_r / sum_r n_r``. Rank r computes ``S_r / mean_q n_q`` (one scalar all-reduce of the
+count, no gradient): the mean over ranks of that is exactly the global mean, and so is DDP's
+gradient average. Which items are chosen depends only on global quantities (the seeded
+generator drawn for all N rows, gathered hardness scores), never on the partition.
 
 Gradient accumulation with a feature cache (GradCache / open_clip accum-freq)
 ----------------------------------------------------------------------------
@@ -65,6 +77,7 @@ forward (dropout 0) so cached and fresh embeddings agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -74,7 +87,8 @@ from mmpretrain import distributed as D
 
 __all__ = [
     "FeatureCache", "info_nce", "triplet_loss", "ItmNegatives", "sample_itm_negatives",
-    "itm_labels", "itm_loss", "combined", "report_global",
+    "itm_labels", "itm_loss", "combined", "report_global", "global_item_mean", "itm_uniform_share",
+    "select_hardest", "mlm_mask", "mlm_loss",
 ]
 
 
@@ -248,12 +262,15 @@ class ItmNegatives(NamedTuple):
 
 
 def _sample_rows(sim: torch.Tensor, valid: torch.Tensor, pos_cols: torch.Tensor, u: torch.Tensor,
-                 floor: float) -> torch.Tensor:
+                 floor: float, uniform_mix: float = 0.0) -> torch.Tensor:
     b, n = sim.shape
     dev = sim.device
     sim = sim.detach().double()
     masked = sim.masked_fill(~valid, float("-inf"))
     p = torch.softmax(masked, dim=1)
+    if uniform_mix > 0:
+        uni = valid.double() / valid.sum(dim=1, keepdim=True).clamp(min=1).double()
+        p = (1.0 - uniform_mix) * p + uniform_mix * uni
     w = torch.where(valid, p + floor, torch.zeros_like(p))
     bad = ~torch.isfinite(w).all(dim=1) | (w.sum(dim=1) <= 0)
     if bad.any():  # fallback: uniform over every other column; itself only when N == 1
@@ -272,13 +289,15 @@ def _sample_rows(sim: torch.Tensor, valid: torch.Tensor, pos_cols: torch.Tensor,
 @torch.no_grad()
 def sample_itm_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids_local: torch.Tensor,
                          image_ids_global: torch.Tensor, generator: torch.Generator | None = None,
-                         floor: float = 1e-4, row_offset: int | None = None) -> ItmNegatives:
+                         floor: float = 1e-4, row_offset: int | None = None,
+                         uniform_mix: float = 0.0) -> ItmNegatives:
     """Choose one negative text per local image and one negative image per local text.
 
     ``sim_i2t``: [B, N] local images x global texts; ``sim_t2i``: [B, N] local texts x global
     images (detached; the model passes ``logit_scale * cosine``). ``image_ids_local`` [B],
     ``image_ids_global`` [N]. ``generator``: CPU generator in the same state on every rank (it is
     advanced by 2N uniforms). ``row_offset``: global index of local row 0 (default rank * B).
+    ``uniform_mix``: share of uniform weight over the valid candidates (the curriculum).
     Returns global column indices and the ITM labels of the chosen pairs (see module docstring).
     """
     b, n = sim_i2t.shape
@@ -290,8 +309,11 @@ def sample_itm_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids
     ids_g = image_ids_global.to(dev).view(1, -1)
     valid = ids_l != ids_g
     pos_cols = row_offset + torch.arange(b, device=dev)
-    t_idx = _sample_rows(sim_i2t, valid, pos_cols, u[:, 0], floor)
-    i_idx = _sample_rows(sim_t2i, valid, pos_cols, u[:, 1], floor)
+    a = float(uniform_mix)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {a}")
+    t_idx = _sample_rows(sim_i2t, valid, pos_cols, u[:, 0], floor, a)
+    i_idx = _sample_rows(sim_t2i, valid, pos_cols, u[:, 1], floor, a)
     ids_lv = image_ids_local.to(dev)
     ids_gv = image_ids_global.to(dev)
     return ItmNegatives(t_idx, i_idx, (ids_gv[t_idx] == ids_lv).long(), (ids_gv[i_idx] == ids_lv).long())
@@ -303,22 +325,103 @@ def itm_labels(neg: ItmNegatives) -> torch.Tensor:
     return torch.cat([ones, neg.text_label, neg.image_label])
 
 
+def global_item_mean(local_sum: torch.Tensor, local_count) -> torch.Tensor:
+    """``local_sum / mean_over_ranks(count)`` reported as the global mean (module docstring:
+    losses over a variable number of items). Exact for any split of the items over ranks."""
+    count = torch.as_tensor(float(local_count), dtype=torch.float32, device=local_sum.device)
+    mean_count = D.global_mean(count).clamp(min=1.0).to(local_sum.dtype)
+    return report_global(local_sum / mean_count)
+
+
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-way cross-entropy (fp32) averaged over the local pairs, reported as the global mean;
-    returns ``(loss, accuracy)`` (accuracy detached, global)."""
+    """2-way cross-entropy (fp32) averaged over the pairs of all ranks (each rank may hold a
+    different number); returns ``(loss, accuracy)`` (accuracy detached, global)."""
     logits = _f32(logits)
-    loss = report_global(F.cross_entropy(logits, labels))
-    acc = D.global_mean((logits.argmax(dim=1) == labels).float().mean())
+    n = labels.shape[0]
+    loss = global_item_mean(F.cross_entropy(logits, labels, reduction="sum"), n)
+    correct = (logits.argmax(dim=1) == labels).float().sum().detach()
+    acc = global_item_mean(correct, n).detach()
     return loss, acc
+
+
+def itm_uniform_share(step: int, curriculum_steps: int, final_mix: float) -> float:
+    """The curriculum: uniform share 1 at forward 0 falling linearly to ``final_mix`` at
+    ``curriculum_steps`` (constant ``final_mix`` without a curriculum)."""
+    if curriculum_steps <= 0:
+        return float(final_mix)
+    t = min(max(step, 0) / float(curriculum_steps), 1.0)
+    return float(1.0 - (1.0 - final_mix) * t)
+
+
+@torch.no_grad()
+def select_hardest(hardness_local: torch.Tensor, fraction: float, gather: bool = True) -> torch.Tensor:
+    """Bool mask of this rank's rows among the ``ceil(fraction * N)`` hardest of the global batch
+    (largest ``hardness``; ties to the lower global index), the same choice one process holding
+    the global batch makes. ``fraction >= 1`` keeps every row."""
+    b = hardness_local.shape[0]
+    if fraction >= 1.0:
+        return torch.ones(b, dtype=torch.bool, device=hardness_local.device)
+    h = hardness_local.detach().double()
+    h_all = D.all_gather_no_grad(h) if gather else h
+    n = h_all.shape[0]
+    k = max(1, math.ceil(float(fraction) * n))
+    order = torch.sort(h_all.cpu(), descending=True, stable=True).indices[:k]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[order] = True
+    off = D.get_rank() * b if gather else 0
+    return chosen[off:off + b].to(hardness_local.device)
+
+
+# ----------------------------------------------------------------------------- MLM
+
+@torch.no_grad()
+def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None,
+             prob: float, mask_token_id: int, vocab_size: int, row_offset: int = 0,
+             num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of this rank's captions, chosen as one process holding all ``num_rows``
+    global rows would: uniforms are drawn for every global row from ``generator`` (in the same
+    state on every rank) and rows ``row_offset ..`` are used. Candidates: real tokens except the
+    first ([CLS]) and the last real one ([SEP]). Of the chosen, 80 % become ``mask_token_id``,
+    10 % a random token, 10 % stay. Returns ``(masked_ids, labels)``; labels are -100 where no
+    prediction is made."""
+    b, n_tok = input_ids.shape
+    num_rows = b if num_rows is None else int(num_rows)
+    u = torch.rand(num_rows, n_tok, 2, generator=generator, dtype=torch.float64)[row_offset:row_offset + b]
+    rnd = torch.randint(int(vocab_size), (num_rows, n_tok), generator=generator)[row_offset:row_offset + b]
+    u, rnd = u.to(input_ids.device), rnd.to(input_ids.device)
+    real = attention_mask.bool()
+    lengths = real.long().sum(dim=1, keepdim=True)
+    pos = torch.arange(n_tok, device=input_ids.device).unsqueeze(0)
+    candidate = real & (pos > 0) & (pos < lengths - 1)
+    chosen = candidate & (u[..., 0] < prob)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    to_mask = chosen & (u[..., 1] < 0.8)
+    to_random = chosen & (u[..., 1] >= 0.8) & (u[..., 1] < 0.9)
+    ids = torch.where(to_mask, torch.full_like(input_ids, int(mask_token_id)), input_ids)
+    ids = torch.where(to_random, rnd.to(input_ids.dtype), ids)
+    return ids, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the predicted tokens of all ranks (``logits`` [M, V] and ``labels`` [M]
+    of this rank's chosen tokens, M may differ per rank); returns ``(loss, accuracy)``."""
+    logits = _f32(logits)
+    m = labels.shape[0]
+    loss = global_item_mean(F.cross_entropy(logits, labels, reduction="sum"), m)
+    correct = (logits.argmax(dim=1) == labels).float().sum().detach() if m else logits.new_zeros(())
+    return loss, global_item_mean(correct, m).detach()
 
 
 # ----------------------------------------------------------------------------- combined
 
 def combined(parts: dict, loss_cfg) -> dict:
-    """``{"loss": contrastive_weight * loss_itc + itm_weight * loss_itm, **detached parts}``."""
+    """``{"loss": contrastive_weight * loss_itc + itm_weight * loss_itm + mlm_weight * loss_mlm,
+    **detached parts}``."""
     total = loss_cfg.contrastive_weight * _f32(parts["loss_itc"])
     if "loss_itm" in parts and loss_cfg.itm_weight:
         total = total + loss_cfg.itm_weight * _f32(parts["loss_itm"])
+    if "loss_mlm" in parts and getattr(loss_cfg, "mlm_weight", 0.0):
+        total = total + loss_cfg.mlm_weight * _f32(parts["loss_mlm"])
     out = {"loss": total}
     out.update({k: (_f32(v.detach()) if torch.is_tensor(v) else v) for k, v in parts.items()})
     return out

@@ -34,5 +34,15 @@ class DataConfig:
     """Images above this pixel count are rejected before decoding."""
     train_crop: str = "random_resized"
     """'random_resized' or 'center' crop for training images."""
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """Area range kept by the random-resized training crop. Near 1 by default: captions describe
+    the whole image (every object and where it is), so a small crop makes them false."""
     resample: bool = False
     """Sample shards with replacement (infinite stream) instead of epochs."""
+
+    def __post_init__(self):
+        scale = list(self.train_crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
+        if self.train_crop not in ("random_resized", "center"):
+            raise ValueError(f"data.train_crop: {self.train_crop!r} is not 'random_resized' or 'center'")

@@ -647,6 +647,7 @@ class _Worker:
             return
         raw_pos = 0
         size, max_pixels, train, crop = ds.image_size, ds.max_pixels, ds.train, ds.train_crop
+        crop_scale = tuple(ds.train_crop_scale)
         # crop seed = stable_hash((seed, epoch, key, pass_no)): the tuple's text, built from a prefix
         seed_prefix = str((ds.seed, ds.epoch))[:-1] + ", "
         pixels = np.empty((b, 3, size, size), dtype=np.uint8)  # the batch, filled in place
@@ -663,7 +664,7 @@ class _Worker:
                 crop_seed = _hash_text(f"{seed_prefix}{s.key!r}, {s.pass_no!r})")
                 try:
                     hwc = decode_and_crop_hwc(s.image, size, max_pixels=max_pixels, train=train, crop=crop,
-                                              seed=crop_seed)
+                                              seed=crop_seed, scale=crop_scale)
                 except BadSample as e:
                     self._count(e.reason, f"{s.key}: {e}", s.pass_no)
                     continue
@@ -933,6 +934,7 @@ class ShardLoader:
                              train=self.train, batch=self.batch, tokenizer=self.tokenizer,
                              max_length=cfg.max_length, image_size=cfg.image_size,
                              max_pixels=cfg.max_image_pixels, train_crop=cfg.train_crop,
+                             train_crop_scale=tuple(cfg.train_crop_scale),
                              shuffle_buffer=cfg.shuffle_buffer, skip_batches=skip_batches, skip_raw=skip_raw,
                              rotate=done % k)
 

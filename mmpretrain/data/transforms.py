@@ -9,9 +9,13 @@
   resolution, which is the bulk of the decode speed-up for large photos.
 * ``eval_transform``: shorter side to ``size`` then center crop (torchvision
   ``Resize(size) + CenterCrop(size)`` as one resample of the centered square).
-* ``train_transform``: random-resized-crop (torchvision's parameters: scale (0.08, 1), ratio
-  (3/4, 4/3), 10 tries then center fallback) seeded per sample, so a sample gets the same crop
-  whatever worker or position it lands in. No horizontal flip: captions name left/right.
+* ``train_transform``: random-resized-crop (torchvision's algorithm: area ``scale`` — default
+  (0.9, 1.0), ``data.train_crop_scale`` — ratio (3/4, 4/3), 10 tries then center fallback)
+  seeded per sample, so a sample gets the same crop whatever worker or position it lands in.
+  The scale keeps nearly the whole image because image-text captions describe the whole image:
+  the synthetic captions name every object and where it is ("top left", "left of"), so a crop
+  that keeps 8 % of the image (torchvision's default, made for labels that survive cropping)
+  makes the caption false. No horizontal flip either: captions name left/right.
 * ``normalize(pixels_uint8, mean, std, dtype)``: ``(x / 255 - mean) / std`` computed in fp32 on
   the tensor's device, then cast — the numbers of torchvision ``Normalize`` on ``ToTensor``.
 """
@@ -26,6 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+
+DEFAULT_CROP_SCALE = (0.9, 1.0)
+"""Area range of the random-resized training crop (open_clip's default)."""
 
 
 class BadSample(Exception):
@@ -130,28 +138,31 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def crop_box(w: int, h: int, train: bool, crop: str, seed: int | None):
+def crop_box(w: int, h: int, train: bool, crop: str, seed: int | None, scale=DEFAULT_CROP_SCALE):
     """The crop box (original pixels) a sample gets."""
     if train and crop == "random_resized":
-        return random_resized_box(w, h, random.Random(seed))
+        return random_resized_box(w, h, random.Random(seed), scale=tuple(scale))
     return center_box(w, h)
 
 
 def decode_and_crop_hwc(data: bytes, size: int, *, max_pixels: int, train: bool = False,
-                        crop: str = "random_resized", seed: int | None = None) -> np.ndarray:
+                        crop: str = "random_resized", seed: int | None = None,
+                        scale=DEFAULT_CROP_SCALE) -> np.ndarray:
     """Bytes -> uint8 numpy ``[size, size, 3]``: header + pixel guard, then decode (one parse).
     Raises ``BadSample`` for corrupt/oversized images."""
     img = open_image(data, max_pixels)
-    box = crop_box(*img.size, train, crop, seed)
+    box = crop_box(*img.size, train, crop, seed, scale)
     img, box = load_image(img, max_pixels, box, size)
     out = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None)
     return np.asarray(out, dtype=np.uint8)
 
 
 def decode_and_crop(data: bytes, size: int, *, max_pixels: int, train: bool = False,
-                    crop: str = "random_resized", seed: int | None = None) -> torch.Tensor:
+                    crop: str = "random_resized", seed: int | None = None,
+                    scale=DEFAULT_CROP_SCALE) -> torch.Tensor:
     """Bytes -> uint8 ``[3, size, size]`` (see ``decode_and_crop_hwc``)."""
-    arr = decode_and_crop_hwc(data, size, max_pixels=max_pixels, train=train, crop=crop, seed=seed)
+    arr = decode_and_crop_hwc(data, size, max_pixels=max_pixels, train=train, crop=crop, seed=seed,
+                              scale=scale)
     return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
 
 
@@ -170,8 +181,8 @@ def eval_transform(data: bytes, size: int, max_pixels: int = 50_000_000) -> torc
 
 
 def train_transform(data: bytes, size: int, seed: int, max_pixels: int = 50_000_000,
-                    crop: str = "random_resized") -> torch.Tensor:
-    return decode_and_crop(data, size, max_pixels=max_pixels, train=True, crop=crop, seed=seed)
+                    crop: str = "random_resized", scale=DEFAULT_CROP_SCALE) -> torch.Tensor:
+    return decode_and_crop(data, size, max_pixels=max_pixels, train=True, crop=crop, seed=seed, scale=scale)
 
 
 def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],

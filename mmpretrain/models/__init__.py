@@ -8,10 +8,12 @@ with the same shapes each step.
 
 ``forward(pixels, input_ids, attention_mask, image_ids, feature_cache=None, mode="loss")``:
 - ``mode="features"`` -> ``{"image_emb", "text_emb"}`` (L2-normalised, [B, E]).
-- ``mode="loss"`` -> ``{"loss", "loss_itc", "loss_itm", "itm_acc", "logit_scale"}``; ``loss``
-  is the weighted total (fp32, with gradient), the others detached scalars. ``loss_itc`` is the
-  contrastive part (InfoNCE, or the triplet hinge with ``loss.contrastive: triplet``).
-  ``loss_itm``/``itm_acc`` are present when ``loss.itm_weight > 0``.
+- ``mode="loss"`` -> ``{"loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc",
+  "logit_scale"}``; ``loss`` is the weighted total (fp32, with gradient), the others detached
+  scalars. ``loss_itc`` is the contrastive part (InfoNCE, or the triplet hinge with
+  ``loss.contrastive: triplet``). ``loss_itm``/``itm_acc`` are present when
+  ``loss.itm_weight > 0``, ``loss_mlm``/``mlm_acc`` when ``loss.mlm_weight > 0``. The ITM pairs
+  and the MLM pairs (image + masked caption) run through one fused pass.
 - ``feature_cache`` (``mmpretrain.losses.FeatureCache``): InfoNCE over the whole accumulated
   batch. Trainer recipe for M micro-batches:
   ``with torch.no_grad(): feats = [model(*mb, mode="features") for mb in micro_batches]``;
@@ -45,7 +47,7 @@ class PretrainModel(nn.Module):
         if model_cfg.arch == "unified":
             from mmpretrain.models.unified import UnifiedTransformer
 
-            self.backbone = UnifiedTransformer(model_cfg, vocab_size)
+            self.backbone = UnifiedTransformer(model_cfg, vocab_size, mlm=loss_cfg.mlm_weight > 0)
         elif model_cfg.arch == "dual_encoder":
             from mmpretrain.models.dual_encoder import DualEncoder
 
@@ -54,6 +56,14 @@ class PretrainModel(nn.Module):
             raise ValueError(f"model.arch: {model_cfg.arch!r} is not 'unified' or 'dual_encoder'")
         if loss_cfg.contrastive not in ("infonce", "triplet"):
             raise ValueError(f"loss.contrastive: {loss_cfg.contrastive!r} is not 'infonce' or 'triplet'")
+        if loss_cfg.mlm_weight > 0 and model_cfg.arch != "unified":
+            raise ValueError("loss.mlm_weight > 0 needs model.arch=unified (MLM reads the fused text tokens)")
+        if not 0 < loss_cfg.itm_fraction <= 1:
+            raise ValueError(f"loss.itm_fraction must be in (0, 1], got {loss_cfg.itm_fraction}")
+        if not 0 < loss_cfg.mlm_prob < 1:
+            raise ValueError(f"loss.mlm_prob must be in (0, 1), got {loss_cfg.mlm_prob}")
+        if not 0 <= loss_cfg.itm_random_mix <= 1 or loss_cfg.itm_curriculum_steps < 0:
+            raise ValueError("loss.itm_random_mix must be in [0, 1] and loss.itm_curriculum_steps >= 0")
         if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
             raise ValueError(f"loss.itm_exchange: {loss_cfg.itm_exchange!r} is not 'all_to_all' or 'all_gather'")
         self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
@@ -105,11 +115,16 @@ class PretrainModel(nn.Module):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _itm_generator(self) -> torch.Generator:
+    def _next_step(self) -> int:
+        """The forward counter of the seeded samplers (advanced by training forwards only)."""
         step = int(self.itm_step.item()) if self.training else 0
         if self.training:
             self.itm_step += 1
-        return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step)
+        return step
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking."""
+        return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step + stream * (1 << 40))
 
     # ------------------------------------------------------------------ forward
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -148,7 +163,13 @@ class PretrainModel(nn.Module):
                                                hardest=lc.triplet_hardest, image_ids=image_ids, gathered=gathered)
         parts["logit_scale"] = scale.detach().reshape(())
 
-        if lc.itm_weight > 0:
+        use_itm, use_mlm = lc.itm_weight > 0, lc.mlm_weight > 0
+        if not (use_itm or use_mlm):
+            return L.combined(parts, lc)
+        step = self._next_step()
+        n_img = xi.shape[1]
+        chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # fused-pass inputs
+        if use_itm:
             t0 = self._now()
             img_all, txt_all, off = gathered
             with torch.no_grad():
@@ -156,8 +177,9 @@ class PretrainModel(nn.Module):
                 s = scale.detach().to(dt)
                 sim_i2t = s * img_emb.detach().to(dt) @ txt_all.detach().to(dt).t()
                 sim_t2i = s * txt_emb.detach().to(dt) @ img_all.detach().to(dt).t()
-            neg = L.sample_itm_negatives(sim_i2t, sim_t2i, image_ids, ids_global, self._itm_generator(),
-                                         lc.itm_floor, row_offset=off)
+            share = L.itm_uniform_share(step, lc.itm_curriculum_steps, lc.itm_random_mix)
+            neg = L.sample_itm_negatives(sim_i2t, sim_t2i, image_ids, ids_global, self._generator(step, 0),
+                                         lc.itm_floor, row_offset=off, uniform_mix=share)
             text_rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
             if gather:
                 text_rows = D.fetch_rows(text_rows, neg.text_idx, lc.itm_exchange)
@@ -166,13 +188,45 @@ class PretrainModel(nn.Module):
                 text_rows, neg_pixels = text_rows[neg.text_idx], pixels[neg.image_idx]
             n_txt = input_ids.shape[1]
             neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
+            rows = torch.arange(b, device=sim_i2t.device)
+            hardness = sim_i2t[rows, neg.text_idx.to(sim_i2t.device)] + sim_t2i[rows, neg.image_idx.to(sim_i2t.device)]
+            keep = L.select_hardest(hardness, lc.itm_fraction, gather).to(xi.device)
+            labels = L.itm_labels(neg)
+            if not bool(keep.all()):
+                xi_k, xt_k, am_k = xi[keep], xt[keep], attention_mask[keep]
+                neg_ids, neg_mask, neg_pixels = neg_ids[keep], neg_mask[keep], neg_pixels[keep]
+                labels = labels.view(3, b)[:, keep.to(labels.device)].reshape(-1)
+            else:
+                xi_k, xt_k, am_k = xi, xt, attention_mask
             self._tick("itm_mining", t0)
             neg_xt = bb.text_inputs(neg_ids, neg_mask)
             neg_xi = bb.image_inputs(neg_pixels)
-            fused = bb.fuse(torch.cat([xi, xi, neg_xi]), torch.cat([xt, neg_xt, xt]),
-                            torch.cat([attention_mask, neg_mask, attention_mask]))
-            logits = bb.itm_logits_from_fused(fused)
-            parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, L.itm_labels(neg))
+            chunks += [(xi_k, xt_k, am_k), (xi_k, neg_xt, neg_mask), (neg_xi, xt_k, am_k)]
+        if use_mlm:
+            if lc.mlm_mask_token_id < 0:
+                raise ValueError("loss.mlm_mask_token_id is not set (the trainer fills it from the tokenizer)")
+            n_rows = b * D.get_world_size() if gather else b
+            mlm_ids, mlm_labels = L.mlm_mask(input_ids, attention_mask, self._generator(step, 1), lc.mlm_prob,
+                                             lc.mlm_mask_token_id, self.vocab_size,
+                                             D.get_rank() * b if gather else 0, n_rows)
+            chunks.append((xi, bb.text_inputs(mlm_ids, attention_mask), attention_mask))
+        sizes = [c[0].shape[0] for c in chunks]
+        fused_in = [torch.cat([c[j] for c in chunks]) for j in range(3)]
+        if not hasattr(bb, "fuse_tokens"):  # dual encoder: its fusion head returns the read-out
+            readout = bb.fuse(*fused_in)
+        else:  # unified: one fused pass over the ITM and MLM pairs together
+            pieces = list(torch.split(bb.fuse_tokens(*fused_in), sizes))
+            if use_mlm:
+                text_tok = pieces.pop()[:, n_img:]
+                chosen = mlm_labels != -100
+                parts["loss_mlm"], parts["mlm_acc"] = L.mlm_loss(bb.mlm_logits(text_tok[chosen]),
+                                                                 mlm_labels[chosen])
+            if use_itm:
+                readout = torch.cat(pieces)[:, bb.readout_index(n_img)]
+        if use_itm:
+            logits = bb.itm_logits_from_fused(readout)
+            parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, labels.to(logits.device))
+            parts["itm_uniform_share"] = torch.tensor(float(share), device=logits.device)
         return L.combined(parts, lc)
 
 

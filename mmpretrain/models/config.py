@@ -41,6 +41,9 @@ class ModelConfig:
     tokens) or 'cls' (the [CLS] token); the dual_encoder image tower always mean-pools."""
     fusion_depth: int = 1
     """dual_encoder + cross_attention: number of (text -> image) cross-attention layers."""
+    itm_readout: str = "text_cls"
+    """unified: the fused-pass token the ITM head reads (through its dense+tanh pooler):
+    'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""
 
 
 @dataclass
@@ -63,3 +66,20 @@ class LossConfig:
     only the chosen rows travel, O(B) per rank) or 'all_gather' (every rank's rows, O(W*B))."""
     triplet_hardest: bool = True
     """triplet: hinge on the hardest negative (VSE++); false sums the hinge over all negatives."""
+    itm_random_mix: float = 0.0
+    """Share of the ITM negative-sampling distribution that is uniform over the valid negatives
+    once the curriculum is over (0: purely hardness-weighted, as ALBEF)."""
+    itm_curriculum_steps: int = 0
+    """Training forwards over which the uniform share falls linearly from 1 (random negatives)
+    to ``itm_random_mix`` (0: no curriculum). Counted by the model's saved forward counter."""
+    itm_fraction: float = 1.0
+    """Share of the global batch whose ITM triplets (positive, negative text, negative image) are
+    scored, hardest mined negatives first (1: every row). Cuts the 3 fused passes per sample."""
+    mlm_weight: float = 0.0
+    """Masked language modelling on the fused pass (image + masked caption; ViLT/ALBEF/VLMo).
+    0 disables it. unified arch only."""
+    mlm_prob: float = 0.15
+    """Share of caption tokens (not [CLS], the last token, or padding) chosen for MLM; of
+    those 80 % become the mask token, 10 % a random token, 10 % stay (BERT)."""
+    mlm_mask_token_id: int = -1
+    """Id of the mask token; -1: the tokenizer's (filled in by the trainer)."""

@@ -187,6 +187,21 @@ class ItmHead(nn.Module):
         return self.fc(torch.tanh(self.pooler(cls)))
 
 
+class MlmHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then a decoder to the vocabulary (its own
+    weights, not tied to the word embeddings: ZeRO-3 reads a parameter only inside its owner)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.act(self.dense(x))))
+
+
 def key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, N] 1/0 mask -> additive [B, 1, 1, N] mask for scaled_dot_product_attention."""
     add = torch.zeros(mask.shape, dtype=dtype, device=mask.device)

@@ -12,9 +12,10 @@ One set of weights:
   padding mask; ``emb`` from the mean over non-padding tokens (or the text [CLS], position 0).
 - ``fuse(image_tokens, text_tokens, text_mask) -> [B, width]``: *input-level* tokens (from
   ``image_inputs``/``text_inputs``) concatenated ``[image; text]`` and run through the same
-  stack (padding keys masked); returns the final-norm output at position 0 (image [CLS]),
-  which feeds ``itm_head``. Without experts, ``fuse`` with zero text tokens equals
-  ``encode_image``'s [CLS] token.
+  stack (padding keys masked); returns the final-norm output of the ITM read-out token
+  (``itm_readout``: the text [CLS] — ViLT's layout, the default — or the image [CLS]), which
+  feeds ``itm_head`` (dense + tanh pooler, 2-way classifier). ``fuse_tokens`` returns every
+  fused token; ``mlm_logits(fused_text_tokens)`` predicts the vocabulary for MLM.
 
 With ``modality_experts`` (VLMo): unimodal passes use the image (``mlp``) or text
 (``mlp_text``) FFN in every block; the fused pass routes image tokens to the image FFN and text
@@ -33,7 +34,7 @@ from mmpretrain.models.config import ModelConfig
 
 
 class UnifiedTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mlm: bool = False):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
@@ -45,6 +46,12 @@ class UnifiedTransformer(nn.Module):
         self.image_proj = Lx.Projection(w, cfg.embed_dim)
         self.text_proj = Lx.Projection(w, cfg.embed_dim)
         self.itm_head = Lx.ItmHead(w)
+        # the MLM head exists only when the loss uses it (no unused parameters under DDP)
+        self.mlm_head = Lx.MlmHead(w, vocab_size) if mlm else None
+        if cfg.itm_readout not in ("text_cls", "image_cls"):
+            raise ValueError(f"model.itm_readout: {cfg.itm_readout!r} is not 'text_cls' or 'image_cls'")
+        if self.mlm_head is not None:
+            Lx.init_weights(self.mlm_head)
         Lx.init_weights(self.blocks)
         Lx.init_weights(self.norm)
         Lx.init_weights(self.image_proj)
@@ -108,13 +115,24 @@ class UnifiedTransformer(nn.Module):
         return self.text_features(self.text_inputs(input_ids, attention_mask), attention_mask)
 
     # ------------------------------------------------------------------ fused
-    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def fuse_tokens(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Every final-norm token of the fused pass ``[image; text]``: [B, N_img + L, width]."""
         b, n_img = image_tokens.shape[:2]
         text_tokens = text_tokens.to(image_tokens.dtype)
         x = torch.cat([image_tokens, text_tokens], dim=1)
         mask = torch.cat([torch.ones(b, n_img, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
-        tokens = self._run(x, mask, self._fused_routes(), n_img)
-        return tokens[:, 0]
+        return self._run(x, mask, self._fused_routes(), n_img)
+
+    def readout_index(self, n_image_tokens: int) -> int:
+        return n_image_tokens if self.cfg.itm_readout == "text_cls" else 0
+
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.fuse_tokens(image_tokens, text_tokens, text_mask)
+        return tokens[:, self.readout_index(image_tokens.shape[1])]
+
+    def mlm_logits(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of fused text tokens ([..., width] -> [..., vocab])."""
+        return self.mlm_head(text_tokens)
 
     def itm_logits_from_fused(self, fused: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused)

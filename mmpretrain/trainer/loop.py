@@ -363,6 +363,10 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     with accelerator.main_process_first():  # 'auto' may train the tokenizer once, on rank 0
         tokenizer = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
     vocab_size = len(tokenizer)
+    if cfg.loss.mlm_weight > 0 and cfg.loss.mlm_mask_token_id < 0:
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {cfg.data.tokenizer!r} has no mask token")
+        cfg.loss.mlm_mask_token_id = int(tokenizer.mask_token_id)  # recorded in the checkpoint config
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.loss, vocab_size)
