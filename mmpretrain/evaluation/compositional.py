@@ -32,36 +32,40 @@ on a positive when ``logit[1] > logit[0]``, on a negative when ``logit[1] < logi
 counts 0.5 (so a constant model scores 0.5 everywhere). ``balanced_acc`` is the mean of the
 positive and the negative accuracy.
 
-Public API (``mmpretrain eval`` calls it from ``run_evaluation``; ``mmpretrain bench quality``
-may call ``quality_metrics``). ``model``: the model as ``run_evaluation`` gets it (DDP/DeepSpeed
-prepared or plain; used through ``forward(..., mode="features")`` for the image embeddings, the
-same as the retrieval evaluation's, ``encode_text`` and ``itm_logits`` only); ``cfg``: the full config (``cfg.data``: held-out
-shards, eval transform and tokenization exactly as ``evaluate.py``; ``cfg.eval.batch_size``);
-``accelerator``: None for one process. Every function must be called on every rank (model calls
-are padded to the same number on every rank, as in ``evaluate.py``: ZeRO-3) and returns the
-same JSON-able dict on every rank::
+Public API. ``mmpretrain eval`` runs both inside ``run_evaluation``; ``mmpretrain bench
+quality`` (or any caller with a model) can use the entry points in ``evaluate.py`` that embed
+the held-out set first (that module imports this one, never the other way round)::
 
-    embed_heldout(model, cfg, tokenizer, accelerator=None) -> HeldOut
-    compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout=None, max_images=0,
-                       itm=None, known=None) -> dict
+    from mmpretrain.evaluation.evaluate import embed_heldout, quality_metrics
+    quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images=0, itm=None)
+        -> {"compositional": <compositional_test dict>, "itm_hard_negatives": <dict>}
+    embed_heldout(model, cfg, tokenizer, accelerator=None) -> HeldOut   # one embedding pass
+
+    compositional_test(heldout, tokenizer, *, max_images=0, itm=None, known=None) -> dict
         {"num_images": int, "chance": 0.5, "ties": str, "itm": bool, "dropped_truncated": int,
          "kinds": {kind: {"n": int, "cosine_acc": float | None, "itm_acc": float | None}},
          "examples": {kind: {"caption": str, "changed": str}}, "seconds": float}
         or {"skipped": str} when no held-out sample has scene metadata.
-    itm_hard_negatives(model, cfg, tokenizer, *, accelerator=None, heldout=None, known=None,
-                       max_images=0) -> dict
+    itm_hard_negatives(heldout, *, known=None, max_images=0) -> dict
         {"num_positives", "num_negatives", "positive_acc", "negative_acc", "balanced_acc",
-         "seconds"} or {"skipped": str}
-    quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images=0, itm=None)
-        -> {"compositional": dict, "itm_hard_negatives": dict}   (embeds the held-out set once)
+         "seconds"} or {"skipped": str} (no trained ITM head, fewer than 2 images)
 
-``heldout`` reuses an embedding pass (``run_evaluation`` passes its own); ``max_images`` > 0
-takes the first images in key order; ``itm=None`` means "when the model has an ITM head trained
-with ``loss.itm_weight > 0``" (with ``itm=False`` the compositional ITM accuracies are None);
-``known``: ITM log-odds already computed, ``{(image index, caption index): score}`` over
-``heldout.data`` (the same on every rank; ``run_evaluation`` passes the re-ranking's), not
-computed again; ``itm_hard_negatives`` adds the pairs it scores to it, so a following
-``compositional_test(known=...)`` skips the true (image, caption) pairs. Accuracies are fractions in [0, 1].
+``model``: as ``run_evaluation`` gets it (DDP/DeepSpeed prepared or plain; used through
+``forward(..., mode="features")`` for the image embeddings, the same as the retrieval
+evaluation's, ``encode_text`` and ``itm_logits`` only); ``cfg``: the full config (``cfg.data``:
+held-out shards, eval transform and tokenization exactly as the retrieval evaluation;
+``cfg.eval.batch_size``); ``accelerator``: None for one process; ``tokenizer``: the run's.
+``heldout`` (``evaluate.HeldOut``): the embedded held-out set with its model, config and
+accelerator, and the model passes used here (``encode_texts``, ``itm_logodds``, ``itm_scores``,
+``gather``). Every function must be called on every rank (model calls are padded to the same
+number on every rank, as in ``evaluate.py``: ZeRO-3) and returns the same JSON-able dict on
+every rank. ``max_images`` > 0 takes the first images in key order; ``itm=None`` means "when
+the model has an ITM head trained with ``loss.itm_weight > 0``" (with ``itm=False`` the ITM
+accuracies are None); ``known``: ITM log-odds already computed, ``{(image index, caption
+index): score}`` over ``heldout.data`` (the same on every rank; ``run_evaluation`` passes the
+re-ranking's), not computed again; ``itm_hard_negatives`` adds the pairs it scores to it, so a
+following ``compositional_test(known=...)`` skips the true (image, caption) pairs.
+Accuracies are fractions in [0, 1].
 
 Distribution: the work is split by the rank holding each image's pixels (the owner in
 ``gather_samples``): no pixels cross ranks; the per-trial scores are merged with one gather.
@@ -75,7 +79,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import combinations, product
 from typing import Any, Callable, Sequence
 
@@ -92,7 +96,6 @@ from mmpretrain.data.synthetic import (
     relation_holds,
     render_caption,
 )
-from mmpretrain.evaluation import evaluate as ev
 
 KINDS = ("color_swap", "relation_flip", "shape_replace", "size_swap")
 CHANCE = 0.5
@@ -262,33 +265,6 @@ def read_metadata(shards, keys) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- model side
 
-@dataclass
-class HeldOut:
-    """One embedding pass over the held-out shards: ``data`` as ``evaluate.gather_samples``
-    returns it (same on every rank) and ``pixels``, this rank's uint8 pixels by image id."""
-    data: dict
-    pixels: dict
-
-
-def embed_heldout(model, cfg, tokenizer, accelerator=None) -> HeldOut:
-    """Embed ``cfg.data.val_shards`` as ``run_evaluation`` does (same loader, eval transform,
-    tokenization, ``eval.max_samples``), keeping the pixels of the images this rank owns."""
-    was_training = model.training
-    model.eval()
-    try:
-        local = ev.embed_shards(model, cfg, accelerator, tokenizer, keep_pixels=True)
-        data = ev.gather_samples(local, accelerator, shards=cfg.data.val_shards)
-    finally:
-        if was_training:
-            model.train()
-    return HeldOut(data, local["pixels"])
-
-
-def _itm_available(model, cfg, accelerator) -> bool:
-    core = ev._unwrap(model, accelerator)
-    return float(cfg.loss.itm_weight) > 0 and hasattr(core, "itm_logits")
-
-
 def _images_in_order(data: dict, max_images: int) -> tuple[list[int], dict[int, list[int]]]:
     """Unique image indices (key order, capped) and each one's caption indices (key order)."""
     captions_of: dict[int, list[int]] = {}
@@ -301,19 +277,16 @@ def _images_in_order(data: dict, max_images: int) -> tuple[list[int], dict[int, 
 
 
 @torch.no_grad()
-def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: HeldOut | None = None,
-                       max_images: int = 0, itm: bool | None = None, known: dict | None = None) -> dict:
+def compositional_test(heldout, tokenizer, *, max_images: int = 0, itm: bool | None = None,
+                       known: dict | None = None) -> dict:
     """Per change kind: trials, and how often the true caption beats the changed one by
     cosine and by ITM (module docstring). Every rank calls this; same dict on every rank."""
     from mmpretrain.data.tokenizer import tokenize
 
     t0 = time.perf_counter()
     if itm is None:
-        itm = _itm_available(model, cfg, accelerator)
-    if heldout is None:
-        heldout = embed_heldout(model, cfg, tokenizer, accelerator)
-    data = heldout.data
-    rank, _ = ev._world(accelerator)
+        itm = heldout.itm_available
+    cfg, data, rank = heldout.cfg, heldout.data, heldout.rank
     images, captions_of = _images_in_order(data, max_images)
     metas = read_metadata(cfg.data.val_shards, [data["keys"][t] for u in images for t in captions_of[u]])
     if not any(has_scene(m) for m in metas.values()):
@@ -363,7 +336,7 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     rows = sorted({index[trials[n][c]] for n in mine for c in (2, 3)})
     row_of = {t: r for r, t in enumerate(rows)}
     sel = torch.tensor(rows, dtype=torch.long)
-    emb = ev.encode_texts(model, cfg, accelerator, ids[sel], mask[sel])
+    emb = heldout.encode_texts(ids[sel], mask[sel])
     image_emb = data["image_emb"].float()
     itm_of: dict[tuple[int, int], float] = {}
     if itm:
@@ -374,7 +347,7 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
         pairs = sorted({(trials[n][0], index[trials[n][c]]) for n in mine for c in (2, 3)} - set(itm_of))
         sel = torch.tensor([t for _, t in pairs], dtype=torch.long)
         px = [heldout.pixels[data["image_ids"][u]] for u, _ in pairs]
-        itm_of.update(zip(pairs, ev.itm_logodds(model, cfg, accelerator, px, ids[sel], mask[sel])))
+        itm_of.update(zip(pairs, heldout.itm_logodds(px, ids[sel], mask[sel])))
     records = []
     for n in mine:
         u, kind, caption, changed = trials[n]
@@ -383,7 +356,7 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
         if itm:
             rec += [itm_of[(u, a)], itm_of[(u, b)]]
         records.append(rec)
-    merged = sorted(r for part in ev._gather_objects(records, accelerator) for r in part)
+    merged = sorted(r for part in heldout.gather(records) for r in part)
 
     kinds: dict[str, dict[str, Any]] = {}
     for k, kind in enumerate(KINDS):
@@ -403,17 +376,13 @@ def compositional_test(model, cfg, tokenizer, *, accelerator=None, heldout: Held
 
 
 @torch.no_grad()
-def itm_hard_negatives(model, cfg, tokenizer, *, accelerator=None, heldout: HeldOut | None = None,
-                       known: dict | None = None, max_images: int = 0) -> dict:
+def itm_hard_negatives(heldout, *, known: dict | None = None, max_images: int = 0) -> dict:
     """ITM accuracy on positives and on mined held-out hard negatives (module docstring).
     Every rank calls this; same dict on every rank."""
     t0 = time.perf_counter()
-    if not _itm_available(model, cfg, accelerator):
+    if not heldout.itm_available:
         return {"skipped": "no trained ITM head (loss.itm_weight=0)"}
-    if heldout is None:
-        heldout = embed_heldout(model, cfg, tokenizer, accelerator)
-    data = heldout.data
-    rank, _ = ev._world(accelerator)
+    data, rank = heldout.data, heldout.rank
     n_img, n_cap = len(data["image_ids"]), len(data["captions"])
     if n_img < 2:
         return {"skipped": "fewer than 2 held-out images: no negatives"}
@@ -428,7 +397,7 @@ def itm_hard_negatives(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     negatives = sorted({(u, hardest_caption[u]) for u in images} | {(hardest_image[t], t) for t in queries})
     known = {} if known is None else known  # filled in place: the caller may reuse the scores
     todo = sorted({p for p in positives + negatives if p not in known and data["owner"][p[0]] == rank})
-    known.update(ev.itm_scores(model, cfg, accelerator, data, heldout.pixels, todo))
+    known.update(heldout.itm_scores(todo))
 
     def acc(pairs, sign):
         return sum(1.0 if sign * known[p] > 0 else 0.5 if known[p] == 0 else 0.0 for p in pairs) / len(pairs)
@@ -436,23 +405,3 @@ def itm_hard_negatives(model, cfg, tokenizer, *, accelerator=None, heldout: Held
     pos, neg = acc(positives, 1.0), acc(negatives, -1.0)
     return {"num_positives": len(positives), "num_negatives": len(negatives), "positive_acc": pos,
             "negative_acc": neg, "balanced_acc": (pos + neg) / 2, "seconds": time.perf_counter() - t0}
-
-
-def quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images: int = 0,
-                    itm: bool | None = None) -> dict:
-    """Both tests on one embedding pass of ``cfg.data.val_shards``:
-    ``{"compositional": compositional_test(...), "itm_hard_negatives": itm_hard_negatives(...)}``."""
-    heldout = embed_heldout(model, cfg, tokenizer, accelerator)
-    was_training = model.training
-    model.eval()
-    known: dict = {}
-    try:
-        hard = itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout, known=known,
-                                  max_images=max_images) if itm is not False else \
-            {"skipped": "ITM disabled (itm=False)"}
-        comp = compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
-                                  max_images=max_images, itm=itm, known=known)
-    finally:
-        if was_training:
-            model.train()
-    return {"compositional": comp, "itm_hard_negatives": hard}

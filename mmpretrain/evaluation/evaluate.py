@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from mmpretrain.data.transforms import normalize
+from mmpretrain.evaluation import compositional
 from mmpretrain.evaluation import report as report_mod
 from mmpretrain.evaluation.retrieval import (
     metrics_from_ranks,
@@ -324,6 +326,77 @@ def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.
     return rerank_scores(scores, cand_i2t, new_i2t), rerank_scores(scores.t(), cand_t2i, new_t2i), merged
 
 
+# ----------------------------------------------------------------------------- held-out session
+
+@dataclass
+class HeldOut:
+    """The held-out set embedded by ``model`` (``data`` as ``gather_samples`` returns it, the
+    same on every rank; ``pixels``: this rank's uint8 pixels by image id) and the model passes
+    on it that the compositional test and the ITM hard negatives use
+    (``evaluation/compositional.py`` takes one of these and imports nothing from here). Every
+    method that runs the model or a collective must be called on every rank."""
+    model: Any
+    cfg: Any
+    accelerator: Any
+    data: dict
+    pixels: dict
+
+    @property
+    def rank(self) -> int:
+        return _world(self.accelerator)[0]
+
+    @property
+    def itm_available(self) -> bool:
+        """An ITM head that was trained (``loss.itm_weight > 0``)."""
+        return float(self.cfg.loss.itm_weight) > 0 and hasattr(_unwrap(self.model, self.accelerator), "itm_logits")
+
+    def gather(self, obj: Any) -> list[Any]:
+        return _gather_objects(obj, self.accelerator)
+
+    def itm_scores(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+        return itm_scores(self.model, self.cfg, self.accelerator, self.data, self.pixels, pairs)
+
+    def itm_logodds(self, images: list[torch.Tensor], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> list[float]:
+        return itm_logodds(self.model, self.cfg, self.accelerator, images, input_ids, attention_mask)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return encode_texts(self.model, self.cfg, self.accelerator, input_ids, attention_mask)
+
+
+def embed_heldout(model, cfg, tokenizer, accelerator=None) -> HeldOut:
+    """Embed ``cfg.data.val_shards`` as ``run_evaluation`` does (same loader, eval transform,
+    tokenization, ``eval.max_samples``), keeping the pixels of the images this rank owns."""
+    was_training = model.training
+    model.eval()
+    try:
+        local = embed_shards(model, cfg, accelerator, tokenizer, keep_pixels=True)
+        data = gather_samples(local, accelerator, shards=cfg.data.val_shards)
+    finally:
+        if was_training:
+            model.train()
+    return HeldOut(model, cfg, accelerator, data, local["pixels"])
+
+
+def quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images: int = 0,
+                    itm: bool | None = None) -> dict:
+    """The compositional test and the ITM accuracy on hard negatives on one embedding pass of
+    ``cfg.data.val_shards``: ``{"compositional": dict, "itm_hard_negatives": dict}`` (each as
+    documented in ``evaluation/compositional.py``, with its ``seconds``). Every rank calls it."""
+    heldout = embed_heldout(model, cfg, tokenizer, accelerator)
+    was_training = model.training
+    model.eval()
+    known: dict = {}
+    try:
+        hard = compositional.itm_hard_negatives(heldout, known=known, max_images=max_images) \
+            if itm is not False else {"skipped": "ITM disabled (itm=False)"}
+        comp = compositional.compositional_test(heldout, tokenizer, max_images=max_images, itm=itm, known=known)
+    finally:
+        if was_training:
+            model.train()
+    return {"compositional": comp, "itm_hard_negatives": hard}
+
+
 # ----------------------------------------------------------------------------- 5. examples
 
 def pick_examples(data: dict, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, num: int,
@@ -418,18 +491,13 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         # Compositional test and ITM on hard negatives: nested dicts; their "seconds" are left
         # out of metrics.json so that it stays identical across world sizes (timing keys aside).
         if do_comp or do_hard:
-            from mmpretrain.evaluation import compositional as comp
-
-            heldout = comp.HeldOut(data, local["pixels"])
+            heldout = HeldOut(model, cfg, accelerator, data, local["pixels"])
             if do_hard:  # first: its positives are the compositional test's true pairs (scored once)
-                result = comp.itm_hard_negatives(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
-                                                 known=itm_known)
-                result.pop("seconds", None)
-                hard = result
+                hard = compositional.itm_hard_negatives(heldout, known=itm_known)
+                hard.pop("seconds", None)
             if do_comp:
-                result = comp.compositional_test(model, cfg, tokenizer, accelerator=accelerator, heldout=heldout,
-                                                 max_images=int(cfg.eval.compositional_max_images), itm=itm_ok,
-                                                 known=itm_known)
+                result = compositional.compositional_test(heldout, tokenizer, itm=itm_ok, known=itm_known,
+                                                          max_images=int(cfg.eval.compositional_max_images))
                 result.pop("seconds", None)
                 metrics["compositional"] = result
             if do_hard:

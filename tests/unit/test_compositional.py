@@ -28,6 +28,7 @@ from mmpretrain.data.synthetic import COLORS, RELATIONS, SHAPES, SIZES, CaptionP
 from mmpretrain.evaluation import cli
 from mmpretrain.evaluation import compositional as comp
 from mmpretrain.evaluation.compositional import KINDS, caption_holds, make_variants, pairwise_accuracy
+from mmpretrain.evaluation.evaluate import HeldOut, embed_heldout, quality_metrics
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -243,7 +244,7 @@ def test_an_oracle_gets_everything_right_and_a_constant_model_chance(shards):
     true_ids = {tuple(r.tolist()) for r in tokenize(tok, captions, 32)["input_ids"]}
 
     oracle = _TextOracle(true_ids)
-    result = comp.compositional_test(oracle, cfg, tok, itm=True)
+    result = comp.compositional_test(embed_heldout(oracle, cfg, tok), tok, itm=True)
     assert result["num_images"] == 12 and result["chance"] == 0.5 and result["dropped_truncated"] == 0
     assert set(result["kinds"]) == set(KINDS) and sum(r["n"] for r in result["kinds"].values()) > 12
     for kind, r in result["kinds"].items():
@@ -254,21 +255,30 @@ def test_an_oracle_gets_everything_right_and_a_constant_model_chance(shards):
     json.dumps(result)  # JSON-able
 
     # true (image, caption) pairs already scored (the hard negatives' positives) are not scored again
-    heldout = comp.embed_heldout(oracle, cfg, tok)
+    heldout = embed_heldout(oracle, cfg, tok)
     pairs_before = oracle.itm_pairs
     known = {(int(u), t): 3.0 for t, u in enumerate(heldout.data["caption_image"].tolist())}
-    again = comp.compositional_test(oracle, cfg, tok, itm=True, heldout=heldout, known=known)
+    again = comp.compositional_test(heldout, tok, itm=True, known=known)
     assert again["kinds"] == result["kinds"]
     assert oracle.itm_pairs - pairs_before == sum(r["n"] for r in result["kinds"].values())  # changed ones only
 
-    const = comp.compositional_test(_TextOracle(true_ids, constant=True), cfg, tok, itm=True)
+    constant = _TextOracle(true_ids, constant=True)
+    const = comp.compositional_test(embed_heldout(constant, cfg, tok), tok, itm=True)
     for r in const["kinds"].values():
         assert r["n"] == 0 or (r["cosine_acc"] == 0.5 and r["itm_acc"] == 0.5)  # every trial a tie
-    no_itm = comp.compositional_test(oracle, cfg, tok, itm=False, max_images=5)
+    no_itm = comp.compositional_test(heldout, tok, itm=False, max_images=5)
     assert all(r["itm_acc"] is None and r["n"] <= 5 for r in no_itm["kinds"].values()) and no_itm["num_images"] == 5
 
+    # both on one embedding pass (what `mmpretrain bench quality` calls): this oracle reads only
+    # the text, so it says "match" to every real caption: right on positives, wrong on negatives
+    q = quality_metrics(oracle, cfg, tok)
+    assert q["compositional"]["kinds"] == result["kinds"] and q["compositional"]["seconds"] >= 0
+    h = q["itm_hard_negatives"]
+    assert (h["num_positives"], h["positive_acc"], h["negative_acc"], h["balanced_acc"]) == (24, 1.0, 0.0, 0.5)
+
     # captions cut at 8 tokens: trials whose change the model cannot see are not counted
-    short = comp.compositional_test(oracle, _cfg(shards, ["data.max_length=8"]), tok, itm=False)
+    short_cfg = _cfg(shards, ["data.max_length=8"])
+    short = comp.compositional_test(embed_heldout(oracle, short_cfg, tok), tok, itm=False)
     assert short["dropped_truncated"] > 0
     assert sum(r["n"] for r in short["kinds"].values()) < sum(r["n"] for r in result["kinds"].values())
 
@@ -299,7 +309,7 @@ class _PairOracle(nn.Module):
         return torch.stack([1 - match, match], 1)
 
 
-def _heldout(n_img: int = 4, caps_per_image: int = 2):
+def _heldout(model, cfg, n_img: int = 4, caps_per_image: int = 2):
     torch.manual_seed(0)
     caption_image = [u for u in range(n_img) for _ in range(caps_per_image)]
     n = len(caption_image)
@@ -312,35 +322,38 @@ def _heldout(n_img: int = 4, caps_per_image: int = 2):
             "caption_image": torch.tensor(caption_image), "image_emb": image_emb,
             "image_ids": [1000 + u for u in range(n_img)], "owner": [0] * n_img}
     pixels = {1000 + u: torch.full((3, 4, 4), u, dtype=torch.uint8) for u in range(n_img)}
-    return comp.HeldOut(data, pixels), caption_image, image_emb @ text_emb.t()
+    return HeldOut(model, cfg, None, data, pixels), caption_image, image_emb @ text_emb.t()
 
 
 def test_itm_hard_negatives_mines_the_hardest_wrong_pairs_and_scores_them():
-    heldout, caption_image, cos = _heldout()
     cfg = load_config(None, ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "eval.batch_size=3",
                              "data.image_size=4"])
+    caption_image = [u for u in range(4) for _ in range(2)]
+
+    def run(answer, known=None, config=cfg):
+        model = _PairOracle(caption_image, answer)
+        heldout, _, cos = _heldout(model, config)
+        return model, cos, comp.itm_hard_negatives(heldout, known=known)
+
+    model, cos, r = run("oracle")
     n_img, n = cos.shape
     own = torch.tensor(caption_image).unsqueeze(0) == torch.arange(n_img).unsqueeze(1)
     masked = cos.masked_fill(own, float("-inf"))
     want_neg = {(u, int(masked[u].argmax())) for u in range(n_img)} | {(int(masked[:, t].argmax()), t) for t in range(n)}
-
-    model = _PairOracle(caption_image, "oracle")
-    r = comp.itm_hard_negatives(model, cfg, None, heldout=heldout)
     assert r["num_positives"] == n and r["num_negatives"] == len(want_neg)
     assert r["positive_acc"] == r["negative_acc"] == r["balanced_acc"] == 1.0
     assert model.pairs_scored == n + len(want_neg)
-    r = comp.itm_hard_negatives(_PairOracle(caption_image, "constant"), cfg, None, heldout=heldout)
+    r = run("constant")[2]
     assert r["positive_acc"] == r["negative_acc"] == r["balanced_acc"] == 0.5  # ties count 0.5
-    r = comp.itm_hard_negatives(_PairOracle(caption_image, "always"), cfg, None, heldout=heldout)
+    r = run("always")[2]
     assert (r["positive_acc"], r["negative_acc"], r["balanced_acc"]) == (1.0, 0.0, 0.5)
-    # scores already known (the re-ranking's) are not computed again
+    # scores already known (the re-ranking's) are not computed again; the new ones are added
     known = {p: (1.0 if caption_image[p[1]] == p[0] else -1.0) for p in sorted(want_neg)[:3]}
-    model = _PairOracle(caption_image, "oracle")
-    assert comp.itm_hard_negatives(model, cfg, None, heldout=heldout, known=known)["balanced_acc"] == 1.0
-    assert model.pairs_scored == n + len(want_neg) - 3
+    model, _, r = run("oracle", known)
+    assert r["balanced_acc"] == 1.0 and model.pairs_scored == n + len(want_neg) - 3
+    assert len(known) == n + len(want_neg)
     # no trained ITM head: skipped with a reason
-    cfg0 = load_config(None, ["loss.itm_weight=0"])
-    assert set(comp.itm_hard_negatives(model, cfg0, None, heldout=heldout)) == {"skipped"}
+    assert set(run("oracle", config=load_config(None, ["loss.itm_weight=0"]))[2]) == {"skipped"}
 
 
 # ----------------------------------------------------------------------------- `mmpretrain eval`
