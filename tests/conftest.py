@@ -14,16 +14,29 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# One intra-op thread, here and in every process a test starts (they inherit the environment):
+# float results then do not depend on the machine's core count (reduction order), and a loaded
+# machine does not stall oversubscribed OpenMP threads (shards + a 30-step tiny run, back to
+# back on this 2-core machine while others trained: 6-7 s with 1 thread, 18-51 s with 2).
+# Set before torch is imported.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # tests/_*.py helpers, for every tier (and spawned ranks inherit it)
 
 import _proc  # noqa: E402
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 TIERS = ("unit", "distributed", "e2e")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

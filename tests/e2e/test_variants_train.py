@@ -1,5 +1,14 @@
 """Every model variant, as shipped in configs/, trains on the synthetic shards through the real
-trainer and its loss goes down."""
+trainer and its contrastive loss goes down: below the loss of the untrained model on the very
+same batches.
+
+Why paired: the first steps' loss is no "before" here: the warmup to lr 2e-3 first drives it
+above the initial level (3.9 against 3.5 for the dual encoder), so "last 8 steps below 0.92 x
+the first 8" passed on the recovery from that spike (0.89) while the dual encoder had learned
+1.5%. The same run at lr 1e-12 sees exactly the same batches (the data order does not depend
+on the weights), so the gap over the last 8 steps is the learning alone, and without learning
+it is 0 to rounding, not a noisy number.
+"""
 
 from __future__ import annotations
 
@@ -22,21 +31,35 @@ def synthetic(tmp_path_factory) -> Path:
     return out
 
 
+# Gap (untrained - trained contrastive loss, mean of steps 33-40), measured on this machine at
+# 1 thread over 2-3 shard/tokenizer draws (the tokenizer trained with the shards varies from
+# run to run): tiny 0.425, vlmo_tiny 1.14, dual_encoder_tiny 0.049-0.052, siamese_triplet
+# 0.086. The test asks for a third of the smallest.
+MEASURED_GAP = {"tiny": 0.42, "vlmo_tiny": 1.14, "dual_encoder_tiny": 0.049, "siamese_triplet": 0.086}
+
+
 def _contrastive_losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss_itc"] for r in rows if "eval" not in r]
 
 
-@pytest.mark.parametrize("config", ["tiny", "vlmo_tiny", "dual_encoder_tiny", "siamese_triplet"])
-def test_variant_loss_goes_down_on_synthetic_shards(config, synthetic, tmp_path):
-    run = tmp_path / config
+def _train(config: str, synthetic: Path, run: Path, lr: str) -> list[float]:
     rc = train_main(["--config", str(REPO / "configs" / f"{config}.yaml"), f"train.output_dir={run}",
                      f"data.train_shards=[{synthetic}/train-*.tar]", f"data.val_shards={synthetic}/val-*.tar",
                      "data.batch_size=32", "data.num_workers=1", "train.max_steps=40", "optim.warmup_steps=5",
-                     "optim.lr=2e-3", "train.log_every=100", "train.save_every=1000", "train.eval_at_end=false",
-                     "train.tensorboard=false"])
+                     f"optim.lr={lr}", "train.log_every=100", "train.save_every=1000", "train.eval_at_end=false",
+                     "train.tensorboard=false", "train.progress_bar=false"])
     assert rc == 0
     itc = _contrastive_losses(run)
     assert len(itc) == 40
-    first, last = sum(itc[:8]) / 8, sum(itc[-8:]) / 8
-    assert last < 0.92 * first, f"{config}: contrastive loss {first:.3f} -> {last:.3f}"
+    return itc
+
+
+@pytest.mark.parametrize("config", list(MEASURED_GAP))
+def test_variant_loss_goes_down_on_synthetic_shards(config, synthetic, tmp_path):
+    trained = _train(config, synthetic, tmp_path / "trained", "2e-3")
+    untrained = _train(config, synthetic, tmp_path / "untrained", "1e-12")
+    gap = sum(u - t for u, t in zip(untrained[-8:], trained[-8:])) / 8
+    assert gap > MEASURED_GAP[config] / 3, (
+        f"{config}: contrastive loss over steps 33-40 only {gap:.4f} below the untrained model's on the "
+        f"same batches (measured {MEASURED_GAP[config]})")
