@@ -7,33 +7,33 @@ process, DDP) or DeepSpeed ZeRO-2/3 partitions under ``pytorch_model/``, consoli
 with ``deepspeed.utils.zero_to_fp32``. Writes::
 
     OUT/model.safetensors       the whole PretrainModel (fp32), loaded by load_pretrained()
-    OUT/config.json             {"format": "mmpretrain-export/1", "arch", "model": config_dict(), ...}
+    OUT/config.json             {"format": "mmpretrain-export/1", "arch", "model": config_dict(), "towers",
+                                 "not_exported": {part: why}, "verified": {check: max abs diff}, ...}
     OUT/preprocessing.json      image_size, mean, std, max_length, resize rule
-    OUT/tokenizer.json, ...     the run's tokenizer (AutoTokenizer.from_pretrained(OUT))
-    OUT/text_encoder/           transformers BertModel (AutoModel.from_pretrained)
-    OUT/image_encoder/          timm model (timm.create_model("local-dir:OUT/image_encoder", pretrained=True))
+    OUT/tokenizer.json, ...     the run's tokenizer, model_max_length = data.max_length
+    OUT/README.md               Hub-format model card (architecture, data, steps, eval metrics, snippets)
+    OUT/modules.json, router_config.json, text_pooling/, text_projection/, image_projection/, normalize/
+                                OUT itself is a sentence-transformers model (Router: text / image routes)
+    OUT/text_encoder/           transformers model + tokenizer + text_projection.safetensors:
+                                RobertaPreLayerNormModel (unified; VLMo: the text experts) or BertModel
+                                (dual encoder); last_hidden_state = encode_text tokens
+    OUT/image_encoder/          timm directory whose pretrained_cfg is the run's preprocessing; loads with
+                                timm.create_model("local-dir:...") and transformers.AutoModel (TimmWrapper);
+                                F.normalize(model(x)) = the image embedding. Not for small_cnn (not timm).
+    OUT/itm/                    ViltForImageAndTextRetrieval, sigmoid(logits) = score_pairs (unified
+                                without experts, model.itm_readout=text_cls only)
 
-What the towers hold (see docs/evaluation.md for the full table):
-- ``unified``: ``image_encoder`` is a timm ``VisionTransformer`` holding the whole image path —
-  patch embedding, [CLS], position embedding (+ the image modality-type embedding folded in),
-  every shared block with its image FFN, the final norm, timm's pooling set to ``model.pool``
-  (mean over all tokens incl. [CLS], or [CLS]) and the image projection as ``head`` (bias 0):
-  ``forward_features`` = ``encode_image`` tokens, ``F.normalize(model(x))`` = the image
-  embedding. ``text_encoder`` is a ``BertModel`` with **0 layers**: its embeddings (with the text
-  modality-type embedding folded into the LayerNorm bias) equal ``text_inputs``. The shared
-  stack is pre-LayerNorm; BERT layers are post-LayerNorm and cannot hold it, so the text
-  embedding itself needs ``load_pretrained``.
-- ``dual_encoder``: ``text_encoder`` is the text tower itself (a BertModel, exact) plus
-  ``text_projection.safetensors`` (embedding = normalised projection of the masked mean of
-  ``last_hidden_state``, or of [CLS] with ``model.pool=cls``); ``image_encoder`` is the timm backbone (``num_classes=0``)
-  when ``model.image_backbone`` is a timm model (not written for ``small_cnn``).
-Every tower is checked against the mmpretrain model on a random batch before the export is
-published; a mismatch fails the export.
+Parts with no standard form (small_cnn image tower, ITM of VLMo / image_cls / the dual encoder,
+open_clip) are listed with the reason in config.json "not_exported", in the model card and as one
+line each on stderr. Every file is loaded back with the standard libraries and compared with the
+live model (``export.verify``, 1e-5) before the export is published; a mismatch fails the export.
+See docs/evaluation.md for what each tower holds and how (LayerNorm eps, position offset).
 
 Errors (not a checkpoint, weights that do not fit the recorded architecture, a truncated
 safetensors file, an existing output) print one line and exit 2. The export is written to
-``OUT.tmp`` and renamed at the end, so ``OUT`` is either complete or absent (``--force``
-replaces an existing export only once the new one is complete).
+``OUT.tmp`` and renamed at the end, so ``OUT`` is either complete or absent. ``--force``
+replaces an existing *mmpretrain export* only, once the new one is complete; it refuses any other
+directory and any ``--out`` that holds the source checkpoint.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ from pathlib import Path
 
 import torch
 
-from mmpretrain.export.format import FORMAT, ExportError, load_checkpoint
+from mmpretrain.export.format import CKPT_META, FORMAT, ExportError, load_checkpoint
 from mmpretrain.export.towers import export_image_tower, export_text_tower
+
+PROBE_TEXTS = ["a red circle left of a blue square", "two green stars", "a small yellow triangle above a hexagon"]
 
 
 def _preprocessing(cfg) -> dict:
@@ -58,51 +60,113 @@ def _preprocessing(cfg) -> dict:
             "tokenizer": "padding='max_length', truncation, max_length"}
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Export checkpoint ``ckpt`` to directory ``out`` (atomic: ``out.tmp`` then rename)."""
-    ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and not force:
+def _check_out(ckpt: Path, out: Path, force: bool) -> None:
+    """``--force`` replaces an existing *mmpretrain export* only: never another directory, and
+    never one that holds the source checkpoint."""
+    src, dst = ckpt.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise ExportError(f"{out} holds the source checkpoint {ckpt}; choose another --out")
+    if not out.exists():
+        return
+    if not force:
         raise ExportError(f"{out} already exists; pass --force to replace it (the old export stays until the new one is complete)")
+    cfg = out / "config.json"
+    try:
+        is_export = out.is_dir() and json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_export = False
+    if not is_export or (out / CKPT_META).exists():
+        raise ExportError(f"{out} exists and is not an mmpretrain export (no {FORMAT} config.json); "
+                          "--force replaces only an earlier export, remove it yourself")
+
+
+def _probe_images(size: int) -> list:
+    """Square PIL images (our crop rule and timm's agree exactly on square images)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 256, (size + 16, size + 16, 3), dtype=np.uint8)),
+           Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))]
+    return ims + [Image.new("RGB", (size * 2, size * 2), (200, 30, 30))]
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, log=None) -> Path:
+    """Export checkpoint ``ckpt`` to directory ``out`` (atomic: ``out.tmp`` then rename).
+    ``log(line)`` receives one line per skipped part (what has no standard form, and why)."""
+    ckpt, out = Path(ckpt), Path(out)
+    _check_out(ckpt, out, force)
     loaded = load_checkpoint(ckpt, allow_export=False)
     model, cfg = loaded.model, loaded.cfg
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    notes: dict[str, str] = {}
     try:
         from safetensors.torch import save_file
 
         from mmpretrain.data.tokenizer import tokenize
+        from mmpretrain.export.card import write_model_card
+        from mmpretrain.export.st import write_sentence_transformers
+        from mmpretrain.export.verify import verify_export
+        from mmpretrain.export.vilt import export_itm, vilt_unsupported
 
+        pre = _preprocessing(cfg)
         sd = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.detach().contiguous().clone()
               for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        loaded.tokenizer.save_pretrained(str(tmp))
-        (tmp / "preprocessing.json").write_text(json.dumps(_preprocessing(cfg), indent=2) + "\n")
+        tokenizer = loaded.tokenizer
+        tokenizer.model_max_length = int(cfg.data.max_length)  # a plain tok(texts, padding=True) fits the model
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "preprocessing.json").write_text(json.dumps(pre, indent=2) + "\n")
         gen = torch.Generator().manual_seed(0)
         s = cfg.model.image_size
-        probe_pixels = torch.randn(2, 3, s, s, generator=gen)
-        tok = tokenize(loaded.tokenizer, ["a red circle left of a blue square", "two green stars"],
-                       cfg.data.max_length)
+        probe_pixels = torch.randn(3, 3, s, s, generator=gen)
+        tok = tokenize(tokenizer, PROBE_TEXTS, cfg.data.max_length)
         backbone = model.backbone
-        towers = {}
+        towers, st_parts = {}, {}
         (tmp / "text_encoder").mkdir()
-        towers["text_encoder"] = export_text_tower(backbone, tmp / "text_encoder", tok["input_ids"], tok["attention_mask"])
+        text = export_text_tower(backbone, tmp / "text_encoder", tok["input_ids"], tok["attention_mask"])
+        tokenizer.save_pretrained(str(tmp / "text_encoder"))
+        st_parts["text"] = text
         (tmp / "image_encoder").mkdir()
-        image = export_image_tower(backbone, tmp / "image_encoder", probe_pixels)
+        image = export_image_tower(backbone, tmp / "image_encoder", probe_pixels, pre)
         if image is None:
             (tmp / "image_encoder").rmdir()
+            notes["image_encoder"] = (f"model.image_backbone={cfg.model.image_backbone!r} is not a timm model: no "
+                                      "image_encoder/ and no image route in the sentence-transformers layout "
+                                      "(use a timm image_backbone, or load_pretrained(...).embed_images)")
+        st_parts["image"] = image
+        why = vilt_unsupported(backbone)
+        if why is None:
+            (tmp / "itm").mkdir()
+            towers["itm"] = export_itm(model, tmp / "itm", probe_pixels, tok["input_ids"], tok["attention_mask"])
         else:
-            towers["image_encoder"] = image
+            notes["itm"] = why
+        st_why = write_sentence_transformers(tmp, text, image, int(cfg.data.max_length))
+        if st_why:
+            notes["sentence_transformers"] = st_why
+        notes["open_clip"] = ("no open_clip_config.json: open_clip builds its timm tower from a registered "
+                              "model name without width/depth overrides and its HF text tower only with its "
+                              "own pooler/projection head, so neither tower maps exactly")
+        towers.update({k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+                       for k, v in (("text_encoder", text), ("image_encoder", image)) if v is not None})
         config = {"format": FORMAT, "arch": cfg.model.arch, "model": model.config_dict(),
                   "step": loaded.step, "source_checkpoint": str(ckpt),
                   "source_distributed_type": loaded.meta.get("distributed_type"),
-                  "source_zero_stage": loaded.meta.get("zero_stage"), "towers": towers}
+                  "source_zero_stage": loaded.meta.get("zero_stage"), "towers": towers,
+                  "sentence_transformers": st_why is None, "not_exported": notes}
+        write_model_card(tmp, cfg, loaded, config)
+        verify_export(tmp, model, tokenizer, pre, _probe_images(int(pre["image_size"])), PROBE_TEXTS, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # written last
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if log is not None:
+        for part, why in notes.items():
+            log(f"{part}: not exported: {why}")
     return out
 
 
@@ -126,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, force=args.force)
+        out = export_checkpoint(args.checkpoint, args.out, force=args.force,
+                                log=lambda line: print(f"mmpretrain export: {line}", file=sys.stderr))
     except ExportError as e:
         print(f"mmpretrain export: error: {e}", file=sys.stderr)
         return 2

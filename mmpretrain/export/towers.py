@@ -1,16 +1,32 @@
-"""Tower conversion: the parts of a ``PretrainModel`` that standard libraries can hold.
+"""Tower conversion: the parts of a ``PretrainModel`` that standard libraries hold exactly.
 
-- ``export_text_tower``: ``text_encoder/``, a ``transformers`` ``BertModel`` directory.
-- ``export_image_tower``: ``image_encoder/``, a ``timm`` model directory
-  (``unified_timm_state`` maps the unified model's image path onto a timm ``VisionTransformer``).
+- ``export_text_tower``: ``text_encoder/``, a ``transformers`` model directory whose
+  ``last_hidden_state`` equals the text tokens of ``encode_text``: a ``RobertaPreLayerNormModel``
+  for the unified model (pre-LayerNorm like our stack; with VLMo experts the blocks take the text
+  experts), the ``BertModel`` text tower itself for the dual encoder. Pooling and projection are
+  returned for the sentence-transformers layout (``mmpretrain.export.st``) and written as
+  ``text_projection.safetensors``.
+- ``export_image_tower``: ``image_encoder/``, a ``timm`` directory whose ``pretrained_cfg`` is the
+  run's preprocessing (input size, mean/std, bicubic, crop_pct 1.0, center crop) and whose
+  ``model_args`` carry no ``num_classes`` (so ``transformers.AutoModel`` / TimmWrapper loads it).
+  ``unified_timm_state`` maps the unified image path onto a timm ``VisionTransformer``; for the
+  dual encoder the timm backbone gets the tower projection folded into its head.
 
 Every tower is checked against the mmpretrain model on a probe batch (``TOWER_ATOL``) before it
-is written; a mismatch is an ``ExportError``. What each tower holds: docs/evaluation.md and the
-``mmpretrain.export.cli`` docstring.
+is written; a mismatch is an ``ExportError``.
+
+Two exactness details (see docs/evaluation.md):
+- transformers' pre-LN classes have one ``layer_norm_eps``; our text embedding LayerNorm uses
+  1e-12 and the blocks 1e-6. LayerNorm is scale invariant except for eps
+  (``LN(s x; eps) = LN(x; eps / s^2)``), so the word/position/token-type tables are stored scaled
+  by ``s = sqrt(1e-6 / 1e-12) = 1000`` and every LayerNorm uses 1e-6: the same function.
+- RoBERTa numbers positions from ``pad_token_id + 1``: the position table is shifted one row.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +35,11 @@ import torch.nn.functional as F
 from mmpretrain.export.format import ExportError, load_state_strict
 
 TOWER_ATOL = 1e-4
+BLOCK_EPS = 1e-6  # layers.Block / the final norm
+
+
+def _clone(sd: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone().contiguous() for k, v in sd.items()}
 
 
 def _vit_name(width: int, depth: int, heads: int) -> str:
@@ -44,7 +65,7 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
         kwargs.update(global_pool="token")
     else:
         raise ExportError(f"model.pool={pool!r} has no timm equivalent")
-    sd = {k: v.detach().float().clone() for k, v in backbone.state_dict().items()}
+    sd = _clone(backbone.state_dict())
     ie = "image_embed."
     out = {
         "cls_token": sd[ie + "cls_token"],
@@ -65,18 +86,54 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
     return _vit_name(c.width, c.depth, c.num_heads), kwargs, out
 
 
-def _save_timm(model, directory: Path, kwargs: dict) -> None:
+def timm_pretrained_cfg(preprocessing: dict, num_classes: int, classifier: str, first_conv: str,
+                        fixed_input_size: bool = True) -> dict:
+    """The run's eval preprocessing as a timm ``pretrained_cfg``: ``resolve_data_config`` +
+    ``create_transform`` then give shorter side -> image_size (bicubic), center crop,
+    ``(x/255 - mean) / std`` — our pixels exactly for square images (see docs/evaluation.md)."""
+    s = int(preprocessing["image_size"])
+    return {"input_size": [3, s, s], "fixed_input_size": bool(fixed_input_size), "interpolation": "bicubic", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": [float(x) for x in preprocessing["mean"]],
+            "std": [float(x) for x in preprocessing["std"]], "num_classes": int(num_classes),
+            "pool_size": None, "first_conv": first_conv, "classifier": classifier, "custom_load": False,
+            "tag": "mmpretrain", "license": "other",
+            "description": "image tower of an mmpretrain export (not an ImageNet classifier)"}
+
+
+def _save_timm(model, directory: Path, name: str, kwargs: dict, preprocessing: dict) -> None:
+    """timm ``save_for_hf`` layout with our own config.json: ``model_args`` without
+    ``num_classes`` (TimmWrapper passes its own) and ``pretrained_cfg`` = the run's preprocessing
+    (not the one of the registered name)."""
     from timm.models._hub import save_for_hf
 
-    save_for_hf(model, str(directory), model_args=kwargs, safe_serialization=True)
+    args = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    save_for_hf(model, str(directory), model_args=args, safe_serialization=True)
+    cfg_path = directory / "config.json"
+    written = json.loads(cfg_path.read_text())
+    wcfg = written["pretrained_cfg"]
+    model_args = {k: v for k, v in written.get("model_args", args).items() if k != "num_classes"}
+    num_classes = int(model.num_classes)
+    config = {"architecture": name, "num_classes": num_classes, "num_features": int(model.num_features),
+              "global_pool": written.get("global_pool", kwargs.get("global_pool", "")),
+              "model_args": model_args,
+              "pretrained_cfg": timm_pretrained_cfg(preprocessing, num_classes, wcfg.get("classifier", "head"),
+                                                    wcfg.get("first_conv", ""), wcfg.get("fixed_input_size", False))}
+    if not config["global_pool"]:
+        config.pop("global_pool")
+    cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor) -> dict | None:
-    """Write ``image_encoder/``; returns what it holds (for config.json) or None."""
+def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
+                       preprocessing: dict | None = None) -> dict | None:
+    """Write ``image_encoder/``; returns what it holds (for config.json) or None when the
+    architecture has no timm form. The returned dict carries ``_projection`` (weight, bias) for
+    the sentence-transformers layout: embedding = normalize(Dense(pooled features))."""
     import timm
 
-    arch = backbone.cfg.arch
-    if arch == "unified":
+    preprocessing = preprocessing or {"image_size": backbone.cfg.image_size, "mean": [0.485, 0.456, 0.406],
+                                      "std": [0.229, 0.224, 0.225]}
+    c = backbone.cfg
+    if c.arch == "unified":
         name, kwargs, sd = unified_timm_state(backbone)
         model = timm.create_model(name, pretrained=False, **kwargs)
         load_state_strict(model, sd, "image_encoder (timm ViT)")
@@ -87,75 +144,144 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor) ->
             got_emb = F.normalize(model.forward_head(got_tokens).float(), dim=-1)
         _check_close("image_encoder forward_features vs encode_image tokens", got_tokens, want_tokens)
         _check_close("image_encoder embedding vs encode_image embedding", got_emb, want_emb)
-        _save_timm(model, directory, kwargs)
-        return {"library": "timm", "model_name": name, "kwargs": kwargs,
-                "holds": "whole image path; F.normalize(model(x)) = image embedding"}
-    backbone_mod = backbone.image_tower.backbone
-    if backbone.cfg.image_backbone == "small_cnn":
+        _save_timm(model, directory, name, kwargs, preprocessing)
+        return {"library": "timm", "model_name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"},
+                "num_classes": c.embed_dim, "pool": c.pool,
+                "holds": "whole image path; F.normalize(model(x)) = image embedding (head = projection)",
+                "_projection": (sd["head.weight"], None), "_features": c.width}
+    if c.image_backbone == "small_cnn":
         return None
-    name = backbone.cfg.image_backbone
-    kwargs = {"num_classes": 0}
-    if "vit" in name or "deit" in name:  # as the dual encoder's ImageTower builds it
-        kwargs["img_size"] = backbone.cfg.image_size
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    load_state_strict(model, {k: v.detach().float().clone() for k, v in backbone_mod.state_dict().items()},
-                      "image_encoder (timm backbone)")
-    model.eval()
-    with torch.no_grad():
-        _check_close("image_encoder forward_features vs image backbone",
-                     model.forward_features(probe_pixels), backbone_mod.forward_features(probe_pixels))
-    _save_timm(model, directory, kwargs)
-    return {"library": "timm", "model_name": name, "kwargs": kwargs,
-            "holds": "image backbone only (forward_features); projection and pooling stay in mmpretrain"}
+    src = backbone.image_tower.backbone
+    name = c.image_backbone
+    base = {"img_size": c.image_size} if ("vit" in name or "deit" in name) else {}
+    # the tower's projection and image_proj are linear and commute with the mean over tokens:
+    # fold both into timm's head over timm's average pool
+    w_tower, b_tower = backbone.image_tower.proj.weight.detach().float(), backbone.image_tower.proj.bias.detach().float()
+    w_img = backbone.image_proj.proj.weight.detach().float()
+    head_w, head_b = w_img @ w_tower, w_img @ b_tower
+    for extra in ({"global_pool": "avg"}, {"global_pool": "avg", "pool_include_prefix": True, "fc_norm": False}):
+        kwargs = dict(base, num_classes=c.embed_dim, **extra)
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError:
+            continue
+        sd = _clone(src.state_dict())
+        cls_name = model.pretrained_cfg.get("classifier", "head")
+        sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"] = head_w, head_b
+        try:
+            load_state_strict(model, sd, "image_encoder (timm backbone)")
+        except ExportError:
+            continue
+        model.eval()
+        with torch.no_grad():
+            got_emb = F.normalize(model(probe_pixels).float(), dim=-1)
+            want_emb = backbone.encode_image(probe_pixels)[1]
+            ok_feat = torch.allclose(model.forward_features(probe_pixels), src.forward_features(probe_pixels),
+                                     atol=TOWER_ATOL, rtol=0)
+        if ok_feat and float((got_emb - want_emb).abs().max()) <= TOWER_ATOL:
+            _save_timm(model, directory, name, kwargs, preprocessing)
+            return {"library": "timm", "model_name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"},
+                    "num_classes": c.embed_dim, "pool": "mean",
+                    "holds": "image tower with the projection folded into the head; "
+                             "F.normalize(model(x)) = image embedding",
+                    "_projection": (head_w, head_b), "_features": int(model.num_features)}
+    raise ExportError(f"image_encoder: timm {name!r} does not reproduce the dual encoder's image tower "
+                      "(pooling or feature layout differs)")
+
+
+# ----------------------------------------------------------------------------- text
+
+def _roberta_prelayernorm(backbone):
+    """(RobertaPreLayerNormConfig, state dict) of the unified model's text path."""
+    from transformers import RobertaPreLayerNormConfig
+
+    c = backbone.cfg
+    te = backbone.text_embed
+    scale = math.sqrt(BLOCK_EPS / te.LayerNorm.eps)  # see the module docstring
+    n_pos = te.position_embeddings.num_embeddings
+    rcfg = RobertaPreLayerNormConfig(
+        vocab_size=te.word_embeddings.num_embeddings, hidden_size=c.width, num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads, intermediate_size=int(c.width * c.mlp_ratio), hidden_act="gelu",
+        max_position_embeddings=n_pos + 1, type_vocab_size=2, layer_norm_eps=BLOCK_EPS, pad_token_id=0,
+        bos_token_id=None, eos_token_id=None, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        position_embedding_type="absolute")
+    sd = _clone(backbone.state_dict())
+    pos = torch.zeros(n_pos + 1, c.width)
+    pos[1:] = sd["text_embed.position_embeddings.weight"] * scale  # RoBERTa positions start at pad_id + 1
+    out = {"embeddings.word_embeddings.weight": sd["text_embed.word_embeddings.weight"] * scale,
+           "embeddings.position_embeddings.weight": pos,
+           "embeddings.token_type_embeddings.weight": sd["text_embed.token_type_embeddings.weight"] * scale,
+           "embeddings.LayerNorm.weight": sd["text_embed.LayerNorm.weight"],
+           # the text modality-type embedding is added after the LayerNorm: fold it into its bias
+           "embeddings.LayerNorm.bias": sd["text_embed.LayerNorm.bias"] + sd["text_embed.type_embed"].reshape(-1),
+           "LayerNorm.weight": sd["norm.weight"], "LayerNorm.bias": sd["norm.bias"],
+           "pooler.dense.weight": torch.eye(c.width), "pooler.dense.bias": torch.zeros(c.width)}
+    norm2, mlp = ("norm2_text", "mlp_text") if c.modality_experts else ("norm2", "mlp")
+    w = c.width
+    for i in range(c.depth):
+        b, p = f"blocks.{i}.", f"encoder.layer.{i}."
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            out[p + f"attention.self.{n}.weight"] = qkv_w[j * w:(j + 1) * w].clone()
+            out[p + f"attention.self.{n}.bias"] = qkv_b[j * w:(j + 1) * w].clone()
+        out.update({p + "attention.LayerNorm.weight": sd[b + "norm1.weight"],
+                    p + "attention.LayerNorm.bias": sd[b + "norm1.bias"],
+                    p + "attention.output.dense.weight": sd[b + "attn.proj.weight"],
+                    p + "attention.output.dense.bias": sd[b + "attn.proj.bias"],
+                    p + "intermediate.LayerNorm.weight": sd[b + f"{norm2}.weight"],
+                    p + "intermediate.LayerNorm.bias": sd[b + f"{norm2}.bias"],
+                    p + "intermediate.dense.weight": sd[b + f"{mlp}.fc1.weight"],
+                    p + "intermediate.dense.bias": sd[b + f"{mlp}.fc1.bias"],
+                    p + "output.dense.weight": sd[b + f"{mlp}.fc2.weight"],
+                    p + "output.dense.bias": sd[b + f"{mlp}.fc2.bias"]})
+    return rcfg, out
 
 
 def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_mask: torch.Tensor) -> dict:
-    """Write ``text_encoder/`` (a transformers BertModel directory); returns what it holds."""
+    """Write ``text_encoder/`` (a transformers model directory) and ``text_projection.safetensors``;
+    returns what it holds (``_projection``: the projection weight for sentence-transformers)."""
     from safetensors.torch import save_file
-    from transformers import BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     c = backbone.cfg
     if c.arch == "unified":
-        te = backbone.text_embed
-        bcfg = BertConfig(vocab_size=te.word_embeddings.num_embeddings, hidden_size=c.width, num_hidden_layers=0,
-                          num_attention_heads=c.num_heads, intermediate_size=int(c.width * c.mlp_ratio),
-                          max_position_embeddings=te.position_embeddings.num_embeddings, type_vocab_size=2,
-                          layer_norm_eps=te.LayerNorm.eps, pad_token_id=0, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
-        bert = BertModel(bcfg, add_pooling_layer=True)
-        sd = {f"embeddings.{k}": v.detach().float().clone() for k, v in te.state_dict().items() if k != "type_embed"}
-        # the text modality-type embedding is added after the LayerNorm: fold it into its bias
-        sd["embeddings.LayerNorm.bias"] = sd["embeddings.LayerNorm.bias"] + te.type_embed.detach().float().reshape(-1)
-        holds = ("embeddings only (0 layers): last_hidden_state = text_inputs (word + position + type "
-                 "embeddings, LayerNorm, text modality type); the shared pre-LN stack is not representable")
+        from transformers import RobertaPreLayerNormModel
+
+        rcfg, sd = _roberta_prelayernorm(backbone)
+        model = RobertaPreLayerNormModel(rcfg, add_pooling_layer=True)
+        load_state_strict(model, sd, "text_encoder (RobertaPreLayerNormModel)")
+        holds = ("the whole text path (embeddings, every block" + (" with its text expert" if c.modality_experts else "")
+                 + ", the final norm): last_hidden_state = encode_text tokens")
     else:
+        from transformers import BertModel
+
         bert_src = backbone.text_tower
-        bert = BertModel(bert_src.config, add_pooling_layer=True)
-        sd = {k: v.detach().float().clone() for k, v in bert_src.state_dict().items()}
-        save_file({"weight": backbone.text_proj.proj.weight.detach().float().contiguous()},
-                  str(directory / "text_projection.safetensors"))
-        pool = getattr(c, "pool", "cls")
-        pooled = ("last_hidden_state[:, 0]" if pool == "cls" else
-                  "mean of last_hidden_state over tokens with attention_mask 1")
-        holds = (f"the whole text tower: last_hidden_state = text_inputs; text embedding = "
-                 f"F.normalize(pooled @ text_projection.T), pooled = {pooled}")
-    # BertModel's pooler is not part of mmpretrain: identity weights, so pooler_output = tanh([CLS])
-    # is deterministic instead of randomly initialised on load.
-    sd["pooler.dense.weight"] = torch.eye(c.width)
-    sd["pooler.dense.bias"] = torch.zeros(c.width)
-    load_state_strict(bert, sd, "text_encoder (BertModel)")
-    bert.eval()
+        model = BertModel(bert_src.config, add_pooling_layer=True)
+        sd = _clone(bert_src.state_dict())
+        # BertModel's pooler is not part of mmpretrain: identity weights, so pooler_output = tanh([CLS])
+        sd["pooler.dense.weight"], sd["pooler.dense.bias"] = torch.eye(c.width), torch.zeros(c.width)
+        load_state_strict(model, sd, "text_encoder (BertModel)")
+        holds = "the whole text tower: last_hidden_state = encode_text tokens"
+    model.eval()
     with torch.no_grad():
-        got = bert(input_ids=probe_ids, attention_mask=probe_mask).last_hidden_state
-        ref = backbone.text_inputs(probe_ids, probe_mask)
+        got = model(input_ids=probe_ids, attention_mask=probe_mask).last_hidden_state
+        ref_tokens, ref_emb = backbone.encode_text(probe_ids, probe_mask)
     m = probe_mask.bool()
-    _check_close("text_encoder last_hidden_state vs text_inputs", got[m], ref[m])
-    bert.save_pretrained(str(directory), safe_serialization=True)
-    return {"library": "transformers", "class": "BertModel", "num_hidden_layers": bert.config.num_hidden_layers,
-            "pool": getattr(c, "pool", "cls"), "holds": holds}
+    _check_close(f"text_encoder last_hidden_state vs encode_text tokens", got[m], ref_tokens[m])
+    proj = backbone.text_proj.proj.weight.detach().float().contiguous().clone()
+    pool = getattr(c, "pool", "cls")
+    mf = probe_mask.unsqueeze(-1).float()
+    pooled = got[:, 0] if pool == "cls" else (got * mf).sum(1) / mf.sum(1).clamp(min=1.0)
+    _check_close("text_encoder pooled + projected vs encode_text embedding", F.normalize(pooled @ proj.t(), dim=-1), ref_emb)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    save_file({"weight": proj}, str(directory / "text_projection.safetensors"))
+    pooled_txt = ("last_hidden_state[:, 0]" if pool == "cls" else
+                  "mean of last_hidden_state over tokens with attention_mask 1")
+    return {"library": "transformers", "class": type(model).__name__, "num_hidden_layers": c.depth,
+            "pool": pool, "holds": holds + f"; text embedding = F.normalize(pooled @ text_projection.T), "
+                                          f"pooled = {pooled_txt}",
+            "_projection": (proj, None), "_features": c.width}
 
 
 def _check_close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:

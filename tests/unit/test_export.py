@@ -40,8 +40,8 @@ def _probe(p, n=3):
 
 def test_round_trip_gives_identical_embeddings_and_itm(exported):
     ckpt, out = exported
-    assert sorted(q.name for q in out.iterdir()) >= ["config.json", "image_encoder", "model.safetensors",
-                                                      "preprocessing.json", "text_encoder"]
+    assert {q.name for q in out.iterdir()} >= {"config.json", "image_encoder", "model.safetensors",
+                                               "preprocessing.json", "text_encoder", "itm", "README.md"}
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "mmpretrain-export/1" and config["arch"] == "unified"
     assert config["model"]["model"]["width"] == 32
@@ -71,15 +71,16 @@ def test_text_tower_loads_with_automodel_and_matches(exported):
 
     _, out = exported
     bert = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
-    assert type(bert).__name__ == "BertModel"
+    assert type(bert).__name__ == "RobertaPreLayerNormModel"  # the whole pre-LN text path
     p = load_pretrained(out)
     tok = AutoTokenizer.from_pretrained(str(out))  # the export root is a tokenizer directory too
     enc = tok(["a red circle left of a blue square", "a star"], padding="max_length", max_length=16,
               truncation=True, return_tensors="pt")
     with torch.no_grad():
         got = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        want = p.model.text_inputs(enc["input_ids"], enc["attention_mask"])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        want = p.model.encode_text(enc["input_ids"], enc["attention_mask"])[0]
+    m = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[m], want[m], rtol=0, atol=1e-5)
     # the folded modality-type embedding is non-zero in this model, so the fold mattered
     assert p.model.backbone.text_embed.type_embed.abs().max() > 0
 
@@ -170,9 +171,15 @@ def test_existing_export_is_never_clobbered(exported, tmp_path, capsys):
     # --force with a bad checkpoint leaves the existing directory as it was
     rc, err = _run_cli(["--checkpoint", str(tmp_path), "--out", str(out), "--force"], capsys)
     assert rc == 2 and (out / "keep.txt").read_text() == "mine"
-    # --force with a good one replaces it as a whole
+    # --force replaces only an earlier mmpretrain export: not this foreign directory
+    rc, err = _run_cli(["--checkpoint", str(ckpt), "--out", str(out), "--force"], capsys)
+    assert rc == 2 and "not an mmpretrain export" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert main(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("old export")
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out.old").exists()
 
 
