@@ -1,0 +1,253 @@
+"""Exports that the ecosystem uses as-is (issue 10), loaded where mmpretrain cannot be imported.
+
+For every shipped CPU config (tiny, vlmo_tiny, dual_encoder_tiny, siamese_triplet, shrunk to a
+tiny width/depth) a checkpoint is exported and the export directory is read by a *separate*
+Python process (``-I``, ``sys.modules['mmpretrain'] = None``: ``import mmpretrain`` fails there)
+with the standard libraries only:
+
+- ``SentenceTransformer(OUT).encode(texts / PIL images)``;
+- ``transformers.AutoModel(OUT/text_encoder)`` + ``AutoTokenizer`` (plain ``padding=True``) + the
+  declared pooling (``OUT/text_pooling/config.json``) and projection;
+- ``timm.create_model("local-dir:OUT/image_encoder")`` + its own ``resolve_data_config`` /
+  ``create_transform``; ``transformers.AutoModel`` (TimmWrapper) + ``AutoImageProcessor`` on the
+  same directory;
+- ``transformers.ViltForImageAndTextRetrieval(OUT/itm)``: ``sigmoid(logits)``.
+
+Each result is compared with ``load_pretrained(OUT)``'s ``embed_texts`` / ``embed_images`` /
+``score_pairs`` within 1e-5. Parts with no standard form must be named in ``not_exported``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _exportutil import REPO, make_shards, tiny_overrides
+
+from mmpretrain.export import export_checkpoint, load_pretrained
+
+pytest.importorskip("sentence_transformers")
+
+ATOL = 1e-5
+TEXTS = ["a red circle left of a blue square", "two green stars on a striped background", "a hexagon",
+         "a small yellow triangle above a large purple ring next to an orange cross and a cyan star "
+         "with many more words than the model takes"]  # longer than max_length: truncated
+
+CONFIGS = {
+    # name: (expects image_encoder/, expects itm/)
+    "tiny": (True, True),
+    "vlmo_tiny": (True, False),
+    "dual_encoder_tiny": (False, False),
+    "siamese_triplet": (False, False),
+}
+
+CHILD = r'''
+import sys
+sys.modules["mmpretrain"] = None          # the export must stand alone
+try:
+    import mmpretrain  # noqa: F401
+    raise SystemExit("mmpretrain is importable in the child")
+except ImportError:
+    pass
+import json, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+import torch, torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
+hf_logging.set_verbosity_error()
+
+out, images_dir, texts_file, result = (Path(a) for a in sys.argv[1:5])
+texts = json.loads(texts_file.read_text())
+images = [Image.open(p).convert("RGB") for p in sorted(images_dir.glob("*.png"))]
+r = {}
+with torch.no_grad():
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(str(out), device="cpu")
+    r["st_text"] = st.encode(texts, convert_to_tensor=True)
+    has_image = (out / "image_encoder").is_dir()
+    if has_image:
+        r["st_image"] = st.encode(images, convert_to_tensor=True)
+
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(out / "text_encoder"))
+    r["model_max_length"] = tok.model_max_length
+    b = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    enc = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
+    r["text_class"] = type(enc).__name__
+    h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    mode = json.loads((out / "text_pooling" / "config.json").read_text())["pooling_mode"]
+    m = b["attention_mask"].unsqueeze(-1).float()
+    pooled = h[:, 0] if mode == "cls" else (h * m).sum(1) / m.sum(1)
+    w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]
+    r["hf_text"] = F.normalize(pooled @ w.T, dim=-1)
+
+    if has_image:
+        import timm
+        from timm.data import create_transform, resolve_data_config
+        vit = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True).eval()
+        tf = create_transform(**resolve_data_config({}, model=vit))
+        px = torch.stack([tf(im) for im in images])
+        r["timm_pixels"] = px
+        r["timm_image"] = F.normalize(vit(px), dim=-1)
+        r["timm_cfg"] = {k: vit.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "interpolation", "input_size")}
+        wrapper = AutoModel.from_pretrained(str(out / "image_encoder")).eval()
+        proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
+        hf_px = proc(images, return_tensors="pt")["pixel_values"]
+        r["hf_pixels"] = hf_px
+        dense = load_file(str(out / "image_projection" / "model.safetensors"))
+        pooled = wrapper(pixel_values=hf_px).pooler_output
+        y = pooled @ dense["linear.weight"].T + dense.get("linear.bias", torch.zeros(()))
+        r["hf_image"] = F.normalize(y, dim=-1)
+        if (out / "itm").is_dir():
+            from transformers import ViltForImageAndTextRetrieval
+            vilt = ViltForImageAndTextRetrieval.from_pretrained(str(out / "itm")).eval()
+            n = min(len(images), len(texts))
+            logits = vilt(input_ids=b["input_ids"][:n], attention_mask=b["attention_mask"][:n],
+                          pixel_values=px[:n]).logits
+            r["vilt"] = logits.reshape(-1).sigmoid()
+torch.save(r, str(result))
+'''
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _checkpoint(name: str, run_dir: Path, shards: Path) -> Path:
+    """A tiny version of configs/<name>.yaml, freshly initialised, with its zero-initialised
+    modality-type embeddings and the ITM head made non-trivial (so folding them is tested)."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from mmpretrain.config import load_config, to_dict
+    from mmpretrain.models import build_model
+    from mmpretrain.trainer.checkpoint import save_checkpoint
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", tiny_overrides(shards, run_dir))
+    tok = AutoTokenizer.from_pretrained(str(shards / "tokenizer"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss, len(tok))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "type_embed" in pname:
+                p.normal_(0.0, 0.1)
+            elif "itm_head" in pname:
+                p.normal_(0.0, 0.5)
+            elif "norm" in pname.lower():  # LayerNorm affine: away from the identity
+                p.add_(torch.randn_like(p) * 0.1)
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(model)
+    meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "NO", "zero_stage": 0,
+            "world_size": 1}
+    return save_checkpoint(acc, run_dir / "checkpoints", 3, meta, {}, tok)
+
+
+def _images(directory: Path, size: int) -> list:
+    """Square PIL images at several scales (timm's resize-then-crop equals our crop-then-resize on
+    square inputs; see docs/evaluation.md for non-square ones)."""
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir()
+    rng = np.random.default_rng(3)
+    ims = [Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (size, 2 * size, size + 7)]
+    ims.append(Image.new("RGB", (size * 3, size * 3), (200, 30, 30)))
+    for i, im in enumerate(ims):
+        im.save(directory / f"{i}.png")
+    return ims
+
+
+def _child(out: Path, images_dir: Path, tmp: Path) -> dict:
+    (tmp / "texts.json").write_text(json.dumps(TEXTS))
+    (tmp / "child.py").write_text(CHILD)
+    result = tmp / "result.pt"
+    proc = subprocess.run([sys.executable, "-I", str(tmp / "child.py"), str(out), str(images_dir),
+                           str(tmp / "texts.json"), str(result)], cwd=str(tmp), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(str(result), weights_only=False)
+
+
+def _maxdiff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
+    from PIL import Image
+
+    want_image_tower, want_itm = CONFIGS[name]
+    ckpt = _checkpoint(name, tmp_path / "run", shards)
+    logged: list[str] = []
+    out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "image_encoder").is_dir() == want_image_tower
+    assert (out / "itm").is_dir() == want_itm
+    for part, present in (("image_encoder", want_image_tower), ("itm", want_itm)):
+        assert (part in config["not_exported"]) != present  # every absent part says why
+        assert any(line.startswith(f"{part}: not exported: ") for line in logged) != present
+    assert config["sentence_transformers"] is True
+    assert max(config["verified"]["max_abs_diff"].values()) <= ATOL
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "## Usage" in card and "## Evaluation" in card
+
+    _images(tmp_path / "images", config["model"]["model"]["image_size"])
+    images = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "images").glob("*.png"))]
+    got = _child(out, tmp_path / "images", tmp_path)
+
+    live = load_pretrained(out)
+    want_txt = live.embed_texts(TEXTS)
+    max_length = json.loads((out / "preprocessing.json").read_text())["max_length"]
+    assert got["model_max_length"] == max_length
+    unified = config["arch"] == "unified"
+    assert got["text_class"] == ("RobertaPreLayerNormModel" if unified else "BertModel")
+    diffs = {"st_text": _maxdiff(got["st_text"], want_txt), "hf_text": _maxdiff(got["hf_text"], want_txt)}
+    if want_image_tower:
+        want_img = live.embed_images(images)
+        ours = live.pixels(images)
+        diffs.update(timm_pixels=_maxdiff(got["timm_pixels"], ours), hf_pixels=_maxdiff(got["hf_pixels"], ours),
+                     st_image=_maxdiff(got["st_image"], want_img), timm_image=_maxdiff(got["timm_image"], want_img),
+                     hf_image=_maxdiff(got["hf_image"], want_img))
+        pre = json.loads((out / "preprocessing.json").read_text())
+        assert got["timm_cfg"]["mean"] == tuple(pre["mean"]) or list(got["timm_cfg"]["mean"]) == pre["mean"]
+        assert got["timm_cfg"]["crop_pct"] == 1.0 and got["timm_cfg"]["interpolation"] == "bicubic"
+    if want_itm:
+        n = min(len(images), len(TEXTS))
+        want_itm_p = live.score_pairs(images[:n], TEXTS[:n])
+        assert float(want_itm_p.max() - want_itm_p.min()) > 1e-3  # a non-trivial ITM head
+        diffs["vilt"] = _maxdiff(got["vilt"], want_itm_p)
+    print(name, json.dumps(diffs))
+    assert all(d <= ATOL for d in diffs.values()), diffs
+
+
+def test_vilt_refuses_what_it_cannot_hold():
+    from mmpretrain.export import ExportError
+    from mmpretrain.export.vilt import vilt_state
+    from mmpretrain.models import LossConfig, ModelConfig, build_model
+
+    small = dict(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, embed_dim=8, max_text_length=8)
+    for kw, word in ((dict(modality_experts=True), "modality_experts"), (dict(itm_readout="image_cls"), "image_cls"),
+                     (dict(arch="dual_encoder"), "dual_encoder")):
+        model = build_model(ModelConfig(**small, **kw), LossConfig(), 50)
+        with pytest.raises(ExportError, match=word) as e:
+            vilt_state(model.backbone)
+        assert len(str(e.value).splitlines()) == 1
+
+
+def test_force_never_replaces_a_directory_holding_the_checkpoint(shards, tmp_path, capsys):
+    from mmpretrain.export import main
+
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards)
+    for out in (tmp_path / "run", ckpt):
+        rc = main(["--checkpoint", str(ckpt), "--out", str(out), "--force"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "holds the source checkpoint" in err and len(err.splitlines()) == 1
+    assert (ckpt / "mmpretrain.json").is_file() and (ckpt / "model.safetensors").is_file()
