@@ -46,7 +46,9 @@ def _architecture(cfg) -> str:
             f"{m.num_heads} heads), embedding {m.embed_dim}, ITM fusion {m.fusion}")
 
 
-def write_model_card(out: Path, cfg, loaded, config: dict) -> None:
+def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = None) -> None:
+    """Write ``out/README.md``; ``name``: the directory name the snippets use (default ``out.name``)."""
+    name = name or out.name
     found = run_metrics(Path(loaded.source))
     if found:
         metrics, where = found
@@ -62,37 +64,37 @@ def write_model_card(out: Path, cfg, loaded, config: dict) -> None:
     front = "---\n" + "library_name: " + ("sentence-transformers" if st else "transformers") + "\n" + \
         "pipeline_tag: feature-extraction\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
     snippets = ["```python\nfrom sentence_transformers import SentenceTransformer\n\n"
-                f'model = SentenceTransformer("{out.name}")\n'
+                f'model = SentenceTransformer("{name}")\n'
                 'txt = model.encode(["a red circle left of a blue square"])   # = embed_texts\n'
                 + ('img = model.encode([PIL.Image.open("photo.jpg")])               # = embed_images\n' if has_img else "")
                 + "```\n"] if st else []
     snippets.append("```python\nimport torch, torch.nn.functional as F\nfrom safetensors.torch import load_file\n"
                     "from transformers import AutoModel, AutoTokenizer\n\n"
-                    f'tok = AutoTokenizer.from_pretrained("{out.name}/text_encoder")\n'
-                    f'enc = AutoModel.from_pretrained("{out.name}/text_encoder")\n'
+                    f'tok = AutoTokenizer.from_pretrained("{name}/text_encoder")\n'
+                    f'enc = AutoModel.from_pretrained("{name}/text_encoder")\n'
                     'b = tok(["a red circle"], padding=True, return_tensors="pt")\n'
                     "h = enc(**b).last_hidden_state\n"
                     + ("pooled = h[:, 0]\n" if cfg.model.pool == "cls" else
                        'm = b["attention_mask"].unsqueeze(-1).float(); pooled = (h * m).sum(1) / m.sum(1)\n')
-                    + f'w = load_file("{out.name}/text_encoder/text_projection.safetensors")["weight"]\n'
+                    + f'w = load_file("{name}/text_encoder/text_projection.safetensors")["weight"]\n'
                     "txt = F.normalize(pooled @ w.T, dim=-1)\n```\n")
     if has_img:
         snippets.append("```python\nimport timm, torch.nn.functional as F\n\n"
-                        f'vit = timm.create_model("local-dir:{out.name}/image_encoder", pretrained=True).eval()\n'
+                        f'vit = timm.create_model("local-dir:{name}/image_encoder", pretrained=True).eval()\n'
                         "tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=vit))\n"
                         'img = F.normalize(vit(tf(PIL.Image.open("photo.jpg").convert("RGB"))[None]), dim=-1)\n```\n')
     if (out / "itm").is_dir():
         snippets.append("```python\nfrom transformers import ViltForImageAndTextRetrieval\n\n"
-                        f'itm = ViltForImageAndTextRetrieval.from_pretrained("{out.name}/itm")\n'
+                        f'itm = ViltForImageAndTextRetrieval.from_pretrained("{name}/itm")\n'
                         "p_match = itm(input_ids=b['input_ids'], attention_mask=b['attention_mask'],\n"
-                        "              pixel_values=tf(image)[None]).logits.sigmoid()   # = score_pairs\n```\n")
+                        "              pixel_values=tf(PIL.Image.open(\"photo.jpg\").convert(\"RGB\"))[None]).logits.sigmoid()  # = score_pairs\n```\n")
     snippets.append("```python\nimport mmpretrain\n\n"
-                    f'm = mmpretrain.load_pretrained("{out.name}")   # embed_images / embed_texts / score_pairs\n```\n')
+                    f'm = mmpretrain.load_pretrained("{name}")   # embed_images / embed_texts / score_pairs\n```\n')
     data = cfg.data
     body = f"""
-# {out.name}
+# {name}
 
-Image-text retrieval model trained with [mmpretrain](https://github.com/) ({cfg.model.arch}).
+Image-text retrieval model trained with mmpretrain ({cfg.model.arch}), exported by `mmpretrain export`.
 
 ## Architecture
 {_architecture(cfg)}.
@@ -116,7 +118,7 @@ Image-text retrieval model trained with [mmpretrain](https://github.com/) ({cfg.
         ("- the directory itself: `SentenceTransformer(dir)` (text and image routes)\n" if st else "") + \
         "- `model.safetensors`, `config.json`, `preprocessing.json`: `mmpretrain.load_pretrained(dir)`\n" + \
         ("\nNot exported:\n" + notes + "\n" if notes else "") + \
-        "\nExact square-image pixels: timm's shorter-side-resize-then-crop equals mmpretrain's crop-then-resize " \
-        "only for square inputs; non-square images may differ slightly at the crop border.\n" + \
+        ("\nPixels: timm's transform (shorter side resized, then center crop) equals mmpretrain's evaluation "
+         "(center square crop, then resize) on square images; on other aspect ratios the two can differ.\n") + \
         "\n## Usage\n" + "\n".join(snippets)
     (out / "README.md").write_text(front + body)

@@ -157,7 +157,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
                   "source_distributed_type": loaded.meta.get("distributed_type"),
                   "source_zero_stage": loaded.meta.get("zero_stage"), "towers": towers,
                   "sentence_transformers": st_why is None, "not_exported": notes}
-        write_model_card(tmp, cfg, loaded, config)
+        write_model_card(tmp, cfg, loaded, config, name=out.name)
         verify_export(tmp, model, tokenizer, pre, _probe_images(int(pre["image_size"])), PROBE_TEXTS, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # written last
         _publish(tmp, out)
