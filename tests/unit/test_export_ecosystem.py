@@ -251,3 +251,111 @@ def test_force_never_replaces_a_directory_holding_the_checkpoint(shards, tmp_pat
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "holds the source checkpoint" in err and len(err.splitlines()) == 1
     assert (ckpt / "mmpretrain.json").is_file() and (ckpt / "model.safetensors").is_file()
+
+
+RETRIEVAL_CHILD = r'''
+import sys
+sys.modules["mmpretrain"] = None
+import io, json, tarfile, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+import torch
+from PIL import Image
+from transformers.utils import logging as hf_logging
+hf_logging.set_verbosity_error()
+from sentence_transformers import SentenceTransformer
+
+out, result, shards = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+images, image_index, captions, caption_image = [], {}, [], []
+for shard in shards:
+    samples = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.rsplit(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for key in sorted(samples):
+        s = samples[key]
+        image_id = json.loads(s["json"])["image_id"]
+        if image_id not in image_index:
+            image_index[image_id] = len(images)
+            images.append(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        captions.append(s["txt"].decode("utf-8").strip())
+        caption_image.append(image_index[image_id])
+st = SentenceTransformer(str(out), device="cpu")
+img = st.encode(images, convert_to_tensor=True)
+txt = st.encode(captions, convert_to_tensor=True)
+scores = (img @ txt.T).double()
+pos = torch.arange(len(images))[:, None] == torch.tensor(caption_image)[None, :]
+
+def ranks(s, p):  # wrong candidates scoring >= the best right one (the COCO rule, pessimistic on ties)
+    best = s.masked_fill(~p, float("-inf")).max(dim=1, keepdim=True).values
+    return ((s >= best) & ~p).sum(dim=1)
+
+r = {}
+for name, rk in (("i2t", ranks(scores, pos)), ("t2i", ranks(scores.T, pos.T))):
+    for k in (1, 5, 10):
+        r[f"{name}_R@{k}"] = 100.0 * float((rk < k).sum()) / rk.numel()
+result.write_text(json.dumps(r))
+'''
+
+
+def test_held_out_retrieval_with_standard_libraries_equals_mmpretrain_eval(shards, tmp_path):
+    from mmpretrain.evaluation import cli as eval_cli
+
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards)
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    val = sorted(str(p) for p in shards.glob("val-*.tar"))
+    assert eval_cli.main(["--checkpoint", str(out), "--shards", f"{shards}/val-*.tar", "--out",
+                          str(tmp_path / "eval"), "eval.compositional=false", "eval.itm_hard_negatives=false",
+                          "eval.report=false"]) == 0
+    want = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    (tmp_path / "child.py").write_text(RETRIEVAL_CHILD)
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "child.py"), str(out), str(tmp_path / "r.json"), *val],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "r.json").read_text())
+    print("held-out retrieval", json.dumps(got))
+    assert len(got) == 6 and got == {k: want[k] for k in got}, (got, want)
+
+
+SOURCE_KEYS = ("source_checkpoint", "source_distributed_type", "source_zero_stage")
+
+
+def export_files(out: Path) -> dict[str, bytes]:
+    """Every file of an export (relative path -> bytes), config.json without the fields that name
+    where the checkpoint came from."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.relative_to(out).as_posix() == "config.json":
+                cfg = json.loads(data)
+                data = json.dumps({k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, sort_keys=True).encode()
+            files[p.relative_to(out).as_posix()] = data
+    return files
+
+
+def test_bf16_checkpoint_exports_the_same_files_as_its_fp32_equivalent(shards, tmp_path):
+    """A checkpoint whose weights are stored in bf16 (and a run marked mixed_precision=bf16) and
+    the fp32 checkpoint of the same values export byte-identical files; so do two exports of one
+    checkpoint (the export is a function of the weights, config and tokenizer)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt32 = _checkpoint("tiny", tmp_path / "run32", shards)
+    sd = load_file(str(ckpt32 / "model.safetensors"))
+    rounded = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(rounded, str(ckpt32 / "model.safetensors"))
+    ckpt16 = tmp_path / "run16" / "checkpoints" / ckpt32.name
+    import shutil
+
+    shutil.copytree(ckpt32, ckpt16)
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
+              str(ckpt16 / "model.safetensors"))
+    meta = json.loads((ckpt16 / "mmpretrain.json").read_text())
+    meta["config"].setdefault("train", {})["mixed_precision"] = "bf16"
+    (ckpt16 / "mmpretrain.json").write_text(json.dumps(meta))
+    a = export_files(export_checkpoint(ckpt32, tmp_path / "a" / "export"))
+    b = export_files(export_checkpoint(ckpt16, tmp_path / "b" / "export"))
+    again = export_files(export_checkpoint(ckpt32, tmp_path / "c" / "export"))
+    assert a == again
+    assert set(a) == set(b) and [k for k in a if a[k] != b[k]] == []
