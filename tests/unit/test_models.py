@@ -179,6 +179,8 @@ def test_variant_trains(name):
         opt.step()
         losses.append(float(out["loss_itc"]))
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    # fixed batches and seed, so deterministic (the same at 1 and 2 threads): last / first measured
+    # unified 0.005, unified_experts 0.003, dual_cnn_xattn 0.006, dual_triplet 0.53 (a hinge loss)
     assert last < 0.6 * first, (name, losses)
 
 
