@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.export.format import CKPT_META, FORMAT, ExportError, load_checkpoint
-from mmpretrain.export.towers import export_image_tower, export_text_tower
+from mmpretrain.export.towers import NoStandardForm, export_image_tower, export_text_tower
 
 PROBE_TEXTS = ["a red circle left of a blue square", "two green stars", "a small yellow triangle above a hexagon"]
 
@@ -131,12 +131,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
         tokenizer.save_pretrained(str(tmp / "text_encoder"))
         st_parts["text"] = text
         (tmp / "image_encoder").mkdir()
-        image = export_image_tower(backbone, tmp / "image_encoder", probe_pixels, pre)
-        if image is None:
-            (tmp / "image_encoder").rmdir()
-            notes["image_encoder"] = (f"model.image_backbone={cfg.model.image_backbone!r} is not a timm model: no "
-                                      "image_encoder/ and no image route in the sentence-transformers layout "
-                                      "(use a timm image_backbone, or load_pretrained(...).embed_images)")
+        try:
+            image = export_image_tower(backbone, tmp / "image_encoder", probe_pixels, pre)
+        except NoStandardForm as e:
+            image = None
+            shutil.rmtree(tmp / "image_encoder")
+            notes["image_encoder"] = str(e)
         st_parts["image"] = image
         why = vilt_unsupported(backbone)
         if why is None:

@@ -35,6 +35,11 @@ import torch.nn.functional as F
 from mmpretrain.export.format import ExportError, load_state_strict
 
 TOWER_ATOL = 1e-4
+
+
+class NoStandardForm(Exception):
+    """This part of the model has no exact form in the target library; the message says why (one
+    line). The export leaves the part out and records the reason."""
 BLOCK_EPS = 1e-6  # layers.Block / the final norm
 
 
@@ -124,10 +129,11 @@ def _save_timm(model, directory: Path, name: str, kwargs: dict, preprocessing: d
 
 
 def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
-                       preprocessing: dict | None = None) -> dict | None:
-    """Write ``image_encoder/``; returns what it holds (for config.json) or None when the
-    architecture has no timm form. The returned dict carries ``_projection`` (weight, bias) for
-    the sentence-transformers layout: embedding = normalize(Dense(pooled features))."""
+                       preprocessing: dict | None = None) -> dict:
+    """Write ``image_encoder/``; returns what it holds (for config.json), or raises
+    ``NoStandardForm`` when the image tower has no exact timm form. The returned dict carries
+    ``_projection`` (weight, bias) for the sentence-transformers layout: embedding =
+    normalize(Dense(pooled features))."""
     import timm
 
     preprocessing = preprocessing or {"image_size": backbone.cfg.image_size, "mean": [0.485, 0.456, 0.406],
@@ -150,7 +156,10 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                 "holds": "whole image path; F.normalize(model(x)) = image embedding (head = projection)",
                 "_projection": (sd["head.weight"], None), "_features": c.width}
     if c.image_backbone == "small_cnn":
-        return None
+        raise NoStandardForm(
+            "model.image_backbone='small_cnn' is not a timm architecture (strided convs with biases + GroupNorm(1)): "
+            "no image_encoder/ and no image route in the sentence-transformers model; embed_images needs "
+            "load_pretrained (a timm image_backbone exports fully)")
     src = backbone.image_tower.backbone
     name = c.image_backbone
     base = {"img_size": c.image_size} if ("vit" in name or "deit" in name) else {}
@@ -185,8 +194,8 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                     "holds": "image tower with the projection folded into the head; "
                              "F.normalize(model(x)) = image embedding",
                     "_projection": (head_w, head_b), "_features": int(model.num_features)}
-    raise ExportError(f"image_encoder: timm {name!r} does not reproduce the dual encoder's image tower "
-                      "(pooling or feature layout differs)")
+    raise NoStandardForm(f"timm {name!r} with an average-pool head does not reproduce the dual encoder's image "
+                         "tower (its feature layout or pooling differs); embed_images needs load_pretrained")
 
 
 # ----------------------------------------------------------------------------- text

@@ -112,7 +112,8 @@ def export_itm(model, directory: Path, probe_pixels: torch.Tensor, probe_ids: to
     vilt = ViltForImageAndTextRetrieval(vcfg)
     load_state_strict(vilt, sd, "itm (ViltForImageAndTextRetrieval)")
     vilt.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)  # ViLT's patch order is drawn from torch's RNG
         got = vilt(input_ids=probe_ids, attention_mask=probe_mask, pixel_values=probe_pixels,
                    pixel_mask=torch.ones(probe_pixels.shape[0], *probe_pixels.shape[-2:], dtype=torch.long)
                    ).logits.reshape(-1).sigmoid()

@@ -359,3 +359,18 @@ def test_bf16_checkpoint_exports_the_same_files_as_its_fp32_equivalent(shards, t
     again = export_files(export_checkpoint(ckpt32, tmp_path / "c" / "export"))
     assert a == again
     assert set(a) == set(b) and [k for k in a if a[k] != b[k]] == []
+
+
+def test_without_sentence_transformers_the_rest_is_exported_and_the_gap_named(shards, tmp_path, monkeypatch):
+    from mmpretrain.export import st
+
+    monkeypatch.setattr(st, "sentence_transformers_available", lambda: "sentence-transformers is not installed")
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards)
+    logged: list[str] = []
+    out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sentence_transformers"] is False and not (out / "modules.json").exists()
+    assert "not installed" in config["not_exported"]["sentence_transformers"]
+    assert any(line.startswith("sentence_transformers: not exported") for line in logged)
+    assert (out / "itm").is_dir() and (out / "image_encoder").is_dir() and (out / "text_encoder").is_dir()
+    assert "SentenceTransformer" not in (out / "README.md").read_text()
