@@ -374,3 +374,21 @@ def test_without_sentence_transformers_the_rest_is_exported_and_the_gap_named(sh
     assert any(line.startswith("sentence_transformers: not exported") for line in logged)
     assert (out / "itm").is_dir() and (out / "image_encoder").is_dir() and (out / "text_encoder").is_dir()
     assert "SentenceTransformer" not in (out / "README.md").read_text()
+
+
+def test_model_card_carries_the_runs_eval_metrics_and_the_gaps(shards, tmp_path):
+    ckpt = _checkpoint("vlmo_tiny", tmp_path / "run", shards)
+    metrics_dir = tmp_path / "run" / "eval" / ckpt.name
+    metrics_dir.mkdir(parents=True)
+    (metrics_dir / "metrics.json").write_text(json.dumps({"i2t_R@1": 12.5, "t2i_R@10": 61.25, "mean_recall": 33.0}))
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "library_name: sentence-transformers" in front and "pipeline_tag: feature-extraction" in front
+    assert "| i2t_R@1 | 12.50 |" in card and "| t2i_R@10 | 61.25 |" in card
+    assert "modality experts" in card and "steps: 3" in card
+    # the one-line reason for the missing ITM directory, in the card and in config.json
+    itm_line = [line for line in card.splitlines() if line.startswith("- **itm**")]
+    assert len(itm_line) == 1 and "ViLT has one feed-forward per block" in itm_line[0]
+    assert "ViLT" in json.loads((out / "config.json").read_text())["not_exported"]["itm"]
+    assert 'SentenceTransformer("out")' in card and 'local-dir:out/image_encoder' in card
