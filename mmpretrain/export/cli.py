@@ -127,7 +127,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
         backbone = model.backbone
         towers, st_parts = {}, {}
         (tmp / "text_encoder").mkdir()
-        text = export_text_tower(backbone, tmp / "text_encoder", tok["input_ids"], tok["attention_mask"])
+        text = export_text_tower(backbone, tmp / "text_encoder", tok["input_ids"], tok["attention_mask"],
+                                 pad_token_id=int(tokenizer.pad_token_id or 0))
         tokenizer.save_pretrained(str(tmp / "text_encoder"))
         st_parts["text"] = text
         (tmp / "image_encoder").mkdir()

@@ -200,8 +200,9 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
 
 # ----------------------------------------------------------------------------- text
 
-def _roberta_prelayernorm(backbone):
-    """(RobertaPreLayerNormConfig, state dict) of the unified model's text path."""
+def _roberta_prelayernorm(backbone, pad_token_id: int = 0):
+    """(RobertaPreLayerNormConfig, state dict) of the unified model's text path. RoBERTa numbers
+    the positions of non-padding tokens from ``pad_token_id + 1``: our table is stored there."""
     from transformers import RobertaPreLayerNormConfig
 
     c = backbone.cfg
@@ -211,12 +212,13 @@ def _roberta_prelayernorm(backbone):
     rcfg = RobertaPreLayerNormConfig(
         vocab_size=te.word_embeddings.num_embeddings, hidden_size=c.width, num_hidden_layers=c.depth,
         num_attention_heads=c.num_heads, intermediate_size=int(c.width * c.mlp_ratio), hidden_act="gelu",
-        max_position_embeddings=n_pos + 1, type_vocab_size=2, layer_norm_eps=BLOCK_EPS, pad_token_id=0,
+        max_position_embeddings=n_pos + pad_token_id + 1, type_vocab_size=2, layer_norm_eps=BLOCK_EPS,
+        pad_token_id=pad_token_id,
         bos_token_id=None, eos_token_id=None, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         position_embedding_type="absolute")
     sd = _clone(backbone.state_dict())
-    pos = torch.zeros(n_pos + 1, c.width)
-    pos[1:] = sd["text_embed.position_embeddings.weight"] * scale  # RoBERTa positions start at pad_id + 1
+    pos = torch.zeros(n_pos + pad_token_id + 1, c.width)
+    pos[pad_token_id + 1:] = sd["text_embed.position_embeddings.weight"] * scale  # RoBERTa: from pad_id + 1
     out = {"embeddings.word_embeddings.weight": sd["text_embed.word_embeddings.weight"] * scale,
            "embeddings.position_embeddings.weight": pos,
            "embeddings.token_type_embeddings.weight": sd["text_embed.token_type_embeddings.weight"] * scale,
@@ -246,7 +248,8 @@ def _roberta_prelayernorm(backbone):
     return rcfg, out
 
 
-def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_mask: torch.Tensor) -> dict:
+def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_mask: torch.Tensor,
+                      pad_token_id: int = 0) -> dict:
     """Write ``text_encoder/`` (a transformers model directory) and ``text_projection.safetensors``;
     returns what it holds (``_projection``: the projection weight for sentence-transformers)."""
     from safetensors.torch import save_file
@@ -257,7 +260,7 @@ def export_text_tower(backbone, directory: Path, probe_ids: torch.Tensor, probe_
     if c.arch == "unified":
         from transformers import RobertaPreLayerNormModel
 
-        rcfg, sd = _roberta_prelayernorm(backbone)
+        rcfg, sd = _roberta_prelayernorm(backbone, int(pad_token_id))
         model = RobertaPreLayerNormModel(rcfg, add_pooling_layer=True)
         load_state_strict(model, sd, "text_encoder (RobertaPreLayerNormModel)")
         holds = ("the whole text path (embeddings, every block" + (" with its text expert" if c.modality_experts else "")

@@ -392,3 +392,30 @@ def test_model_card_carries_the_runs_eval_metrics_and_the_gaps(shards, tmp_path)
     assert len(itm_line) == 1 and "ViLT has one feed-forward per block" in itm_line[0]
     assert "ViLT" in json.loads((out / "config.json").read_text())["not_exported"]["itm"]
     assert 'SentenceTransformer("out")' in card and 'local-dir:out/image_encoder' in card
+
+
+@pytest.mark.parametrize("pad_id", [0, 1])
+def test_roberta_text_tower_for_any_pad_id(pad_id, tmp_path):
+    """RoBERTa numbers positions from pad_token_id + 1: the table is stored there, whatever the
+    tokenizer's pad id; with VLMo experts the blocks take the text experts."""
+    from transformers import AutoModel
+
+    from mmpretrain.export.towers import export_text_tower
+    from mmpretrain.models import LossConfig, ModelConfig, build_model
+
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, embed_dim=8,
+                                    max_text_length=10, modality_experts=True), LossConfig(), 60).eval()
+    with torch.no_grad():
+        model.backbone.text_embed.type_embed.normal_(0.0, 0.1)
+    ids = torch.randint(5, 60, (3, 10))
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = pad_id, 0
+    info = export_text_tower(model.backbone, tmp_path, ids, mask, pad_token_id=pad_id)
+    assert info["class"] == "RobertaPreLayerNormModel"
+    hf = AutoModel.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        got = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = model.encode_text(ids, mask)[0]
+    m = mask.bool()
+    assert float((got[m] - want[m]).abs().max()) <= ATOL
