@@ -5,7 +5,7 @@ same batches.
 Why paired: the first steps' loss is no "before" here: the warmup to lr 2e-3 first drives it
 above the initial level (3.9 against 3.5 for the dual encoder), so "last 8 steps below 0.92 x
 the first 8" passed on the recovery from that spike (0.89) while the dual encoder had learned
-1.5%. The same run at lr 1e-12 sees exactly the same batches (the data order does not depend
+1.5% (at commit 92a3117). The same run at lr 1e-12 sees exactly the same batches (the data order does not depend
 on the weights), so the gap over the last 8 steps is the learning alone, and without learning
 it is 0 to rounding, not a noisy number.
 """
@@ -31,11 +31,13 @@ def synthetic(tmp_path_factory) -> Path:
     return out
 
 
-# Gap (untrained - trained contrastive loss, mean of steps 33-40), measured on this machine at
-# 1 thread over 2-3 shard/tokenizer draws (the tokenizer trained with the shards varies from
-# run to run): tiny 0.425, vlmo_tiny 1.14, dual_encoder_tiny 0.049-0.052, siamese_triplet
-# 0.086. The test asks for a third of the smallest.
-MEASURED_GAP = {"tiny": 0.42, "vlmo_tiny": 1.14, "dual_encoder_tiny": 0.049, "siamese_triplet": 0.086}
+# The gap (untrained - trained contrastive loss, mean of steps 33-40) must be at least 2% of the
+# untrained loss there. Measured at 1 thread over 1-3 shard/tokenizer draws each (the tokenizer
+# trained with the shards varies from run to run) at commit 17763fb: tiny 0.17-0.18 (4.6-4.9%),
+# vlmo_tiny 0.64 (16%), dual_encoder_tiny 0.41 (12%), siamese_triplet 0.099 (20%); at 92a3117,
+# before the quality changes to the models and crops, tiny gave 0.43 and the dual encoder 0.05
+# (1.4%). The gaps follow the models, hence one relative floor, far above the 0 of no learning.
+MIN_RELATIVE_GAP = 0.02
 
 
 def _contrastive_losses(run: Path) -> list[float]:
@@ -55,11 +57,11 @@ def _train(config: str, synthetic: Path, run: Path, lr: str) -> list[float]:
     return itc
 
 
-@pytest.mark.parametrize("config", list(MEASURED_GAP))
+@pytest.mark.parametrize("config", ["tiny", "vlmo_tiny", "dual_encoder_tiny", "siamese_triplet"])
 def test_variant_loss_goes_down_on_synthetic_shards(config, synthetic, tmp_path):
     trained = _train(config, synthetic, tmp_path / "trained", "2e-3")
     untrained = _train(config, synthetic, tmp_path / "untrained", "1e-12")
-    gap = sum(u - t for u, t in zip(untrained[-8:], trained[-8:])) / 8
-    assert gap > MEASURED_GAP[config] / 3, (
-        f"{config}: contrastive loss over steps 33-40 only {gap:.4f} below the untrained model's on the "
-        f"same batches (measured {MEASURED_GAP[config]})")
+    before, after = sum(untrained[-8:]) / 8, sum(trained[-8:]) / 8
+    assert before - after > MIN_RELATIVE_GAP * before, (
+        f"{config}: contrastive loss over steps 33-40 {after:.4f}, the untrained model's on the same batches "
+        f"{before:.4f}: less than {MIN_RELATIVE_GAP:.0%} lower")
