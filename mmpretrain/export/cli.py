@@ -63,9 +63,11 @@ def _preprocessing(cfg) -> dict:
 def _check_out(ckpt: Path, out: Path, force: bool) -> None:
     """``--force`` replaces an existing *mmpretrain export* only: never another directory, and
     never one that holds the source checkpoint."""
-    src, dst = ckpt.resolve(), out.resolve()
-    if src == dst or dst in src.parents:
-        raise ExportError(f"{out} holds the source checkpoint {ckpt}; choose another --out")
+    src = ckpt.resolve()
+    for path in (out, out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")):  # all we may delete
+        dst = path.resolve()
+        if src == dst or dst in src.parents or (path.is_dir() and (path / CKPT_META).exists()):
+            raise ExportError(f"{path} holds the source checkpoint {ckpt} (or another checkpoint); choose another --out")
     if not out.exists():
         return
     if not force:
@@ -125,12 +127,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
         probe_pixels = torch.randn(3, 3, s, s, generator=gen)
         tok = tokenize(tokenizer, PROBE_TEXTS, cfg.data.max_length)
         backbone = model.backbone
-        towers, st_parts = {}, {}
+        towers = {}
         (tmp / "text_encoder").mkdir()
         text = export_text_tower(backbone, tmp / "text_encoder", tok["input_ids"], tok["attention_mask"],
                                  pad_token_id=int(tokenizer.pad_token_id or 0))
         tokenizer.save_pretrained(str(tmp / "text_encoder"))
-        st_parts["text"] = text
         (tmp / "image_encoder").mkdir()
         try:
             image = export_image_tower(backbone, tmp / "image_encoder", probe_pixels, pre)
@@ -138,7 +139,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
             image = None
             shutil.rmtree(tmp / "image_encoder")
             notes["image_encoder"] = str(e)
-        st_parts["image"] = image
         why = vilt_unsupported(backbone)
         if why is None:
             (tmp / "itm").mkdir()

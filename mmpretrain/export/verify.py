@@ -51,6 +51,11 @@ def verify_export(out: Path, model, tokenizer, preprocessing: dict, images: list
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt, want_img, diffs)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a library that cannot load what was written: one line
+        msg = " ".join(str(e).split())[:300]
+        raise ExportError(f"export check failed: loading the written files: {type(e).__name__}: {msg}") from None
     finally:
         hf_logging.set_verbosity(level)
     config["verified"] = {"max_abs_diff": diffs, "atol": VERIFY_ATOL}
