@@ -39,11 +39,14 @@ TEXTS = ["a red circle left of a blue square", "two green stars on a striped bac
          "with many more words than the model takes"]  # longer than max_length: truncated
 
 CONFIGS = {
-    # name: (expects image_encoder/, expects itm/)
-    "tiny": (True, True),
-    "vlmo_tiny": (True, False),
-    "dual_encoder_tiny": (False, False),
-    "siamese_triplet": (False, False),
+    # case: (config file, extra overrides, expects image_encoder/, expects itm/)
+    "tiny": ("tiny", [], True, True),
+    "vlmo_tiny": ("vlmo_tiny", [], True, False),
+    "dual_encoder_tiny": ("dual_encoder_tiny", [], False, False),  # small_cnn: no timm form
+    "siamese_triplet": ("siamese_triplet", [], False, False),
+    # the dual encoder with timm image backbones: the tower projection folded into timm's head
+    "dual_encoder_tiny+test_resnet": ("dual_encoder_tiny", ["model.image_backbone=test_resnet"], True, False),
+    "siamese_triplet+test_vit": ("siamese_triplet", ["model.image_backbone=test_vit"], True, False),
 }
 
 CHILD = r'''
@@ -121,7 +124,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def _checkpoint(name: str, run_dir: Path, shards: Path) -> Path:
+def _checkpoint(name: str, run_dir: Path, shards: Path, extra=()) -> Path:
     """A tiny version of configs/<name>.yaml, freshly initialised, with its zero-initialised
     modality-type embeddings and the ITM head made non-trivial (so folding them is tested)."""
     from accelerate import Accelerator
@@ -131,7 +134,7 @@ def _checkpoint(name: str, run_dir: Path, shards: Path) -> Path:
     from mmpretrain.models import build_model
     from mmpretrain.trainer.checkpoint import save_checkpoint
 
-    cfg = load_config(REPO / "configs" / f"{name}.yaml", tiny_overrides(shards, run_dir))
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", tiny_overrides(shards, run_dir, extra))
     tok = AutoTokenizer.from_pretrained(str(shards / "tokenizer"))
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, len(tok))
@@ -184,8 +187,8 @@ def _maxdiff(a, b) -> float:
 def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
     from PIL import Image
 
-    want_image_tower, want_itm = CONFIGS[name]
-    ckpt = _checkpoint(name, tmp_path / "run", shards)
+    config_name, extra, want_image_tower, want_itm = CONFIGS[name]
+    ckpt = _checkpoint(config_name, tmp_path / "run", shards, extra)
     logged: list[str] = []
     out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
     config = json.loads((out / "config.json").read_text())
