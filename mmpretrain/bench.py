@@ -2,6 +2,7 @@
 
   loader   samples/s per worker of the full loader vs a plain decode+resize loop
   model    forward+backward time per sample, share spent in gathers and ITM mining
+  quality  train the default for a budget, print held-out recall, ITM and compositional scores
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 BENCHES = {
     "loader": "mmpretrain.data.bench",
     "model": "mmpretrain.models.bench",
+    "quality": "mmpretrain.quality",
 }
 
 

@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("mmpretrain.train", "train from a YAML config (also under `accelerate launch`)"),
     "eval": ("mmpretrain.evaluation.cli", "zero-shot retrieval + ITM re-ranking of a checkpoint"),
     "export": ("mmpretrain.export.cli", "export a checkpoint to safetensors / transformers / timm"),
-    "bench": ("mmpretrain.bench", "benchmarks: loader throughput, model step time"),
+    "bench": ("mmpretrain.bench", "benchmarks: loader throughput, model step time, learning quality"),
     "pipeline": ("mmpretrain.pipeline", "the whole job on the embedded default: shards -> train -> eval -> export"),
 }
 

@@ -25,6 +25,19 @@ def _stage(name: str, fn, argv: list[str]) -> None:
     print(f"=== {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
+def resolve_config(path: str | Path) -> Path:
+    """A config path as given, or else under the repository's configs/ (editable install), so the
+    embedded default is found from any directory."""
+    config = Path(path)
+    if not config.is_file() and not config.is_absolute():
+        repo_config = Path(__file__).resolve().parent.parent / config
+        if not repo_config.is_file():
+            raise SystemExit(f"mmpretrain: config not found: {config} "
+                             "(run from the repository root or pass --config)")
+        config = repo_config
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmpretrain pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmpretrain.export.format import find_latest_checkpoint
 
     shards, out = Path(args.shards), Path(args.out)
-    config = Path(args.config)
-    if not config.is_file() and not config.is_absolute():
-        # the embedded default lives in the repository's configs/ (editable install)
-        repo_config = Path(__file__).resolve().parent.parent / config
-        if not repo_config.is_file():
-            raise SystemExit(f"mmpretrain pipeline: config not found: {config} "
-                             "(run from the repository root or pass --config)")
-        config = repo_config
+    config = resolve_config(args.config)
     manifest = shards / "manifest.json"
     if manifest.is_file():
         splits = json.loads(manifest.read_text()).get("splits", {})

@@ -7,7 +7,9 @@ layer and forward. Counted per sample:
 - image unimodal pass over ``1 + (image_size/patch_size)^2`` tokens (patch embedding included),
 - text unimodal pass over ``text_len`` tokens,
 - with ITM (``itm_weight > 0``): 3 fused passes (positive, negative text, negative image) over
-  ``image tokens + text_len`` tokens,
+  ``image tokens + text_len`` tokens, times ``itm_fraction`` (the share of rows scored),
+- with MLM (``mlm_weight > 0``): 1 more fused pass and the MLM head on ``mlm_prob`` of the
+  ``text_len`` tokens (vocabulary size unknown here: the head's decoder counts as ``width^2``),
 - projections, the contrastive logits (against the local batch only — not known here; they are
   negligible) and the ITM head.
 Embedding lookups cost nothing. The dual_encoder estimate uses the same transformer formula for
@@ -38,11 +40,15 @@ def forward_flops_per_sample(cfg: ModelConfig, loss_cfg: LossConfig, text_len: i
     patch = 2.0 * (n_img - 1) * 3 * cfg.patch_size ** 2 * w
     heads = 2.0 * 2 * w * cfg.embed_dim
     f = patch + d * (_layer_fwd(w, n_img, cfg.mlp_ratio) + _layer_fwd(w, text_len, cfg.mlp_ratio)) + heads
+    frac = min(max(float(getattr(loss_cfg, "itm_fraction", 1.0)), 0.0), 1.0)
+    if getattr(loss_cfg, "mlm_weight", 0.0) > 0 and cfg.arch == "unified":
+        masked = float(loss_cfg.mlm_prob) * text_len
+        f += d * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio) + 2.0 * masked * 2 * w * w
     if loss_cfg.itm_weight > 0:
         if cfg.arch == "unified":
             fused = d * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio)
             # the fused pass re-embeds the negative image (patch embedding) once per sample
-            f += 3 * fused + patch
+            f += frac * (3 * fused + patch)
         else:
             fusion_layer = 2.0 * (4 * w * w * text_len + 2 * text_len * n_img * w
                                   + 2 * w * int(w * cfg.mlp_ratio) * text_len)
