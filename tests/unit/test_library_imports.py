@@ -35,7 +35,8 @@ PKG = Path(__file__).resolve().parents[2] / "mmpretrain"
 
 APP_PACKAGES = ("mmpretrain.trainer", "mmpretrain.evaluation")
 APP_MODULES = {"mmpretrain.cli", "mmpretrain.__main__", "mmpretrain.train", "mmpretrain.pipeline",
-               "mmpretrain.bench", "mmpretrain.models.bench", "mmpretrain.data.bench", "mmpretrain.data.cli"}
+               "mmpretrain.bench", "mmpretrain.models.bench", "mmpretrain.data.bench", "mmpretrain.data.cli",
+               "mmpretrain.quality"}
 FORBIDDEN_THIRD_PARTY = ("accelerate", "deepspeed")
 # (module, third-party package): the library's only such import, function-level: consolidating a
 # DeepSpeed ZeRO checkpoint needs DeepSpeed's own zero_to_fp32 (only for such a checkpoint).
