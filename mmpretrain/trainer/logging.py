@@ -146,7 +146,8 @@ class RunLogger:
         samples_per_s = sum(r["samples_per_s"] * r["step_s"] for r in w) / max(time_sum, 1e-9)
         data_share = sum(r["data_wait"] * r["step_s"] for r in w) / max(time_sum, 1e-9)
         parts = [f"step {step}/{self.total_steps}", f"loss {mean('loss'):.4f}"]
-        for key, label in (("loss_itc", "itc"), ("loss_itm", "itm"), ("itm_acc", "itm_acc")):
+        for key, label in (("loss_itc", "itc"), ("loss_itm", "itm"), ("itm_acc", "itm_acc"), ("loss_mlm", "mlm"),
+                           ("mlm_acc", "mlm_acc")):
             if key in w[-1]:
                 parts[-1] += f" {label} {mean(key):.4f}"
         parts += [f"lr {w[-1].get('lr', 0.0):.2e}", f"{samples_per_s:.0f} samples/s",
