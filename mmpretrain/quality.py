@@ -12,7 +12,8 @@ Printed per seed, then as the LAST line one JSON object::
    eval_s, wall_s}, ...], "mean": {...}, "std": {...}}
 
 ``mean_recall`` is the contrastive (cosine) mean of R@1/5/10 both ways; ``itm_mean_recall``
-the same after ITM re-ranking of the top ``eval.itm_rerank_k``; ``itm_hard_negative_acc`` the
+the same after ITM re-ranking of the top ``eval.itm_rerank_k`` (by ``eval.itm_rerank_score``,
+named in ``itm_rerank_score``); ``itm_hard_negative_acc`` the
 balanced ITM accuracy on held-out mined hard negatives; compositional accuracies are the share
 of one-change captions the true caption beats (chance 0.5). Figures: docs/BENCHMARKS.md.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 def _flat(metrics: dict) -> dict:
     """The headline numbers of one ``metrics.json``."""
     out = {"mean_recall": metrics.get("mean_recall"), "itm_mean_recall": metrics.get("itm_mean_recall"),
-           "itm_seconds": metrics.get("itm_seconds")}
+           "itm_seconds": metrics.get("itm_seconds"), "itm_rerank_score": metrics.get("itm_rerank_score")}
     hard = metrics.get("itm_hard_negatives") or {}
     out["itm_hard_negative_acc"] = hard.get("balanced_acc")
     out["itm_hard_negative_pos_acc"] = hard.get("positive_acc")

@@ -213,6 +213,13 @@ with torch.no_grad():
     t2i_r = pessimistic_ranks(t2i_scores, pos_mask)
     mr = metrics_from_ranks(i2t_r, t2i_r, [1, 5, 10])
     res["itm_mean_recall"] = mr.get("mean_recall", None)
+    # BLIP-style: ITM log-odds + the contrastive logit (logit_scale x cosine) of the candidates
+    ls = float(model.logit_scale().detach())
+    add_i2t = new_i2t + ls * S.double().gather(1, ci2t)
+    add_t2i = new_t2i + ls * S.t().double().gather(1, ct2i)
+    i2t_c, _ = retrieval_ranks(rerank_scores(S, ci2t, add_i2t), cap_img)
+    t2i_c = pessimistic_ranks(rerank_scores(S.t(), ct2i, add_t2i), pos_mask)
+    res["itm_plus_itc_mean_recall"] = metrics_from_ranks(i2t_c, t2i_c, [1, 5, 10]).get("mean_recall", None)
     # ITM acc on hard negatives: hardest wrong caption per image, hardest wrong image per caption
     wrong = ~caption_positive_mask(cap_img, n_i)
     if wrong.shape != S.shape:

@@ -10,6 +10,11 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     itm_rerank_k: int = 16
     """Re-score the top-k of the contrastive ranking with the ITM head (0 disables)."""
+    itm_rerank_score: str = "itm+itc"
+    """The re-ranking score of a candidate: 'itm' (the ITM log-odds alone, as ALBEF) or
+    'itm+itc' (the ITM log-odds plus the contrastive logit, logit_scale x cosine, as BLIP adds
+    the similarity: the two are log-likelihood scores of the same pair, and the sum keeps what
+    the contrastive ranking knows where the ITM head is unsure)."""
     batch_size: int = 64
     max_samples: int = 0
     """0: the whole held-out set."""

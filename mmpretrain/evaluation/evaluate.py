@@ -16,7 +16,8 @@ calls on a checkpoint. Stages, each run by every rank:
 3. contrastive: cosine similarity image x caption, Recall@k both directions (``retrieval.py``).
 4. ITM re-ranking: the top ``eval.itm_rerank_k`` candidates of every query are re-scored with
    the fused ITM head (score = log-odds ``logit[1] - logit[0]``, which does not saturate like the
-   probability). The work is split by the rank that holds each image's pixels: image->text
+   probability; with ``eval.itm_rerank_score: itm+itc``, the default, plus the contrastive logit
+   ``logit_scale x cosine``, as BLIP adds the similarity). The work is split by the rank that holds each image's pixels: image->text
    queries on their image's owner, text->image candidates on the candidate image's owner, each
    (image, caption) pair scored once. So no pixels cross ranks — splitting text->image queries
    by query instead would need nearly every image on every rank. Scores are merged with one
@@ -305,9 +306,22 @@ def itm_scores(model, cfg, accelerator, data: dict, pixels: dict[int, torch.Tens
     return merged
 
 
-def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.Tensor, k: int):
+def _logit_scale(core) -> float:
+    """The model's contrastive logit scale (every rank calls it: ZeRO-3 gathers in forward);
+    0 for a model without one."""
+    ls = getattr(core, "logit_scale", None)
+    if ls is None:
+        return 0.0
+    with torch.no_grad():
+        return float(ls().float().reshape(-1)[0])
+
+
+def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.Tensor, k: int,
+               contrastive_scale: float = 0.0):
     """Re-ranked score matrices (image x caption for i2t, caption x image for t2i) and the ITM
-    log-odds of every pair scored, ``{(unique image, caption): score}`` (the same on every rank)."""
+    log-odds of every pair scored, ``{(unique image, caption): score}`` (the same on every rank).
+    A candidate's new score is its ITM log-odds plus ``contrastive_scale`` x its cosine
+    (``eval.itm_rerank_score: itm+itc`` passes the model's logit scale; 'itm' passes 0)."""
     rank, _ = _world(accelerator)
     cand_i2t = topk_candidates(scores, k)  # [U, k] caption indices
     cand_t2i = topk_candidates(scores.t(), k)  # [N, k] image indices
@@ -323,6 +337,10 @@ def itm_rerank(model, cfg, accelerator, data: dict, pixels: dict, scores: torch.
                            dtype=torch.float64)
     new_t2i = torch.tensor([[merged[(int(i), t)] for i in cand_t2i[t]] for t in range(scores.shape[1])],
                            dtype=torch.float64)
+    if contrastive_scale:
+        cos = scores.double()
+        new_i2t = new_i2t + contrastive_scale * cos.gather(1, cand_i2t.long())
+        new_t2i = new_t2i + contrastive_scale * cos.t().gather(1, cand_t2i.long())
     return rerank_scores(scores, cand_i2t, new_i2t), rerank_scores(scores.t(), cand_t2i, new_t2i), merged
 
 
@@ -480,13 +498,19 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         itm_known: dict = {}
         if do_itm:
             t1 = time.perf_counter()
-            re_i2t, re_t2i, itm_known = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k)
+            mode = cfg.eval.itm_rerank_score
+            if mode not in ("itm", "itm+itc"):
+                raise ValueError(f"eval.itm_rerank_score: {mode!r} is not 'itm' or 'itm+itc'")
+            scale = _logit_scale(core) if mode == "itm+itc" else 0.0
+            re_i2t, re_t2i, itm_known = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k,
+                                                   contrastive_scale=scale)
             r_i2t = retrieval_ranks(re_i2t, data["caption_image"])[0]
             r_t2i = retrieval_ranks(re_t2i.t(), data["caption_image"])[1]
             for key, value in metrics_from_ranks(r_i2t, r_t2i, ks).items():
                 if key not in ("num_images", "num_captions"):
                     metrics[f"itm_{key}"] = value
             metrics["itm_rerank_k"] = rerank_k
+            metrics["itm_rerank_score"] = mode
             metrics["itm_seconds"] = time.perf_counter() - t1
         # Compositional test and ITM on hard negatives: nested dicts; their "seconds" are left
         # out of metrics.json so that it stays identical across world sizes (timing keys aside).

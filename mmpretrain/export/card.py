@@ -41,7 +41,9 @@ def _architecture(cfg) -> str:
             "ViLT-style unified single-stream transformer"
         return (f"{kind}: width {m.width}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
                 f"image {m.image_size}px, text up to {m.max_text_length} tokens, embedding {m.embed_dim}, "
-                f"pool {m.pool}, ITM read-out {m.itm_readout}")
+                f"pool {m.pool}, ITM read-out {m.itm_readout}"
+                + (f", fusion: {m.fusion_depth} block(s) over the unimodal outputs"
+                   if getattr(m, "fusion_source", "inputs") == "towers" else ""))
     return (f"dual encoder: image tower {m.image_backbone}, BERT text tower (width {m.width}, depth {m.depth}, "
             f"{m.num_heads} heads), embedding {m.embed_dim}, ITM fusion {m.fusion}")
 

@@ -21,9 +21,9 @@ with ``deepspeed.utils.zero_to_fp32``. Writes::
                                 timm.create_model("local-dir:...") and transformers.AutoModel (TimmWrapper);
                                 F.normalize(model(x)) = the image embedding. Not for small_cnn (not timm).
     OUT/itm/                    ViltForImageAndTextRetrieval, sigmoid(logits) = score_pairs (unified
-                                without experts, model.itm_readout=text_cls only)
+                                without experts, model.itm_readout=text_cls, model.fusion_source=inputs)
 
-Parts with no standard form (small_cnn image tower, ITM of VLMo / image_cls / the dual encoder,
+Parts with no standard form (small_cnn image tower, ITM of VLMo / image_cls / fusion towers / the dual encoder,
 open_clip) are listed with the reason in config.json "not_exported", in the model card and as one
 line each on stderr. Every file is loaded back with the standard libraries and compared with the
 live model (``export.verify``, 1e-5) before the export is published; a mismatch fails the export.

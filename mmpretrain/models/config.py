@@ -40,7 +40,13 @@ class ModelConfig:
     """Pooling of the unimodal tokens into the contrastive embedding: 'mean' (over non-padding
     tokens) or 'cls' (the [CLS] token); the dual_encoder image tower always mean-pools."""
     fusion_depth: int = 1
-    """dual_encoder + cross_attention: number of (text -> image) cross-attention layers."""
+    """dual_encoder + cross_attention: number of (text -> image) cross-attention layers;
+    unified + ``fusion_source: towers``: number of fusion blocks."""
+    fusion_source: str = "inputs"
+    """unified: what the fused (ITM/MLM) pass starts from. 'inputs': the input embeddings of
+    both modalities through the whole shared stack again (ViLT). 'towers': the unimodal outputs
+    of the shared stack (the contrastively aligned tokens) through ``fusion_depth`` dedicated
+    single-stream blocks (ALBEF/BLIP-style fusion on top of the encoders)."""
     itm_readout: str = "text_cls"
     """unified: the fused-pass token the ITM head reads (through its dense+tanh pooler):
     'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""

@@ -10,6 +10,9 @@ layer and forward. Counted per sample:
   ``image tokens + text_len`` tokens, times ``itm_fraction`` (the share of rows scored),
 - with MLM (``mlm_weight > 0``): 1 more fused pass and the MLM head on ``mlm_prob`` of the
   ``text_len`` tokens (vocabulary size unknown here: the head's decoder counts as ``width^2``),
+- unified with ``fusion_source: towers``: a fused pass is ``fusion_depth`` blocks (not
+  ``depth``), and every negative image / negative or masked caption first takes its unimodal
+  pass (the positives reuse theirs),
 - projections, the contrastive logits (against the local batch only — not known here; they are
   negligible) and the ITM head.
 Embedding lookups cost nothing. The dual_encoder estimate uses the same transformer formula for
@@ -41,14 +44,17 @@ def forward_flops_per_sample(cfg: ModelConfig, loss_cfg: LossConfig, text_len: i
     heads = 2.0 * 2 * w * cfg.embed_dim
     f = patch + d * (_layer_fwd(w, n_img, cfg.mlp_ratio) + _layer_fwd(w, text_len, cfg.mlp_ratio)) + heads
     frac = min(max(float(getattr(loss_cfg, "itm_fraction", 1.0)), 0.0), 1.0)
+    towers = cfg.arch == "unified" and getattr(cfg, "fusion_source", "inputs") == "towers"
+    fused = (cfg.fusion_depth if towers else d) * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio)
+    image_pass, text_pass = d * _layer_fwd(w, n_img, cfg.mlp_ratio), d * _layer_fwd(w, text_len, cfg.mlp_ratio)
     if getattr(loss_cfg, "mlm_weight", 0.0) > 0 and cfg.arch == "unified":
         masked = float(loss_cfg.mlm_prob) * text_len
-        f += d * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio) + 2.0 * masked * 2 * w * w
+        f += fused + 2.0 * masked * 2 * w * w + (text_pass if towers else 0.0)
     if loss_cfg.itm_weight > 0:
         if cfg.arch == "unified":
-            fused = d * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio)
-            # the fused pass re-embeds the negative image (patch embedding) once per sample
-            f += frac * (3 * fused + patch)
+            # the fused pass re-embeds the negative image (patch embedding) once per sample;
+            # towers: the negative image and caption take their unimodal passes too
+            f += frac * (3 * fused + patch + (image_pass + text_pass if towers else 0.0))
         else:
             fusion_layer = 2.0 * (4 * w * w * text_len + 2 * text_len * n_img * w
                                   + 2 * w * int(w * cfg.mlp_ratio) * text_len)

@@ -17,6 +17,15 @@ One set of weights:
   feeds ``itm_head`` (dense + tanh pooler, 2-way classifier). ``fuse_tokens`` returns every
   fused token; ``mlm_logits(fused_text_tokens)`` predicts the vocabulary for MLM.
 
+With ``fusion_source: towers`` (ALBEF/BLIP-style) the fused pass starts from the unimodal
+outputs instead: ``image_inputs``/``text_inputs`` then return the final-norm tokens of the
+unimodal passes (the shared stack over each modality alone, as the contrastive embeddings see
+them), ``image_features``/``text_features`` only pool and project them, and ``fuse_tokens`` runs
+``fusion_depth`` dedicated blocks (``fusion_blocks`` + ``fusion_norm``) over ``[image; text]``.
+The ITM and MLM gradients then train their own fusion weights at full strength and reach the
+shared stack through the aligned tokens; the unimodal path (and every tower export) is
+unchanged.
+
 With ``modality_experts`` (VLMo): unimodal passes use the image (``mlp``) or text
 (``mlp_text``) FFN in every block; the fused pass routes image tokens to the image FFN and text
 tokens to the text FFN in the lower blocks, and uses the vision-language FFN (``mlp_vl``) in
@@ -46,6 +55,17 @@ class UnifiedTransformer(nn.Module):
         self.image_proj = Lx.Projection(w, cfg.embed_dim)
         self.text_proj = Lx.Projection(w, cfg.embed_dim)
         self.itm_head = Lx.ItmHead(w)
+        if cfg.fusion_source not in ("inputs", "towers"):
+            raise ValueError(f"model.fusion_source: {cfg.fusion_source!r} is not 'inputs' or 'towers'")
+        self.towers = cfg.fusion_source == "towers"
+        if self.towers:
+            if cfg.fusion_depth < 1:
+                raise ValueError(f"model.fusion_depth must be >= 1 with fusion_source=towers, got {cfg.fusion_depth}")
+            self.fusion_blocks = nn.ModuleList(
+                Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.fusion_depth))
+            self.fusion_norm = nn.LayerNorm(w, eps=1e-6)
+            Lx.init_weights(self.fusion_blocks)
+            Lx.init_weights(self.fusion_norm)
         # the MLM head exists only when the loss uses it (no unused parameters under DDP)
         self.mlm_head = Lx.MlmHead(w, vocab_size) if mlm else None
         if cfg.itm_readout not in ("text_cls", "image_cls"):
@@ -68,14 +88,16 @@ class UnifiedTransformer(nn.Module):
             load_bert(self, cfg.text_pretrained)
 
     # ------------------------------------------------------------------ stack
-    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, routes: list[str], n_image: int = 0):
+    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, routes: list[str], n_image: int = 0,
+             fusion: bool = False):
+        blocks, norm = (self.fusion_blocks, self.fusion_norm) if fusion else (self.blocks, self.norm)
         attn_mask = None if mask is None else Lx.key_padding_mask(mask, x.dtype)
-        for blk, route in zip(self.blocks, routes):
+        for blk, route in zip(blocks, routes):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, attn_mask, route, n_image, use_reentrant=False)
             else:
                 x = blk(x, attn_mask, route, n_image)
-        return self.norm(x)
+        return norm(x)
 
     def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.pool == "cls":
@@ -94,18 +116,22 @@ class UnifiedTransformer(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def image_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_embed(pixels)
+        """The image side of a fused pass: the input embeddings, or (towers) the unimodal tokens."""
+        x = self.image_embed(pixels)
+        return self._run(x, None, [Lx.IMAGE] * self.cfg.depth) if self.towers else x
 
     def text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_embed(input_ids)
+        """The text side of a fused pass: the input embeddings, or (towers) the unimodal tokens."""
+        x = self.text_embed(input_ids)
+        return self._run(x, attention_mask, [Lx.TEXT] * self.cfg.depth) if self.towers else x
 
     # ------------------------------------------------------------------ unimodal
     def image_features(self, x: torch.Tensor):
-        tokens = self._run(x, None, [Lx.IMAGE] * self.cfg.depth)
+        tokens = x if self.towers else self._run(x, None, [Lx.IMAGE] * self.cfg.depth)
         return tokens, self.image_proj(self._pool(tokens, None))
 
     def text_features(self, x: torch.Tensor, attention_mask: torch.Tensor):
-        tokens = self._run(x, attention_mask, [Lx.TEXT] * self.cfg.depth)
+        tokens = x if self.towers else self._run(x, attention_mask, [Lx.TEXT] * self.cfg.depth)
         return tokens, self.text_proj(self._pool(tokens, attention_mask))
 
     def encode_image(self, pixels: torch.Tensor):
@@ -121,6 +147,8 @@ class UnifiedTransformer(nn.Module):
         text_tokens = text_tokens.to(image_tokens.dtype)
         x = torch.cat([image_tokens, text_tokens], dim=1)
         mask = torch.cat([torch.ones(b, n_img, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
+        if self.towers:
+            return self._run(x, mask, [Lx.IMAGE] * self.cfg.fusion_depth, n_img, fusion=True)
         return self._run(x, mask, self._fused_routes(), n_img)
 
     def readout_index(self, n_image_tokens: int) -> int:

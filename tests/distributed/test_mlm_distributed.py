@@ -26,6 +26,10 @@ CASES = {
                                itm_random_mix=0.25),
     "itm_half": dict(itm_weight=1.0, itm_fraction=0.5),
     "itm_one_row": dict(itm_weight=1.0, itm_fraction=0.1, mlm_weight=1.0, mlm_prob=0.4),
+    # fusion over the unimodal outputs: negatives fetched from the other rank take their
+    # unimodal pass there, and the ITM/MLM gradients reach the shared stack through them
+    "towers_mlm_itm": dict(itm_weight=1.0, itm_fraction=0.5, mlm_weight=0.5, mlm_prob=0.4,
+                           _model=dict(fusion_source="towers", fusion_depth=2)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
 KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc")
@@ -33,8 +37,9 @@ KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc")
 
 def _model(overrides):
     torch.manual_seed(1)
+    overrides = dict(overrides)
     mc = ModelConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, embed_dim=8,
-                     max_text_length=NTOK)
+                     max_text_length=NTOK, **overrides.pop("_model", {}))
     lc = LossConfig(itm_seed=3, mlm_mask_token_id=4, **overrides)
     return build_model(mc, lc, vocab_size=30).double().train()
 

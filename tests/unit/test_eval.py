@@ -120,6 +120,10 @@ def test_contrastive_and_full_itm_rerank_match_brute_force(run, tmp_path, monkey
     monkeypatch.setattr(evaluate_mod, "normalize", spy)  # the one normalisation, not a copy of it
     metrics = run_evaluation(model, cfg, None, loaded.tokenizer, 0, tmp_path / "e")
     assert calls and all(c == (cfg.data.mean, cfg.data.std, torch.float64) for c in calls)
+    assert metrics["itm_rerank_score"] == "itm+itc"  # the default
+    cfg.eval.itm_rerank_score = "itm"
+    metrics_itm = run_evaluation(model, cfg, None, loaded.tokenizer, 0, tmp_path / "e2")
+    assert metrics_itm["itm_rerank_score"] == "itm"
 
     rows = _val_samples(cfg, loaded.tokenizer)
     image_ids = []
@@ -138,16 +142,23 @@ def test_contrastive_and_full_itm_rerank_match_brute_force(run, tmp_path, monkey
         n_img, n_cap = len(image_ids), len(rows)
         logits = model.itm_logits(px.repeat_interleave(n_cap, 0), ids.repeat(n_img, 1), mask.repeat(n_img, 1)).float()
         itm = (logits[:, 1] - logits[:, 0]).view(n_img, n_cap)
+        scale = float(model.logit_scale())
     ks = [1, 5, 10]
     want = retrieval_metrics(cos, caption_image, ks)
     want_itm = retrieval_metrics(itm, caption_image, ks)
+    want_sum = retrieval_metrics(itm.double() + scale * cos.double(), caption_image, ks)
     for k in ks:
         for d in ("i2t", "t2i"):
             assert metrics[f"{d}_R@{k}"] == pytest.approx(want[f"{d}_R@{k}"])
-            assert metrics[f"itm_{d}_R@{k}"] == pytest.approx(want_itm[f"{d}_R@{k}"])
-    # the ITM head of this random model ranks differently from the embeddings: the test can tell
-    assert any(metrics[f"itm_{d}_median_rank"] != metrics[f"{d}_median_rank"] for d in ("i2t", "t2i")) or \
-        metrics["itm_mean_recall"] != metrics["mean_recall"]
+            assert metrics_itm[f"itm_{d}_R@{k}"] == pytest.approx(want_itm[f"{d}_R@{k}"])
+            assert metrics[f"itm_{d}_R@{k}"] == pytest.approx(want_sum[f"{d}_R@{k}"])
+    # the ITM head of this random model ranks differently from the embeddings, and the sum from
+    # the ITM-only rule from the sum: the test can tell the rules apart
+    m = metrics_itm
+    assert any(m[f"itm_{d}_median_rank"] != m[f"{d}_median_rank"] for d in ("i2t", "t2i")) or \
+        m["itm_mean_recall"] != m["mean_recall"]
+    assert any(metrics[f"itm_{d}_R@{k}"] != metrics_itm[f"itm_{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks) or \
+        any(metrics[f"itm_{d}_median_rank"] != metrics_itm[f"itm_{d}_median_rank"] for d in ("i2t", "t2i"))
 
 
 def test_eval_rejects_a_path_that_is_not_a_checkpoint(tmp_path, capsys):

@@ -14,6 +14,7 @@ TINY = dict(image_size=16, patch_size=8, width=32, depth=2, num_heads=2, embed_d
 VARIANTS = {
     "unified": (dict(), dict()),
     "unified_experts": (dict(modality_experts=True, vl_expert_layers=1), dict()),
+    "unified_towers": (dict(fusion_source="towers", fusion_depth=2), dict(mlm_weight=1.0, mlm_mask_token_id=2)),
     "dual_cnn_xattn": (dict(arch="dual_encoder", fusion="cross_attention"), dict()),
     "dual_triplet": (dict(arch="dual_encoder", fusion="linear"), dict(contrastive="triplet", triplet_margin=0.2)),
 }
@@ -98,6 +99,37 @@ def test_unified_entry_points_agree():
     torch.testing.assert_close(f_pad, f_short, rtol=1e-5, atol=1e-5)
 
 
+def test_towers_fusion_runs_on_the_unimodal_outputs():
+    plain = _build("unified").eval()
+    towers = _build("unified_towers").eval()
+    missing, unexpected = towers.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("backbone.fusion_", "backbone.mlm_head.")) for k in missing)
+    px, ids, mask, image_ids = _batch()
+    # the unimodal path (what every tower export holds) is the same weights, the same maths
+    for a, b in zip(plain.encode_image(px), towers.encode_image(px)):
+        torch.testing.assert_close(b, a)
+    for a, b in zip(plain.encode_text(ids, mask), towers.encode_text(ids, mask)):
+        torch.testing.assert_close(b, a)
+    bb = towers.backbone
+    img_tok, _ = towers.encode_image(px)
+    txt_tok, _ = towers.encode_text(ids, mask)
+    x = torch.cat([img_tok, txt_tok], dim=1)
+    add = torch.zeros(4, x.shape[1]).masked_fill(torch.cat([torch.ones(4, img_tok.shape[1]), mask], 1) == 0,
+                                                 torch.finfo(x.dtype).min)[:, None, None, :]
+    for blk in bb.fusion_blocks:
+        x = blk(x, add)
+    want = bb.itm_head(bb.fusion_norm(x)[:, img_tok.shape[1]])  # the text [CLS] read-out
+    torch.testing.assert_close(towers.itm_logits(px, ids, mask), want, rtol=1e-5, atol=1e-6)
+    # ITM and MLM train the fusion blocks and reach the shared stack through the unimodal tokens
+    towers.train()
+    out = towers(px, ids, mask, image_ids)
+    (out["loss"] - out["loss_itc"]).backward()  # without the contrastive part
+    assert bb.fusion_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert bb.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fusion_source"):
+        _build("unified", fusion_source="late")
+
+
 def test_experts_route_by_modality():
     model = _build("unified_experts").eval()
     px, ids, mask, _ = _batch()
@@ -149,6 +181,10 @@ def test_flops_counts():
     block_params = sum(p.numel() for p in model.backbone.blocks.parameters())
     assert f_no_itm > 6 * block_params * (5 + 8)
     assert f > f_no_itm * 2
+    # fusion over the towers: a fused pass is fusion_depth blocks, plus the negatives' own passes
+    tw = lambda k: training_flops_per_sample(ModelConfig(**{**TINY, "fusion_source": "towers", "fusion_depth": k}),
+                                             LossConfig(), text_len=8)
+    assert f_no_itm < tw(1) < tw(2) and tw(1) < f
 
 
 def _learnable_batches(n_batches=2, n=8, seed=0):
