@@ -200,6 +200,18 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
 
 # ----------------------------------------------------------------------------- text
 
+
+def split_qkv(sd: dict, block: str, prefix: str, width: int) -> dict:
+    """Our fused ``{block}attn.qkv`` as the separate ``{prefix}query/key/value`` weights and
+    biases of the transformers attention layers (BERT/RoBERTa ``attention.self.``, ViLT
+    ``attention.attention.``)."""
+    qkv_w, qkv_b = sd[block + "attn.qkv.weight"], sd[block + "attn.qkv.bias"]
+    out = {}
+    for j, n in enumerate(("query", "key", "value")):
+        out[f"{prefix}{n}.weight"] = qkv_w[j * width:(j + 1) * width].clone()
+        out[f"{prefix}{n}.bias"] = qkv_b[j * width:(j + 1) * width].clone()
+    return out
+
 def _roberta_prelayernorm(backbone, pad_token_id: int = 0):
     """(RobertaPreLayerNormConfig, state dict) of the unified model's text path. RoBERTa numbers
     the positions of non-padding tokens from ``pad_token_id + 1``: our table is stored there."""
@@ -231,10 +243,7 @@ def _roberta_prelayernorm(backbone, pad_token_id: int = 0):
     w = c.width
     for i in range(c.depth):
         b, p = f"blocks.{i}.", f"encoder.layer.{i}."
-        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
-        for j, n in enumerate(("query", "key", "value")):
-            out[p + f"attention.self.{n}.weight"] = qkv_w[j * w:(j + 1) * w].clone()
-            out[p + f"attention.self.{n}.bias"] = qkv_b[j * w:(j + 1) * w].clone()
+        out.update(split_qkv(sd, b, p + "attention.self.", w))
         out.update({p + "attention.LayerNorm.weight": sd[b + "norm1.weight"],
                     p + "attention.LayerNorm.bias": sd[b + "norm1.bias"],
                     p + "attention.output.dense.weight": sd[b + "attn.proj.weight"],

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.export.format import ExportError, load_state_strict
-from mmpretrain.export.towers import BLOCK_EPS, _check_close, _clone
+from mmpretrain.export.towers import BLOCK_EPS, _check_close, _clone, split_qkv
 
 
 def vilt_unsupported(backbone) -> str | None:
@@ -88,10 +88,7 @@ def vilt_state(backbone):
     w = c.width
     for i in range(c.depth):
         b, p = f"blocks.{i}.", f"{v}encoder.layer.{i}."
-        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
-        for j, n in enumerate(("query", "key", "value")):
-            out[p + f"attention.attention.{n}.weight"] = qkv_w[j * w:(j + 1) * w].clone()
-            out[p + f"attention.attention.{n}.bias"] = qkv_b[j * w:(j + 1) * w].clone()
+        out.update(split_qkv(sd, b, p + "attention.attention.", w))
         out.update({p + "attention.output.dense.weight": sd[b + "attn.proj.weight"],
                     p + "attention.output.dense.bias": sd[b + "attn.proj.bias"],
                     p + "intermediate.dense.weight": sd[b + "mlp.fc1.weight"],

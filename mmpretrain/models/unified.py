@@ -58,14 +58,6 @@ class UnifiedTransformer(nn.Module):
         if cfg.fusion_source not in ("inputs", "towers"):
             raise ValueError(f"model.fusion_source: {cfg.fusion_source!r} is not 'inputs' or 'towers'")
         self.towers = cfg.fusion_source == "towers"
-        if self.towers:
-            if cfg.fusion_depth < 1:
-                raise ValueError(f"model.fusion_depth must be >= 1 with fusion_source=towers, got {cfg.fusion_depth}")
-            self.fusion_blocks = nn.ModuleList(
-                Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.fusion_depth))
-            self.fusion_norm = nn.LayerNorm(w, eps=1e-6)
-            Lx.init_weights(self.fusion_blocks)
-            Lx.init_weights(self.fusion_norm)
         # the MLM head exists only when the loss uses it (no unused parameters under DDP)
         self.mlm_head = Lx.MlmHead(w, vocab_size) if mlm else None
         if cfg.itm_readout not in ("text_cls", "image_cls"):
@@ -77,6 +69,14 @@ class UnifiedTransformer(nn.Module):
         Lx.init_weights(self.image_proj)
         Lx.init_weights(self.text_proj)
         Lx.init_weights(self.itm_head)
+        if self.towers:  # built last: the other weights draw the same random numbers as without it
+            if cfg.fusion_depth < 1:
+                raise ValueError(f"model.fusion_depth must be >= 1 with fusion_source=towers, got {cfg.fusion_depth}")
+            self.fusion_blocks = nn.ModuleList(
+                Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.fusion_depth))
+            self.fusion_norm = nn.LayerNorm(w, eps=1e-6)
+            Lx.init_weights(self.fusion_blocks)
+            Lx.init_weights(self.fusion_norm)
         self.grad_checkpointing = cfg.grad_checkpointing
         if cfg.image_pretrained:
             from mmpretrain.models.pretrained import load_timm_vit

@@ -128,6 +128,11 @@ def test_towers_fusion_runs_on_the_unimodal_outputs():
     assert bb.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="fusion_source"):
         _build("unified", fusion_source="late")
+    # adding the fusion blocks leaves every other weight's initial value as it was (paired A/B)
+    sd_plain, sd_towers = _build("unified").state_dict(), _build("unified", fusion_source="towers").state_dict()
+    assert set(sd_plain) < set(sd_towers)
+    for k, v in sd_plain.items():
+        torch.testing.assert_close(sd_towers[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_experts_route_by_modality():
