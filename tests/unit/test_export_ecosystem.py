@@ -40,7 +40,8 @@ TEXTS = ["a red circle left of a blue square", "two green stars on a striped bac
 
 CONFIGS = {
     # case: (config file, extra overrides, expects image_encoder/, expects itm/)
-    "tiny": ("tiny", [], True, True),
+    "tiny": ("tiny", [], True, False),  # fusion over the towers: no ViLT form
+    "tiny+inputs_fusion": ("tiny", ["model.fusion_source=inputs"], True, True),  # ViLT's layout
     "vlmo_tiny": ("vlmo_tiny", [], True, False),
     "dual_encoder_tiny": ("dual_encoder_tiny", [], False, False),  # small_cnn: no timm form
     "siamese_triplet": ("siamese_triplet", [], False, False),
@@ -368,7 +369,7 @@ def test_without_sentence_transformers_the_rest_is_exported_and_the_gap_named(sh
     from mmpretrain.export import st
 
     monkeypatch.setattr(st, "sentence_transformers_available", lambda: "sentence-transformers is not installed")
-    ckpt = _checkpoint("tiny", tmp_path / "run", shards)
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards, ["model.fusion_source=inputs"])
     logged: list[str] = []
     out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
     config = json.loads((out / "config.json").read_text())
