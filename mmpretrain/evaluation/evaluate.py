@@ -246,6 +246,8 @@ def itm_logodds(model, cfg, accelerator, images: list[torch.Tensor], input_ids: 
     (with its own pairs, maybe none) and ranks pad to the same number of ``itm_logits`` calls.
     """
     core = _unwrap(model, accelerator)
+    if getattr(getattr(core, "backbone", None), "towers", False):
+        return _itm_logodds_towers(core, cfg, accelerator, images, input_ids, attention_mask)
     device = accelerator.device if accelerator is not None else next(core.parameters()).device
     dtype = _model_dtype(core)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
@@ -265,6 +267,74 @@ def itm_logodds(model, cfg, accelerator, images: list[torch.Tensor], input_ids: 
                                      ids.to(device), mask.to(device))
             if real:
                 logits = logits.float().cpu()
+                out += (logits[:, 1] - logits[:, 0]).tolist()
+    return out
+
+
+@torch.no_grad()
+def _itm_logodds_towers(core, cfg, accelerator, images: list[torch.Tensor], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> list[float]:
+    """``itm_logodds`` for ``model.fusion_source: towers``: the fused pass starts from the
+    unimodal tokens, so each distinct image (by tensor identity) and caption (by token row)
+    takes its unimodal pass once, and only the fusion blocks run per pair — the same numbers
+    as ``itm_logits`` pair by pair (tested), a fraction of the cost when every query has k
+    candidates. Three padded stages (image passes, caption passes, fused passes): every rank
+    makes the same calls of each (ZeRO-3)."""
+    bb = core.backbone
+    device = accelerator.device if accelerator is not None else next(core.parameters()).device
+    dtype = _model_dtype(core)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    bs = max(int(cfg.eval.batch_size), 1)
+    img_slot: dict[int, int] = {}
+    uniq_images: list[torch.Tensor] = []
+    for im in images:
+        if id(im) not in img_slot:
+            img_slot[id(im)] = len(uniq_images)
+            uniq_images.append(im)
+    rows = [tuple(r) for r in torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1).tolist()]
+    txt_slot: dict[tuple, int] = {}
+    for r in rows:
+        txt_slot.setdefault(r, len(txt_slot))
+    n_txt = input_ids.shape[1]
+    uniq_rows = torch.tensor(list(txt_slot), dtype=input_ids.dtype) if txt_slot else \
+        input_ids.new_zeros(0, 2 * n_txt)
+    s = cfg.data.image_size
+    img_tok, txt_tok = [], []
+    with autocast:
+        for c in range(_padded_calls(accelerator, len(uniq_images), bs)):
+            chunk = uniq_images[c * bs:(c + 1) * bs]
+            px = torch.stack(chunk) if chunk else torch.zeros(1, 3, s, s, dtype=torch.uint8)
+            tok = bb.image_inputs(normalize(px.to(device), cfg.data.mean, cfg.data.std, dtype))
+            if chunk:
+                img_tok.append(tok)
+        for c in range(_padded_calls(accelerator, len(uniq_rows), bs)):
+            chunk = uniq_rows[c * bs:(c + 1) * bs]
+            real = len(chunk) > 0
+            if not real:
+                chunk = torch.cat([input_ids.new_zeros(1, n_txt), input_ids.new_ones(1, n_txt)], 1)
+            ids, mask = chunk[:, :n_txt].to(device), chunk[:, n_txt:].to(attention_mask.dtype).to(device)
+            tok = bb.text_inputs(ids, mask)
+            if real:
+                txt_tok.append((tok, mask))
+        out: list[float] = []
+        pi = torch.tensor([img_slot[id(im)] for im in images], dtype=torch.long)
+        ti = torch.tensor([txt_slot[r] for r in rows], dtype=torch.long)
+        all_img = torch.cat(img_tok) if img_tok else None
+        all_txt = torch.cat([t for t, _ in txt_tok]) if txt_tok else None
+        all_mask = torch.cat([m for _, m in txt_tok]) if txt_tok else None
+        for c in range(_padded_calls(accelerator, len(images), bs)):
+            lo, hi = c * bs, min((c + 1) * bs, len(images))
+            if hi > lo:
+                a, t = pi[lo:hi].to(device), ti[lo:hi].to(device)
+                fused = bb.fuse(all_img[a], all_txt[t], all_mask[t])
+            else:  # padding call: the fusion blocks over one dummy pair
+                n_img = bb.image_embed.num_tokens
+                fused = bb.fuse(torch.zeros(1, n_img, bb.cfg.width, device=device, dtype=dtype),
+                                torch.zeros(1, n_txt, bb.cfg.width, device=device, dtype=dtype),
+                                torch.ones(1, n_txt, dtype=attention_mask.dtype, device=device))
+            logits = bb.itm_logits_from_fused(fused).float()
+            if hi > lo:
+                logits = logits.cpu()
                 out += (logits[:, 1] - logits[:, 0]).tolist()
     return out
 

@@ -97,8 +97,17 @@ def test_two_process_eval_uses_the_launch_check_and_ends_its_process_group(run, 
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
 
 
-def test_two_gloo_processes_give_the_metrics_of_one(run, tmp_path, capsys):
-    shards, ckpt = run
+@pytest.fixture(scope="module")
+def towers_run(run, tmp_path_factory):
+    shards, _ = run
+    return shards, make_checkpoint(tmp_path_factory.mktemp("evaltowers") / "run", shards,
+                                   ["model.fusion_source=towers", "model.fusion_depth=1"])
+
+
+@pytest.mark.parametrize("which", ["inputs", "towers"])
+def test_two_gloo_processes_give_the_metrics_of_one(which, request, tmp_path, capsys):
+    """Also for fusion over the towers, whose ITM scoring runs three padded stages per rank."""
+    shards, ckpt = request.getfixturevalue("run" if which == "inputs" else "towers_run")
     argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
             "data.batch_size=6"]
     assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0

@@ -218,3 +218,34 @@ def test_eval_launch_mismatch_is_one_line_error(run, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "launch check failed" in err and "WORLD_SIZE=2" in err, err
     assert not PartialState._shared_state and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n_pairs", [0, 1, 11])
+def test_towers_itm_reuses_unimodal_passes_and_equals_pairwise_itm(n_pairs):
+    """fusion_source=towers: each distinct image and caption takes one unimodal pass, the pairs
+    only the fusion blocks; the log-odds equal ``itm_logits`` pair by pair (and the batch size
+    does not matter)."""
+    from mmpretrain.data.transforms import normalize
+    from mmpretrain.evaluation.evaluate import itm_logodds
+    from mmpretrain.models import LossConfig, ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, embed_dim=8,
+                                    max_text_length=8, fusion_source="towers", fusion_depth=2),
+                        LossConfig(), 30).eval()
+    cfg = load_config(None, ["data.image_size=16", "data.max_length=8", "eval.batch_size=4"])
+    g = torch.Generator().manual_seed(1)
+    pool = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(3)]
+    images = [pool[i % 3] for i in range(n_pairs)]  # repeated images: the same tensor objects
+    ids = torch.randint(5, 30, (n_pairs, 8), generator=g)
+    if n_pairs:
+        ids[::2] = ids[0].clone()  # repeated captions
+    mask = torch.ones(n_pairs, 8, dtype=torch.long)
+    mask[1::3, 5:] = 0
+    got = itm_logodds(model, cfg, None, images, ids, mask)
+    assert len(got) == n_pairs
+    if n_pairs:
+        px = normalize(torch.stack(images), cfg.data.mean, cfg.data.std, torch.float32)
+        with torch.no_grad():
+            want = model.itm_logits(px, ids, mask)
+        torch.testing.assert_close(torch.tensor(got), (want[:, 1] - want[:, 0]), rtol=1e-5, atol=1e-5)
