@@ -79,7 +79,19 @@ def test_main_command_runs(workdir):
     from PIL import Image
 
     Image.new("RGB", (80, 60), (200, 30, 30)).save(workdir / "photo.jpg")
-    snippet = README.split("## Using an exported model", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    section = README.split("## Using an exported model", 1)[1]
+    snippet = section.split("```python", 1)[1].split("```", 1)[0]
     check = snippet + "\nassert img.shape == txt.shape and img.shape[0] == 1\nassert 0.0 <= float(p_match[0]) <= 1.0\n"
     proc = _proc.run([sys.executable, "-c", check], timeout=300, cwd=workdir, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # the ViLT snippet, on the export of the pipeline command it names (a model fused over the inputs)
+    vilt = section.split("```python", 2)[2].split("```", 1)[0]
+    assert "mmpretrain pipeline --config configs/tiny_itm.yaml --out runs/tiny_itm" in section
+    proc = _proc.run(["mmpretrain", "pipeline", "--config", "configs/tiny_itm.yaml", "--out", "runs/tiny_itm",
+                      "--num-samples", "300", "--num-val", "40", "train.max_steps=3", "data.batch_size=16",
+                      "eval.itm_rerank_k=4"], timeout=600, cwd=workdir, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _proc.run([sys.executable, "-c", vilt + "\nassert 0.0 <= float(p_match[0]) <= 1.0\n"], timeout=300,
+                     cwd=workdir, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
