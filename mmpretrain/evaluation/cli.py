@@ -84,6 +84,9 @@ def release_eval_accelerator(accelerator) -> None:
         return
     from accelerate.state import AcceleratorState, GradientState
 
+    # every rank past its last collective before the group goes: destroying a gloo group while
+    # the peer still runs its final gather aborted a rank at exit (3 of 8 runs without this)
+    accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the default process group
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
