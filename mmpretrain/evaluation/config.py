@@ -29,3 +29,7 @@ class EvalConfig:
     """Images the compositional test uses, the first in key order (0: all)."""
     itm_hard_negatives: bool = True
     """ITM accuracy on positives and mined hard negatives of the held-out set."""
+
+    def __post_init__(self):
+        if self.itm_rerank_score not in ("itm", "itm+itc"):
+            raise ValueError(f"eval.itm_rerank_score: {self.itm_rerank_score!r} is not 'itm' or 'itm+itc'")

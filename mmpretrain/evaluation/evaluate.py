@@ -87,6 +87,13 @@ def _model_dtype(core) -> torch.dtype:
 # ----------------------------------------------------------------------------- 1. embed
 
 @torch.no_grad()
+def _placement(core, accelerator):
+    """``(device, weight dtype, autocast context)`` of the evaluation's model calls."""
+    device = accelerator.device if accelerator is not None else next(core.parameters()).device
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    return device, _model_dtype(core), autocast
+
+
 def embed_shards(model, cfg, accelerator, tokenizer, keep_pixels: bool) -> dict:
     """This rank's samples: embeddings (fp32, CPU), ids, keys, captions, tokens, and the uint8
     pixels of the first sample of each local image id (only with ``keep_pixels``)."""
@@ -94,9 +101,7 @@ def embed_shards(model, cfg, accelerator, tokenizer, keep_pixels: bool) -> dict:
 
     rank, world = _world(accelerator)
     core = _unwrap(model, accelerator)
-    device = accelerator.device if accelerator is not None else next(core.parameters()).device
-    dtype = _model_dtype(core)
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    device, dtype, autocast = _placement(core, accelerator)
     cap = math.ceil(cfg.eval.max_samples / world) if cfg.eval.max_samples > 0 else 0
 
     loader = ShardLoader(cfg.data, tokenizer, rank=rank, world_size=world, seed=cfg.seed, train=False)
@@ -248,9 +253,7 @@ def itm_logodds(model, cfg, accelerator, images: list[torch.Tensor], input_ids: 
     core = _unwrap(model, accelerator)
     if getattr(getattr(core, "backbone", None), "towers", False):
         return _itm_logodds_towers(core, cfg, accelerator, images, input_ids, attention_mask)
-    device = accelerator.device if accelerator is not None else next(core.parameters()).device
-    dtype = _model_dtype(core)
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    device, dtype, autocast = _placement(core, accelerator)
     bs = max(int(cfg.eval.batch_size), 1)
     out: list[float] = []
     with autocast:
@@ -281,9 +284,7 @@ def _itm_logodds_towers(core, cfg, accelerator, images: list[torch.Tensor], inpu
     candidates. Three padded stages (image passes, caption passes, fused passes): every rank
     makes the same calls of each (ZeRO-3)."""
     bb = core.backbone
-    device = accelerator.device if accelerator is not None else next(core.parameters()).device
-    dtype = _model_dtype(core)
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    device, dtype, autocast = _placement(core, accelerator)
     bs = max(int(cfg.eval.batch_size), 1)
     img_slot: dict[int, int] = {}
     uniq_images: list[torch.Tensor] = []
@@ -344,8 +345,7 @@ def encode_texts(model, cfg, accelerator, input_ids: torch.Tensor, attention_mas
     """L2-normalised fp32 CPU text embeddings ``[P, E]`` (``encode_text``) of this rank's
     tokens, in chunks of ``eval.batch_size``; every rank calls this, padded as ``itm_logodds``."""
     core = _unwrap(model, accelerator)
-    device = accelerator.device if accelerator is not None else next(core.parameters()).device
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    device, _, autocast = _placement(core, accelerator)
     bs = max(int(cfg.eval.batch_size), 1)
     n = int(input_ids.shape[0])
     out = []
@@ -568,9 +568,7 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         itm_known: dict = {}
         if do_itm:
             t1 = time.perf_counter()
-            mode = cfg.eval.itm_rerank_score
-            if mode not in ("itm", "itm+itc"):
-                raise ValueError(f"eval.itm_rerank_score: {mode!r} is not 'itm' or 'itm+itc'")
+            mode = cfg.eval.itm_rerank_score  # checked by EvalConfig
             scale = _logit_scale(core) if mode == "itm+itc" else 0.0
             re_i2t, re_t2i, itm_known = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k,
                                                    contrastive_scale=scale)
