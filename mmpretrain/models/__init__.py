@@ -36,6 +36,7 @@ from mmpretrain import distributed as D
 from mmpretrain import losses as L
 from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.models.layers import LogitScale
+from mmpretrain.word_negatives import word_negatives
 
 __all__ = ["PretrainModel", "build_model", "build_model_from_dict", "ModelConfig", "LossConfig"]
 
@@ -64,6 +65,8 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.mlm_prob must be in (0, 1), got {loss_cfg.mlm_prob}")
         if not 0 <= loss_cfg.itm_random_mix <= 1 or loss_cfg.itm_curriculum_steps < 0:
             raise ValueError("loss.itm_random_mix must be in [0, 1] and loss.itm_curriculum_steps >= 0")
+        if not 0 <= loss_cfg.itm_word_negatives <= 1:
+            raise ValueError(f"loss.itm_word_negatives must be in [0, 1], got {loss_cfg.itm_word_negatives}")
         if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
             raise ValueError(f"loss.itm_exchange: {loss_cfg.itm_exchange!r} is not 'all_to_all' or 'all_gather'")
         self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
@@ -123,7 +126,7 @@ class PretrainModel(nn.Module):
         return step
 
     def _generator(self, step: int, stream: int) -> torch.Generator:
-        """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking."""
+        """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking; 2: word negatives."""
         return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step + stream * (1 << 40))
 
     # ------------------------------------------------------------------ forward
@@ -188,6 +191,19 @@ class PretrainModel(nn.Module):
                 text_rows, neg_pixels = text_rows[neg.text_idx], pixels[neg.image_idx]
             n_txt = input_ids.shape[1]
             neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
+            if lc.itm_word_negatives > 0:  # own caption with one word changed (mmpretrain.word_negatives)
+                if not lc.word_negative_table:
+                    raise ValueError("loss.itm_word_negatives > 0 but loss.word_negative_table is empty (the trainer "
+                                     "fills it from the tokenizer: mmpretrain.word_negatives.build_table)")
+                w_ids, w_rows = word_negatives(input_ids, attention_mask, lc.word_negative_table,
+                                               lc.itm_word_negatives, self._generator(step, 2),
+                                               D.get_rank() * b if gather else 0,
+                                               b * D.get_world_size() if gather else b)
+                sel = w_rows.to(neg_ids.device)[:, None]
+                neg_ids = torch.where(sel, w_ids.to(neg_ids.device), neg_ids)
+                neg_mask = torch.where(sel, attention_mask.to(neg_mask.device), neg_mask)
+                share_w = w_rows.float().mean()
+                parts["itm_word_share"] = D.global_mean(share_w) if gather else share_w
             rows = torch.arange(b, device=sim_i2t.device)
             hardness = sim_i2t[rows, neg.text_idx.to(sim_i2t.device)] + sim_t2i[rows, neg.image_idx.to(sim_i2t.device)]
             keep = L.select_hardest(hardness, lc.itm_fraction, gather).to(xi.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -89,3 +89,14 @@ class LossConfig:
     those 80 % become the mask token, 10 % a random token, 10 % stay (BERT)."""
     mlm_mask_token_id: int = -1
     """Id of the mask token; -1: the tokenizer's (filled in by the trainer)."""
+    itm_word_negatives: float = 0.0
+    """Share of the ITM rows whose text negative is their own caption with one attribute or
+    relation word changed (colour or size words swapped, a shape replaced, left/right,
+    above/below, top/bottom flipped) instead of the mined caption; rows with no applicable
+    change keep the mined one. 0 disables it. Same fused-pass cost (mmpretrain.word_negatives)."""
+    word_negative_words: str = "synthetic"
+    """The word sets of ``itm_word_negatives``: 'synthetic' (the caption vocabulary of
+    ``mmpretrain shards synthetic``) or a YAML/JSON file of swap/replace/flip groups."""
+    word_negative_table: list[list[int]] = field(default_factory=list)
+    """The word sets as token ids (filled in by the trainer from the tokenizer, saved with the
+    checkpoint config)."""

@@ -33,6 +33,7 @@ from mmpretrain.trainer.checkpoint import (CheckpointError, read_meta, resolve_r
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
+from mmpretrain.word_negatives import WordNegativeError, build_table, load_word_sets
 
 EXIT_OK = 0
 EXIT_BAD_STEPS = 3
@@ -367,6 +368,15 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {cfg.data.tokenizer!r} has no mask token")
         cfg.loss.mlm_mask_token_id = int(tokenizer.mask_token_id)  # recorded in the checkpoint config
+    if cfg.loss.itm_word_negatives > 0 and cfg.loss.itm_weight > 0 and not cfg.loss.word_negative_table:
+        try:
+            table = build_table(load_word_sets(cfg.loss.word_negative_words), tokenizer)
+        except WordNegativeError as e:
+            raise SetupError(str(e)) from None
+        if not any(row[0] != 3 for row in table):
+            raise SetupError(f"loss.word_negative_words {cfg.loss.word_negative_words!r}: no word is a single token "
+                             f"of the tokenizer {cfg.data.tokenizer!r}")
+        cfg.loss.word_negative_table = table  # recorded in the checkpoint config
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.loss, vocab_size)

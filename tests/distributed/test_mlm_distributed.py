@@ -19,6 +19,9 @@ from mmpretrain.models import LossConfig, ModelConfig, build_model
 pytestmark = pytest.mark.distributed
 
 WORLD, B, NTOK = 2, 4, 8
+# swap group 0: classes {5, 6}, {7}, {8}; replace group 1: {9}, {10}, {11}; flip group 2: {12} <-> {13}
+WORD_TABLE = ([[0, 0, 0, 5, 0], [0, 0, 0, 6, 0], [0, 0, 1, 7, 0], [0, 0, 2, 8, 1]]
+              + [[1, 1, c, 9 + c, 0] for c in range(3)] + [[2, 2, 0, 12, 0], [2, 2, 1, 13, 0]])
 CASES = {
     # name: loss config overrides
     "mlm": dict(itm_weight=0.0, mlm_weight=1.0, mlm_prob=0.4),
@@ -30,9 +33,14 @@ CASES = {
     # unimodal pass there, and the ITM/MLM gradients reach the shared stack through them
     "towers_mlm_itm": dict(itm_weight=1.0, itm_fraction=0.5, mlm_weight=0.5, mlm_prob=0.4,
                            _model=dict(fusion_source="towers", fusion_depth=2)),
+    # word-changed text negatives: the rows' random numbers are drawn for the global batch, so
+    # each rank changes its rows as the single process does (tokens 5..12 form the word sets)
+    "towers_word_negatives": dict(itm_weight=1.0, itm_fraction=0.75, itm_word_negatives=0.6,
+                                  word_negative_table=WORD_TABLE,
+                                  _model=dict(fusion_source="towers", fusion_depth=2)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
-KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc")
+KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share")
 
 
 def _model(overrides):
