@@ -65,6 +65,9 @@ for kv in args.set:
     cur = getattr(obj, name)
     setattr(obj, name, type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true"))
 lc.mlm_mask_token_id = tok.mask_token_id
+if lc.itm_word_negatives > 0:
+    from mmpretrain.word_negatives import build_table, load_word_sets
+    lc.word_negative_table = build_table(load_word_sets(lc.word_negative_words), tok)
 torch.manual_seed(args.seed)
 model = build_model(mc, lc, len(tok))
 opt = build_optimizer(model, oc)
@@ -98,8 +101,12 @@ def diagnose(px, ii, am, ids):
         lc.contrastive_weight, lc.itm_weight, lc.mlm_weight = wc, wi if part == "itm" else 1e-12 * (old[1] > 0), wm if part == "mlm" else 1e-12 * (old[2] > 0)
         model.itm_step.copy_(saved)
         out = model(px, ii, am, ids)
-        g = torch.autograd.grad(out["loss"], shared, allow_unused=True)
-        d["gnorm_" + part] = float(torch.sqrt(sum((x.float() ** 2).sum() for x in g if x is not None)))
+        fusion = [p for n, p in model.named_parameters() if n.startswith("backbone.fusion_blocks")]
+        g = torch.autograd.grad(out["loss"], shared + fusion, allow_unused=True)
+        norm = lambda gs: float(torch.sqrt(sum((x.float() ** 2).sum() for x in gs if x is not None) + 0.0))
+        d["gnorm_" + part] = norm(g[:len(shared)])
+        if fusion:
+            d["gnorm_fusion_" + part] = norm(g[len(shared):])
         lc.contrastive_weight, lc.itm_weight, lc.mlm_weight = old
     model.itm_step.copy_(saved)
     model.eval()
@@ -131,7 +138,7 @@ def diagnose(px, ii, am, ids):
             a = a.softmax(-1)[:, :, ridx]  # [b, h, n]
             other = a[..., n_img:].sum(-1) if ridx < n_img else a[..., :n_img].sum(-1)
             shares.append(float(other.mean()))
-        hs = [blk.attn.register_forward_hook(hook) for blk in bb.blocks]
+        hs = [blk.attn.register_forward_hook(hook) for blk in (bb.fusion_blocks if getattr(bb, "towers", False) else bb.blocks)]
         fused = model.itm_logits(px, ii, am)
         for h in hs: h.remove()
         d["attn_other_modality"] = [round(x, 3) for x in shares]

@@ -327,13 +327,12 @@ def _itm_logodds_towers(core, cfg, accelerator, images: list[torch.Tensor], inpu
             lo, hi = c * bs, min((c + 1) * bs, len(images))
             if hi > lo:
                 a, t = pi[lo:hi].to(device), ti[lo:hi].to(device)
-                fused = bb.fuse(all_img[a], all_txt[t], all_mask[t])
+                logits = core.itm_from_inputs(all_img[a], all_txt[t], all_mask[t])
             else:  # padding call: the fusion blocks over one dummy pair
                 n_img = bb.image_embed.num_tokens
-                fused = bb.fuse(torch.zeros(1, n_img, bb.cfg.width, device=device, dtype=dtype),
-                                torch.zeros(1, n_txt, bb.cfg.width, device=device, dtype=dtype),
-                                torch.ones(1, n_txt, dtype=attention_mask.dtype, device=device))
-            logits = bb.itm_logits_from_fused(fused).float()
+                logits = core.itm_from_inputs(torch.zeros(1, n_img, bb.cfg.width, device=device, dtype=dtype),
+                                              torch.zeros(1, n_txt, bb.cfg.width, device=device, dtype=dtype),
+                                              torch.ones(1, n_txt, dtype=attention_mask.dtype, device=device))
             if hi > lo:
                 logits = logits.cpu()
                 out += (logits[:, 1] - logits[:, 0]).tolist()

@@ -69,7 +69,13 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.itm_word_negatives must be in [0, 1], got {loss_cfg.itm_word_negatives}")
         if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
             raise ValueError(f"loss.itm_exchange: {loss_cfg.itm_exchange!r} is not 'all_to_all' or 'all_gather'")
+        if model_cfg.itm_contrastive_prior and not (model_cfg.arch == "unified" and model_cfg.fusion_source == "towers"):
+            raise ValueError("model.itm_contrastive_prior needs model.arch=unified and model.fusion_source=towers "
+                             "(the prior reads the embeddings of the fused pair's unimodal tokens)")
         self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
+        # running centre of the ITM contrastive prior (model.itm_contrastive_prior), set by the
+        # first training forward; the same on every rank (global statistics); saved with the model
+        self.register_buffer("itm_prior_center", torch.zeros(1))
         # forward counter of the ITM sampler (same on every rank; saved for exact resume)
         self.register_buffer("itm_step", torch.zeros(1, dtype=torch.long))
         self.timers: dict[str, float] | None = None
@@ -95,8 +101,44 @@ class PretrainModel(nn.Module):
     def itm_logits(self, pixels, input_ids, attention_mask) -> torch.Tensor:
         """[B, 2] ITM logits of the pairs (pixels[i], text[i]); index 1 = match."""
         bb = self.backbone
-        fused = bb.fuse(bb.image_inputs(pixels), bb.text_inputs(input_ids, attention_mask), attention_mask)
-        return bb.itm_logits_from_fused(fused).float()
+        return self.itm_from_inputs(bb.image_inputs(pixels), bb.text_inputs(input_ids, attention_mask), attention_mask)
+
+    def itm_from_inputs(self, image_inputs, text_inputs, text_mask) -> torch.Tensor:
+        """[B, 2] fp32 ITM logits of ``image_inputs`` / ``text_inputs`` rows (with the prior)."""
+        bb = self.backbone
+        logits = bb.itm_logits_from_fused(bb.fuse(image_inputs, text_inputs, text_mask)).float()
+        if self.model_cfg.itm_contrastive_prior:
+            prior = self.contrastive_logit(bb.image_features(image_inputs)[1], bb.text_features(text_inputs, text_mask)[1])
+            logits = self._add_prior(logits, prior)
+        return logits
+
+    def contrastive_logit(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """[P] ``logit_scale * cos`` of row-paired embeddings, detached, fp32."""
+        dt = torch.float64 if image_emb.dtype == torch.float64 else torch.float32  # >= fp32
+        s = self.logit_scale().detach().to(dt)
+        return s * (image_emb.detach().to(dt) * text_emb.detach().to(dt)).sum(-1)
+
+    def _add_prior(self, logits: torch.Tensor, contrastive: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(logits.dtype, contrastive.dtype)
+        center = self.itm_prior_center.to(logits.device, dt)
+        contrastive = contrastive.to(logits.device, dt)
+        return logits.to(dt) + torch.stack([torch.zeros_like(contrastive), contrastive - center], dim=-1)
+
+    @torch.no_grad()
+    def _update_prior_center(self, contrastive: torch.Tensor, labels: torch.Tensor, gather: bool, first: bool,
+                             momentum: float = 0.9) -> None:
+        """Centre <- midpoint of the mean positive and mean negative contrastive logit of the
+        global batch (sums and counts averaged over ranks: exact for any split), EMA'd."""
+        pos = (labels == 1).to(contrastive.dtype)
+        stats = torch.stack([(contrastive * pos).sum(), pos.sum(), (contrastive * (1 - pos)).sum(), (1 - pos).sum()])
+        if gather:
+            stats = D.global_mean(stats)
+        if float(stats[1]) == 0 or float(stats[3]) == 0:
+            return
+        mid = 0.5 * (stats[0] / stats[1] + stats[2] / stats[3])
+        old = self.itm_prior_center.to(mid.device, mid.dtype)
+        new = mid.reshape(1) if first else momentum * old + (1 - momentum) * mid
+        self.itm_prior_center.copy_(new.to(self.itm_prior_center.device, self.itm_prior_center.dtype))
 
     def config_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model_cfg), "loss": dataclasses.asdict(self.loss_cfg),
@@ -241,6 +283,15 @@ class PretrainModel(nn.Module):
                 readout = torch.cat(pieces)[:, bb.readout_index(n_img)]
         if use_itm:
             logits = bb.itm_logits_from_fused(readout)
+            if self.model_cfg.itm_contrastive_prior:  # towers: the pairs' embeddings only pool + project
+                ie_k, te_k = (img_emb, txt_emb) if bool(keep.all()) else (img_emb[keep], txt_emb[keep])
+                prior = torch.cat([self.contrastive_logit(ie_k, te_k),
+                                   self.contrastive_logit(ie_k, bb.text_features(neg_xt, neg_mask)[1]),
+                                   self.contrastive_logit(bb.image_features(neg_xi)[1], te_k)])
+                if self.training:
+                    self._update_prior_center(prior, labels.to(prior.device), gather, first=step == 0)
+                logits = self._add_prior(logits, prior)
+                parts["itm_prior_center"] = self.itm_prior_center.detach().reshape(())
             parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, labels.to(logits.device))
             parts["itm_uniform_share"] = torch.tensor(float(share), device=logits.device)
         return L.combined(parts, lc)

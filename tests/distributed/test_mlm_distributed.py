@@ -38,9 +38,12 @@ CASES = {
     "towers_word_negatives": dict(itm_weight=1.0, itm_fraction=0.75, itm_word_negatives=0.6,
                                   word_negative_table=WORD_TABLE,
                                   _model=dict(fusion_source="towers", fusion_depth=2)),
+    # the ITM contrastive prior: its running centre comes from global sums and counts
+    "towers_prior": dict(itm_weight=1.0, itm_fraction=0.6, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,
+                         _model=dict(fusion_source="towers", fusion_depth=1, itm_contrastive_prior=True)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
-KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share")
+KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_center")
 
 
 def _model(overrides):
