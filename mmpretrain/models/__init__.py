@@ -73,9 +73,10 @@ class PretrainModel(nn.Module):
             raise ValueError("model.itm_contrastive_prior needs model.arch=unified and model.fusion_source=towers "
                              "(the prior reads the embeddings of the fused pair's unimodal tokens)")
         self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
-        # running centre of the ITM contrastive prior (model.itm_contrastive_prior), set by the
-        # first training forward; the same on every rank (global statistics); saved with the model
-        self.register_buffer("itm_prior_center", torch.zeros(1))
+        # running statistics of the ITM contrastive prior (model.itm_contrastive_prior): mean
+        # contrastive logit of the ITM positives, of the negatives, and their pooled variance; set
+        # by the first training forward, the same on every rank (global sums), saved with the model
+        self.register_buffer("itm_prior_stats", torch.tensor([0.0, 0.0, 1.0]))
         # forward counter of the ITM sampler (same on every rank; saved for exact resume)
         self.register_buffer("itm_step", torch.zeros(1, dtype=torch.long))
         self.timers: dict[str, float] | None = None
@@ -119,26 +120,36 @@ class PretrainModel(nn.Module):
         return s * (image_emb.detach().to(dt) * text_emb.detach().to(dt)).sum(-1)
 
     def _add_prior(self, logits: torch.Tensor, contrastive: torch.Tensor) -> torch.Tensor:
+        """Match logit += the two-Gaussian (LDA) log-odds of the contrastive logit: slope
+        ``(mu_pos - mu_neg) / var`` through the midpoint (the head's bias holds the class prior)."""
         dt = torch.promote_types(logits.dtype, contrastive.dtype)
-        center = self.itm_prior_center.to(logits.device, dt)
+        mu_p, mu_n, var = self.itm_prior_stats.to(logits.device, dt).unbind(0)
         contrastive = contrastive.to(logits.device, dt)
-        return logits.to(dt) + torch.stack([torch.zeros_like(contrastive), contrastive - center], dim=-1)
+        prior = (mu_p - mu_n) / var.clamp(min=1e-6) * (contrastive - 0.5 * (mu_p + mu_n))
+        return logits.to(dt) + torch.stack([torch.zeros_like(prior), prior], dim=-1)
 
     @torch.no_grad()
     def _update_prior_center(self, contrastive: torch.Tensor, labels: torch.Tensor, gather: bool, first: bool,
                              momentum: float = 0.9) -> None:
-        """Centre <- midpoint of the mean positive and mean negative contrastive logit of the
-        global batch (sums and counts averaged over ranks: exact for any split), EMA'd."""
+        """Prior statistics <- EMA of the global batch's mean positive and mean negative
+        contrastive logit and their pooled variance (sums and counts averaged over ranks: exact
+        for any split of the rows)."""
         pos = (labels == 1).to(contrastive.dtype)
-        stats = torch.stack([(contrastive * pos).sum(), pos.sum(), (contrastive * (1 - pos)).sum(), (1 - pos).sum()])
+        neg = 1 - pos
+        x = contrastive
+        sums = torch.stack([(x * pos).sum(), pos.sum(), (x * neg).sum(), neg.sum(), (x * x * pos).sum(),
+                            (x * x * neg).sum()])
         if gather:
-            stats = D.global_mean(stats)
-        if float(stats[1]) == 0 or float(stats[3]) == 0:
+            sums = D.global_mean(sums)
+        s_p, n_p, s_n, n_n, q_p, q_n = sums.unbind(0)
+        if float(n_p) == 0 or float(n_n) == 0:
             return
-        mid = 0.5 * (stats[0] / stats[1] + stats[2] / stats[3])
-        old = self.itm_prior_center.to(mid.device, mid.dtype)
-        new = mid.reshape(1) if first else momentum * old + (1 - momentum) * mid
-        self.itm_prior_center.copy_(new.to(self.itm_prior_center.device, self.itm_prior_center.dtype))
+        mu_p, mu_n = s_p / n_p, s_n / n_n
+        var = (q_p - n_p * mu_p ** 2 + q_n - n_n * mu_n ** 2) / (n_p + n_n)
+        batch = torch.stack([mu_p, mu_n, var.clamp(min=1e-6)])
+        old = self.itm_prior_stats.to(batch.device, batch.dtype)
+        new = batch if first else momentum * old + (1 - momentum) * batch
+        self.itm_prior_stats.copy_(new.to(self.itm_prior_stats.device, self.itm_prior_stats.dtype))
 
     def config_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model_cfg), "loss": dataclasses.asdict(self.loss_cfg),
@@ -291,7 +302,8 @@ class PretrainModel(nn.Module):
                 if self.training:
                     self._update_prior_center(prior, labels.to(prior.device), gather, first=step == 0)
                 logits = self._add_prior(logits, prior)
-                parts["itm_prior_center"] = self.itm_prior_center.detach().reshape(())
+                mu_p, mu_n, var = self.itm_prior_stats.detach().unbind(0)
+                parts["itm_prior_slope"] = ((mu_p - mu_n) / var.clamp(min=1e-6)).reshape(())
             parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, labels.to(logits.device))
             parts["itm_uniform_share"] = torch.tensor(float(share), device=logits.device)
         return L.combined(parts, lc)

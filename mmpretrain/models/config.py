@@ -52,10 +52,12 @@ class ModelConfig:
     'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""
     itm_contrastive_prior: bool = False
     """unified + ``fusion_source: towers``: the ITM match logit is the head's output plus the
-    pair's contrastive logit (``logit_scale`` x cosine of the two embeddings, detached) minus a
-    running centre (the midpoint of the positives' and negatives' contrastive logits, kept as a
-    buffer). ITM then starts from what the contrastive objective knows and its fusion learns
-    the residual: what a cosine of pooled embeddings cannot see (binding, relations)."""
+    log-odds that the pair's contrastive logit (``logit_scale`` x cosine of the two embeddings,
+    detached) gives on its own: two Gaussians (LDA) fitted to the contrastive logits of the
+    ITM positives and negatives seen in training (running means and pooled variance, a buffer
+    saved with the model). ITM then starts from what the contrastive objective knows and its
+    fusion learns the residual: what a cosine of pooled embeddings cannot see (binding,
+    relations)."""
 
 
 @dataclass

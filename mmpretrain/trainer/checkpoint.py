@@ -45,6 +45,57 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "config.yaml")
+"""What a training run writes into its ``output_dir`` (``train.overwrite`` deletes these)."""
+
+
+def existing_run(output_dir: str | Path) -> list[str]:
+    """The run entries of ``output_dir`` that show an earlier run (a bare config.yaml does not)."""
+    out = Path(output_dir)
+    found = []
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        found.append(f"checkpoints/ ({len(list(ckpts.iterdir()))} entries)")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    for name in ("tensorboard", "eval"):
+        if (out / name).is_dir() and any((out / name).iterdir()):
+            found.append(f"{name}/")
+    return found
+
+
+def check_output_dir(output_dir: str | Path, resume: str, overwrite: bool) -> None:
+    """Start-up rule for the run directory (every rank, before anything is written): a fresh run
+    into a directory holding an earlier run is refused unless ``overwrite``."""
+    if overwrite and resume:
+        raise CheckpointError(f"train.overwrite=true deletes the run in {output_dir}, but train.resume={resume!r} "
+                              "asks to continue it; pass one of them")
+    found = existing_run(output_dir)
+    if found and not resume and not overwrite:
+        raise CheckpointError(f"train.output_dir={output_dir} already holds a run ({', '.join(found)}): continue it "
+                              "with train.resume=latest, start afresh there with train.overwrite=true (deletes it), "
+                              "or choose another train.output_dir")
+
+
+def clear_run(output_dir: str | Path) -> list[str]:
+    """Delete the run entries of ``output_dir`` (main process, ``train.overwrite``); returns them."""
+    import shutil
+
+    out = Path(output_dir)
+    removed = []
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

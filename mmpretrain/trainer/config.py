@@ -34,6 +34,10 @@ class TrainConfig:
     """Optimizer steps (the cosine schedule ends here)."""
     resume: str = ""
     """'' (fresh), 'latest' or a checkpoint directory."""
+    overwrite: bool = False
+    """A fresh run (no ``resume``) into an ``output_dir`` that already holds a run (checkpoints,
+    metrics.jsonl, tensorboard/, eval/) is refused unless this is true; then those are deleted
+    first, so nothing of the old run is read or reported as the new one."""
     grad_accum_steps: int = 1
     feature_cache: bool = True
     """With grad_accum_steps > 1 and the InfoNCE loss, contrast against the whole accumulated

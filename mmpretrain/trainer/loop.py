@@ -28,8 +28,8 @@ import torch
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
-from mmpretrain.trainer.checkpoint import (CheckpointError, read_meta, resolve_resume, restore_checkpoint,
-                                           save_checkpoint, step_dir_name)
+from mmpretrain.trainer.checkpoint import (CheckpointError, check_output_dir, clear_run, read_meta, resolve_resume,
+                                           restore_checkpoint, save_checkpoint, step_dir_name)
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
@@ -358,8 +358,11 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
         check_resume_meta(meta, cfg, accelerator, world)
     out_dir = Path(tcfg.output_dir)
     if accelerator.is_main_process:
+        if tcfg.overwrite and (removed := clear_run(out_dir)):
+            print(f"mmpretrain train: train.overwrite=true: deleted {', '.join(removed)} in {out_dir}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
+    accelerator.wait_for_everyone()  # no rank reads the run directory before it is cleared
 
     with accelerator.main_process_first():  # 'auto' may train the tokenizer once, on rank 0
         tokenizer = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
@@ -515,8 +518,12 @@ def train(cfg: Config) -> int:
         if uses_feature_cache(cfg) and cfg.model.dropout > 0:
             raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
+        check_output_dir(tcfg.output_dir, tcfg.resume, tcfg.overwrite)
         resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
         accelerator, info = accel.build_accelerator(cfg)  # launch checks
+    if tcfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
+        print(f"mmpretrain train: train.resume=latest: no checkpoint under {tcfg.output_dir}/checkpoints; "
+              "starting fresh", flush=True)
     stop = StopRequest()
     exit_code = EXIT_OK
     run = None

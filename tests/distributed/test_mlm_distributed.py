@@ -43,7 +43,7 @@ CASES = {
                          _model=dict(fusion_source="towers", fusion_depth=1, itm_contrastive_prior=True)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
-KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_center")
+KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope")
 
 
 def _model(overrides):

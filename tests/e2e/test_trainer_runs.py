@@ -273,3 +273,30 @@ def test_trainer_evaluates_at_the_end_through_run_evaluation(eval_shards, tmp_pa
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r["eval"] for r in rows if "eval" in r]
     assert logged and logged[-1]["mean_recall"] == pytest.approx(metrics["mean_recall"])
+
+
+def test_a_fresh_run_never_reuses_an_old_run_directory(tiny, tmp_path, capsys):
+    """A fresh run into a directory holding a run is refused (one line naming resume and
+    overwrite, nothing of the old run touched); train.overwrite=true starts truly afresh;
+    train.resume=latest with no checkpoint says it starts fresh."""
+    run = tmp_path / "run"
+    assert run_train(tiny, run, "train.max_steps=2", "train.save_every=2") == 0
+    old_metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert run_train(tiny, run, "train.max_steps=1", "train.save_every=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "train.resume=latest" in err[0] \
+        and "train.overwrite=true" in err[0] and str(run) in err[0], err
+    assert (run / "metrics.jsonl").read_bytes() == old_metrics
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000002"]
+    assert run_train(tiny, run, "train.max_steps=1", "train.overwrite=true", "train.resume=latest") == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+    assert run_train(tiny, run, "train.max_steps=1", "train.save_every=1", "train.overwrite=true") == 0
+    assert "deleted checkpoints, metrics.jsonl" in capsys.readouterr().out
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000001"]
+    assert sorted(metrics(run)) == [1]
+
+    fresh = tmp_path / "fresh"
+    assert run_train(tiny, fresh, "train.max_steps=1", "train.resume=latest") == 0
+    assert "train.resume=latest: no checkpoint under" in capsys.readouterr().out
