@@ -8,8 +8,11 @@ nearest valid one.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -218,3 +221,51 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- documentation
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _inline(value: Any) -> str:
+    """One-line YAML of a value."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**6).strip()[1:-1]
+
+
+def describe_config(cfg: Any, prefix: str = "", width: int = 100) -> str:
+    """Every key of ``cfg`` with its value, its default when the value differs, and its
+    docstring, as YAML (the docs as comments): ``mmpretrain train --print-config``."""
+    lines: list[str] = []
+    cls = type(cfg)
+    docs, defaults = field_docs(cls), cls()
+    indent = "  " * prefix.count(".")
+    for f in dataclasses.fields(cls):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            lines.append(describe_config(value, prefix + f.name + ".", width))
+            continue
+        doc = docs.get(f.name, "")
+        if value != default:
+            doc = f"(default {_inline(default)}) " + doc
+        if doc:
+            for chunk in textwrap.wrap(doc, max(40, width - len(indent) - 2)):
+                lines.append(f"{indent}# {chunk}")
+        rendered = f"{f.name}: {_inline(value)}"
+        if len(rendered) > width:  # e.g. a filled-in token table
+            rendered = rendered[:width - 5] + " ..."
+        lines.append(f"{indent}{rendered}")
+    return "\n".join(lines)

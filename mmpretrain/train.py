@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from mmpretrain.config import ConfigError, load_config
+from mmpretrain.config import ConfigError, describe_config, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -19,7 +19,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="mmpretrain train",
         description="Train from a YAML config with dotted overrides, e.g. "
                     "`mmpretrain train --config configs/tiny.yaml train.max_steps=50 optim.lr=1e-3`.")
-    parser.add_argument("--config", required=True, help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml); required unless --print-config")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every config key with its value (from --config and the overrides, or the "
+                             "defaults), its default and its documentation, as YAML, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_args(argv)
 
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = "mmpretrain train" + (f" [rank {os.environ.get('RANK', '0')}]" if world > 1 else "")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(describe_config(cfg))
+            return 0
+        if not args.config:
+            raise ConfigError("--config is required (or --print-config to list every key)")
         from mmpretrain.trainer.loop import train
 
         return train(cfg)

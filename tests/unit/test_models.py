@@ -244,3 +244,32 @@ def test_dual_encoder_timm_backbone():
     out["loss"].backward()
     tok, emb = model.encode_image(px)
     assert tok.shape[0] == 4 and tok.shape[-1] == 32 and emb.shape == (4, 16)
+
+
+def test_itm_contrastive_prior_is_the_lda_log_odds_of_the_contrastive_logit():
+    """model.itm_contrastive_prior: the first training forward sets the statistics from the ITM
+    pairs (positives: each row; negatives: the mined text and image), and itm_logits adds
+    (mu_p - mu_n) / var * (s * cos - (mu_p + mu_n) / 2) to the head's match logit."""
+    model = _build("unified_towers", itm_contrastive_prior=True).train()
+    model.loss_cfg.itm_weight = 1.0
+    px, ids, mask, image_ids = _batch(6, length=8)
+    out = model(px, ids, mask, image_ids)
+    mu_p, mu_n, var = model.itm_prior_stats.tolist()
+    assert var > 0 and mu_p != mu_n
+    assert float(out["itm_prior_slope"]) == pytest.approx((mu_p - mu_n) / var)
+    model.eval()
+    bb = model.backbone
+    xi, xt = bb.image_inputs(px), bb.text_inputs(ids, mask)
+    head = bb.itm_logits_from_fused(bb.fuse(xi, xt, mask))
+    s = float(model.logit_scale().detach())
+    cos = (bb.image_features(xi)[1] * bb.text_features(xt, mask)[1]).sum(-1)
+    prior = (mu_p - mu_n) / var * (s * cos - (mu_p + mu_n) / 2)
+    got = model.itm_logits(px, ids, mask)
+    torch.testing.assert_close(got[:, 0], head[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, 1], head[:, 1] + prior, rtol=1e-5, atol=1e-5)
+    # the positives' statistic is the mean contrastive logit of the matching pairs
+    with torch.no_grad():
+        pos = s * (model.encode_image(px)[1] * model.encode_text(ids, mask)[1]).sum(-1)
+    assert mu_p == pytest.approx(float(pos.mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="itm_contrastive_prior needs"):
+        _build("unified", itm_contrastive_prior=True)
