@@ -377,13 +377,15 @@ def select_hardest(hardness_local: torch.Tensor, fraction: float, gather: bool =
 @torch.no_grad()
 def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None,
              prob: float, mask_token_id: int, vocab_size: int, row_offset: int = 0,
-             num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             num_rows: int | None = None, focus_ids: Sequence[int] = (), focus_prob: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of this rank's captions, chosen as one process holding all ``num_rows``
     global rows would: uniforms are drawn for every global row from ``generator`` (in the same
     state on every rank) and rows ``row_offset ..`` are used. Candidates: real tokens except the
     first ([CLS]) and the last real one ([SEP]). Of the chosen, 80 % become ``mask_token_id``,
-    10 % a random token, 10 % stay. Returns ``(masked_ids, labels)``; labels are -100 where no
-    prediction is made."""
+    10 % a random token, 10 % stay. Tokens in ``focus_ids`` are chosen with ``focus_prob``
+    instead of ``prob`` when it is > 0 (attribute and relation words: loss.mlm_word_prob).
+    Returns ``(masked_ids, labels)``; labels are -100 where no prediction is made."""
     b, n_tok = input_ids.shape
     num_rows = b if num_rows is None else int(num_rows)
     u = torch.rand(num_rows, n_tok, 2, generator=generator, dtype=torch.float64)[row_offset:row_offset + b]
@@ -393,7 +395,11 @@ def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: t
     lengths = real.long().sum(dim=1, keepdim=True)
     pos = torch.arange(n_tok, device=input_ids.device).unsqueeze(0)
     candidate = real & (pos > 0) & (pos < lengths - 1)
-    chosen = candidate & (u[..., 0] < prob)
+    p_tok = torch.full(input_ids.shape, float(prob), dtype=torch.float64, device=input_ids.device)
+    if focus_prob > 0 and len(focus_ids):
+        focus = torch.isin(input_ids, torch.as_tensor(list(focus_ids), dtype=input_ids.dtype, device=input_ids.device))
+        p_tok = torch.where(focus, torch.full_like(p_tok, float(focus_prob)), p_tok)
+    chosen = candidate & (u[..., 0] < p_tok)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     to_mask = chosen & (u[..., 1] < 0.8)
     to_random = chosen & (u[..., 1] >= 0.8) & (u[..., 1] < 0.9)

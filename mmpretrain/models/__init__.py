@@ -65,6 +65,8 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.mlm_prob must be in (0, 1), got {loss_cfg.mlm_prob}")
         if not 0 <= loss_cfg.itm_random_mix <= 1 or loss_cfg.itm_curriculum_steps < 0:
             raise ValueError("loss.itm_random_mix must be in [0, 1] and loss.itm_curriculum_steps >= 0")
+        if not 0 <= loss_cfg.mlm_word_prob < 1:
+            raise ValueError(f"loss.mlm_word_prob must be in [0, 1), got {loss_cfg.mlm_word_prob}")
         if not 0 <= loss_cfg.itm_word_negatives <= 1:
             raise ValueError(f"loss.itm_word_negatives must be in [0, 1], got {loss_cfg.itm_word_negatives}")
         if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
@@ -275,9 +277,13 @@ class PretrainModel(nn.Module):
             if lc.mlm_mask_token_id < 0:
                 raise ValueError("loss.mlm_mask_token_id is not set (the trainer fills it from the tokenizer)")
             n_rows = b * D.get_world_size() if gather else b
+            focus = [row[3] for row in lc.word_negative_table if row[0] != 3] if lc.mlm_word_prob > 0 else []
+            if lc.mlm_word_prob > 0 and not focus:
+                raise ValueError("loss.mlm_word_prob > 0 but loss.word_negative_table is empty (the trainer fills it "
+                                 "from the tokenizer: mmpretrain.word_negatives.build_table)")
             mlm_ids, mlm_labels = L.mlm_mask(input_ids, attention_mask, self._generator(step, 1), lc.mlm_prob,
                                              lc.mlm_mask_token_id, self.vocab_size,
-                                             D.get_rank() * b if gather else 0, n_rows)
+                                             D.get_rank() * b if gather else 0, n_rows, focus, lc.mlm_word_prob)
             chunks.append((xi, bb.text_inputs(mlm_ids, attention_mask), attention_mask))
         sizes = [c[0].shape[0] for c in chunks]
         fused_in = [torch.cat([c[j] for c in chunks]) for j in range(3)]

@@ -102,8 +102,12 @@ class LossConfig:
     relation word changed (colour or size words swapped, a shape replaced, left/right,
     above/below, top/bottom flipped) instead of the mined caption; rows with no applicable
     change keep the mined one. 0 disables it. Same fused-pass cost (mmpretrain.word_negatives)."""
+    mlm_word_prob: float = 0.0
+    """Probability that a caption token of the word sets (``word_negative_words``: colour,
+    size, shape and relation words) is chosen for MLM, instead of ``mlm_prob``; 0: like every
+    other token. Masking the words only the image can fill grounds them in the fused pass."""
     word_negative_words: str = "synthetic"
-    """The word sets of ``itm_word_negatives``: 'synthetic' (the caption vocabulary of
+    """The word sets of ``itm_word_negatives`` and ``mlm_word_prob``: 'synthetic' (the caption vocabulary of
     ``mmpretrain shards synthetic``) or a YAML/JSON file of swap/replace/flip groups."""
     word_negative_table: list[list[int]] = field(default_factory=list)
     """The word sets as token ids (filled in by the trainer from the tokenizer, saved with the

@@ -371,7 +371,9 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {cfg.data.tokenizer!r} has no mask token")
         cfg.loss.mlm_mask_token_id = int(tokenizer.mask_token_id)  # recorded in the checkpoint config
-    if cfg.loss.itm_word_negatives > 0 and cfg.loss.itm_weight > 0 and not cfg.loss.word_negative_table:
+    wants_words = (cfg.loss.itm_word_negatives > 0 and cfg.loss.itm_weight > 0) or \
+        (cfg.loss.mlm_word_prob > 0 and cfg.loss.mlm_weight > 0)
+    if wants_words and not cfg.loss.word_negative_table:
         try:
             table = build_table(load_word_sets(cfg.loss.word_negative_words), tokenizer)
         except WordNegativeError as e:

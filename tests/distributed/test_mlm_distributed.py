@@ -36,7 +36,7 @@ CASES = {
     # word-changed text negatives: the rows' random numbers are drawn for the global batch, so
     # each rank changes its rows as the single process does (tokens 5..12 form the word sets)
     "towers_word_negatives": dict(itm_weight=1.0, itm_fraction=0.75, itm_word_negatives=0.6,
-                                  word_negative_table=WORD_TABLE,
+                                  word_negative_table=WORD_TABLE, mlm_weight=0.5, mlm_prob=0.2, mlm_word_prob=0.7,
                                   _model=dict(fusion_source="towers", fusion_depth=2)),
     # the ITM contrastive prior: its running centre comes from global sums and counts
     "towers_prior": dict(itm_weight=1.0, itm_fraction=0.6, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,

@@ -146,3 +146,23 @@ def test_default_train_crop_keeps_at_least_90_percent_of_the_image():
     assert small < 0.3 * 64 * 64
     with pytest.raises(ValueError, match="train_crop_scale"):
         DataConfig(train_crop_scale=[0.5, 1.5])
+
+
+def test_mlm_word_prob_chooses_the_word_set_tokens_at_their_own_rate():
+    from mmpretrain import losses as L
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (400, 16), generator=g)
+    mask = torch.ones_like(ids)
+    focus = list(range(5, 10))
+    _, labels = L.mlm_mask(ids, mask, torch.Generator().manual_seed(1), 0.1, 3, 50, focus_ids=focus, focus_prob=0.9)
+    inner = torch.zeros_like(ids, dtype=torch.bool)
+    inner[:, 1:-1] = True
+    is_focus = torch.isin(ids, torch.tensor(focus)) & inner
+    other = ~torch.isin(ids, torch.tensor(focus)) & inner
+    chosen = labels != -100
+    assert 0.85 < chosen[is_focus].float().mean() < 0.95
+    assert 0.07 < chosen[other].float().mean() < 0.13
+    same, _ = L.mlm_mask(ids, mask, torch.Generator().manual_seed(1), 0.1, 3, 50)
+    plain, _ = L.mlm_mask(ids, mask, torch.Generator().manual_seed(1), 0.1, 3, 50, focus_ids=focus, focus_prob=0.0)
+    assert torch.equal(same, plain)  # 0: every token at mlm_prob, as before
