@@ -150,20 +150,29 @@ def _gather_pair(image_emb, text_emb, gather):
     return image_emb, text_emb, 0
 
 
-def _symmetric_ce(img_rows, txt_rows, img_cols, txt_cols, scale, labels):
+def _symmetric_ce(img_rows, txt_rows, img_cols, txt_cols, scale, labels, extra_i2t=None):
     logits_i2t = scale * img_rows @ txt_cols.t()
+    if extra_i2t is not None:  # one more (own) negative column per image row; -inf: none
+        extra = _f32(extra_i2t).to(logits_i2t.dtype)
+        has = torch.isfinite(extra)  # -inf stays out of the product: no 0 * inf in the scale's gradient
+        col = torch.where(has, scale * torch.where(has, extra, torch.zeros_like(extra)),
+                          torch.full_like(extra, float("-inf")))
+        logits_i2t = torch.cat([logits_i2t, col.unsqueeze(1)], dim=1)
     logits_t2i = scale * txt_rows @ img_cols.t()
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
 def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gather: bool = True,
-             cache: FeatureCache | None = None, gathered: tuple | None = None) -> torch.Tensor:
+             cache: FeatureCache | None = None, gathered: tuple | None = None,
+             extra_i2t: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised embeddings ([B, E] each), computed in fp32.
 
     ``logit_scale``: the multiplicative scale (already ``exp``-ed and clamped), tensor or float.
     ``gather``: contrast against every rank's batch (autograd all-gather). ``cache``: see
     ``FeatureCache``. ``gathered``: optional ``(image_all, text_all, row_offset)`` already
-    gathered with autograd (lets the model reuse one gather for ITM mining).
+    gathered with autograd (lets the model reuse one gather for ITM mining). ``extra_i2t``: [B]
+    cosines of each image with one more negative caption of its own (NegCLIP-style word-changed
+    captions), ``-inf`` where a row has none; it joins that row's image-to-text softmax only.
     Returns a scalar whose value is the global loss and whose gradient, after DDP averaging,
     is the single-process gradient (module docstring).
     """
@@ -178,7 +187,10 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gathe
         else:
             img_all, txt_all, off = _gather_pair(image_emb, text_emb, gather)
         labels = off + torch.arange(image_emb.shape[0], device=image_emb.device)
-        return report_global(_symmetric_ce(image_emb, text_emb, img_all, txt_all, scale, labels))
+        return report_global(_symmetric_ce(image_emb, text_emb, img_all, txt_all, scale, labels, extra_i2t))
+    if extra_i2t is not None:
+        raise ValueError("loss.itc_word_negatives does not combine with the feature cache (train.grad_accum_steps > 1 "
+                         "with train.feature_cache=true); set one of them off")
 
     # ---- feature cache: all of this rank's accumulated rows vs every accumulated column
     world = D.get_world_size() if gather else 1

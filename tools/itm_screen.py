@@ -65,7 +65,7 @@ for kv in args.set:
     cur = getattr(obj, name)
     setattr(obj, name, type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true"))
 lc.mlm_mask_token_id = tok.mask_token_id
-if lc.itm_word_negatives > 0 or lc.mlm_word_prob > 0:
+if lc.itm_word_negatives > 0 or lc.mlm_word_prob > 0 or lc.itc_word_negatives > 0:
     from mmpretrain.word_negatives import build_table, load_word_sets
     lc.word_negative_table = build_table(load_word_sets(lc.word_negative_words), tok)
 torch.manual_seed(args.seed)

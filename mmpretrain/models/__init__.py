@@ -65,6 +65,10 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.mlm_prob must be in (0, 1), got {loss_cfg.mlm_prob}")
         if not 0 <= loss_cfg.itm_random_mix <= 1 or loss_cfg.itm_curriculum_steps < 0:
             raise ValueError("loss.itm_random_mix must be in [0, 1] and loss.itm_curriculum_steps >= 0")
+        if not 0 <= loss_cfg.itc_word_negatives <= 1:
+            raise ValueError(f"loss.itc_word_negatives must be in [0, 1], got {loss_cfg.itc_word_negatives}")
+        if loss_cfg.itc_word_negatives > 0 and loss_cfg.contrastive != "infonce":
+            raise ValueError("loss.itc_word_negatives needs loss.contrastive=infonce")
         if not 0 <= loss_cfg.mlm_word_prob < 1:
             raise ValueError(f"loss.mlm_word_prob must be in [0, 1), got {loss_cfg.mlm_word_prob}")
         if not 0 <= loss_cfg.itm_word_negatives <= 1:
@@ -180,8 +184,16 @@ class PretrainModel(nn.Module):
             self.itm_step += 1
         return step
 
+    def _word_table(self) -> list:
+        if not self.loss_cfg.word_negative_table:
+            raise ValueError("loss.itm_word_negatives, loss.itc_word_negatives or loss.mlm_word_prob is set but "
+                             "loss.word_negative_table is empty (the trainer fills it from the tokenizer: "
+                             "mmpretrain.word_negatives.build_table)")
+        return self.loss_cfg.word_negative_table
+
     def _generator(self, step: int, stream: int) -> torch.Generator:
-        """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking; 2: word negatives."""
+        """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking; 2: ITM word
+        negatives; 3: contrastive word negatives."""
         return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step + stream * (1 << 40))
 
     # ------------------------------------------------------------------ forward
@@ -213,18 +225,28 @@ class PretrainModel(nn.Module):
         self._tick("gather", t0)
 
         parts: dict[str, torch.Tensor] = {}
+        use_itm, use_mlm, use_wc = lc.itm_weight > 0, lc.mlm_weight > 0, lc.itc_word_negatives > 0
+        step = self._next_step() if (use_itm or use_mlm or use_wc) else 0
         if lc.contrastive == "infonce":
+            extra = None
+            if use_wc:  # NegCLIP-style: each image also contrasts with its own caption, one word changed
+                w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
+                                               lc.itc_word_negatives, self._generator(step, 3),
+                                               D.get_rank() * b if gather else 0,
+                                               b * D.get_world_size() if gather else b)
+                w_emb = bb.text_features(bb.text_inputs(w_ids, attention_mask), attention_mask)[1]
+                extra = (img_emb * w_emb).sum(-1).masked_fill(~w_rows.to(img_emb.device), float("-inf"))
+                share_c = w_rows.float().mean()
+                parts["itc_word_share"] = D.global_mean(share_c) if gather else share_c
             parts["loss_itc"] = L.info_nce(img_emb, txt_emb, scale, gather=gather, cache=feature_cache,
-                                           gathered=gathered)
+                                           gathered=gathered, extra_i2t=extra)
         else:
             parts["loss_itc"] = L.triplet_loss(img_emb, txt_emb, lc.triplet_margin, gather=gather,
                                                hardest=lc.triplet_hardest, image_ids=image_ids, gathered=gathered)
         parts["logit_scale"] = scale.detach().reshape(())
 
-        use_itm, use_mlm = lc.itm_weight > 0, lc.mlm_weight > 0
         if not (use_itm or use_mlm):
             return L.combined(parts, lc)
-        step = self._next_step()
         n_img = xi.shape[1]
         chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # fused-pass inputs
         if use_itm:
@@ -247,10 +269,7 @@ class PretrainModel(nn.Module):
             n_txt = input_ids.shape[1]
             neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
             if lc.itm_word_negatives > 0:  # own caption with one word changed (mmpretrain.word_negatives)
-                if not lc.word_negative_table:
-                    raise ValueError("loss.itm_word_negatives > 0 but loss.word_negative_table is empty (the trainer "
-                                     "fills it from the tokenizer: mmpretrain.word_negatives.build_table)")
-                w_ids, w_rows = word_negatives(input_ids, attention_mask, lc.word_negative_table,
+                w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
                                                lc.itm_word_negatives, self._generator(step, 2),
                                                D.get_rank() * b if gather else 0,
                                                b * D.get_world_size() if gather else b)
@@ -277,10 +296,7 @@ class PretrainModel(nn.Module):
             if lc.mlm_mask_token_id < 0:
                 raise ValueError("loss.mlm_mask_token_id is not set (the trainer fills it from the tokenizer)")
             n_rows = b * D.get_world_size() if gather else b
-            focus = [row[3] for row in lc.word_negative_table if row[0] != 3] if lc.mlm_word_prob > 0 else []
-            if lc.mlm_word_prob > 0 and not focus:
-                raise ValueError("loss.mlm_word_prob > 0 but loss.word_negative_table is empty (the trainer fills it "
-                                 "from the tokenizer: mmpretrain.word_negatives.build_table)")
+            focus = [row[3] for row in self._word_table() if row[0] != 3] if lc.mlm_word_prob > 0 else []
             mlm_ids, mlm_labels = L.mlm_mask(input_ids, attention_mask, self._generator(step, 1), lc.mlm_prob,
                                              lc.mlm_mask_token_id, self.vocab_size,
                                              D.get_rank() * b if gather else 0, n_rows, focus, lc.mlm_word_prob)

@@ -102,6 +102,11 @@ class LossConfig:
     relation word changed (colour or size words swapped, a shape replaced, left/right,
     above/below, top/bottom flipped) instead of the mined caption; rows with no applicable
     change keep the mined one. 0 disables it. Same fused-pass cost (mmpretrain.word_negatives)."""
+    itc_word_negatives: float = 0.0
+    """Share of the rows whose image also contrasts (InfoNCE, image-to-text) with its own
+    caption with one word changed, as one more negative of that row (NegCLIP's hard negative
+    captions; the changes of ``itm_word_negatives``). Costs one text pass over those captions.
+    0 disables it. Not with the feature cache."""
     mlm_word_prob: float = 0.0
     """Probability that a caption token of the word sets (``word_negative_words``: colour,
     size, shape and relation words) is chosen for MLM, instead of ``mlm_prob``; 0: like every

@@ -372,7 +372,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
             raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {cfg.data.tokenizer!r} has no mask token")
         cfg.loss.mlm_mask_token_id = int(tokenizer.mask_token_id)  # recorded in the checkpoint config
     wants_words = (cfg.loss.itm_word_negatives > 0 and cfg.loss.itm_weight > 0) or \
-        (cfg.loss.mlm_word_prob > 0 and cfg.loss.mlm_weight > 0)
+        (cfg.loss.mlm_word_prob > 0 and cfg.loss.mlm_weight > 0) or cfg.loss.itc_word_negatives > 0
     if wants_words and not cfg.loss.word_negative_table:
         try:
             table = build_table(load_word_sets(cfg.loss.word_negative_words), tokenizer)
@@ -517,6 +517,9 @@ def train(cfg: Config) -> int:
     run_eval = maybe_evaluation()
     with setting_up():  # start-up validation, before any process group or model exists
         check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+        if uses_feature_cache(cfg) and cfg.loss.itc_word_negatives > 0:
+            raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
+                              "train.feature_cache=false or loss.itc_word_negatives=0")
         if uses_feature_cache(cfg) and cfg.model.dropout > 0:
             raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")

@@ -38,12 +38,15 @@ CASES = {
     "towers_word_negatives": dict(itm_weight=1.0, itm_fraction=0.75, itm_word_negatives=0.6,
                                   word_negative_table=WORD_TABLE, mlm_weight=0.5, mlm_prob=0.2, mlm_word_prob=0.7,
                                   _model=dict(fusion_source="towers", fusion_depth=2)),
+    # contrastive word negatives only (no fused pass): the extra column of each image row
+    "itc_word_negatives": dict(itm_weight=0.0, itc_word_negatives=0.7, word_negative_table=WORD_TABLE),
     # the ITM contrastive prior: its running centre comes from global sums and counts
     "towers_prior": dict(itm_weight=1.0, itm_fraction=0.6, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,
                          _model=dict(fusion_source="towers", fusion_depth=1, itm_contrastive_prior=True)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
-KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope")
+KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",
+        "itc_word_share")
 
 
 def _model(overrides):

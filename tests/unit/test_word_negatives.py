@@ -136,3 +136,29 @@ def test_model_scores_the_changed_caption_as_the_text_negative(tok, table):
     empty = build_model(mc, LossConfig(itm_weight=1.0, itm_word_negatives=0.5), len(tok)).train()
     with pytest.raises(ValueError, match="word_negative_table is empty"):
         empty(torch.randn(5, 3, 16, 16), t["input_ids"], t["attention_mask"])
+
+
+def test_itc_word_negatives_add_one_own_column_to_the_image_rows():
+    from mmpretrain import losses as L
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    neg = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()
+    base = L.info_nce(img, txt, 10.0, gather=False)
+    none = L.info_nce(img, txt, 10.0, gather=False, extra_i2t=torch.full((6,), float("-inf")))
+    torch.testing.assert_close(none, base)
+    extra = (img * neg).sum(-1).masked_fill(torch.tensor([True, False] * 3), float("-inf"))
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss = L.info_nce(img, txt, scale, gather=False, extra_i2t=extra)
+    logits = 10.0 * img @ txt.t()
+    want_i2t = torch.stack([torch.logsumexp(torch.cat([logits[i], (10.0 * extra[i]).reshape(1)]), 0) - logits[i, i]
+                            for i in range(6)]).mean()
+    want_t2i = torch.nn.functional.cross_entropy(logits.t(), torch.arange(6))
+    torch.testing.assert_close(loss, 0.5 * (want_i2t + want_t2i))
+    loss.backward()
+    assert neg.grad[1::2].abs().sum() > 0 and neg.grad[0::2].abs().sum() == 0
+    assert torch.isfinite(scale.grad)  # a row without an extra column adds no 0 * inf
+    cache = L.FeatureCache.from_local([img], [txt], gather=False)
+    with pytest.raises(ValueError, match="feature cache"):
+        L.info_nce(img, txt, 10.0, gather=False, cache=cache.at(0, 6), extra_i2t=extra.detach())
