@@ -351,7 +351,7 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     logits = _f32(logits)
     n = labels.shape[0]
     loss = global_item_mean(F.cross_entropy(logits, labels, reduction="sum"), n)
-    correct = (logits.argmax(dim=1) == labels).float().sum().detach()
+    correct = (logits.argmax(dim=1) == labels).to(logits.dtype).sum().detach()  # >= fp32, as the loss
     acc = global_item_mean(correct, n).detach()
     return loss, acc
 
@@ -426,7 +426,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     logits = _f32(logits)
     m = labels.shape[0]
     loss = global_item_mean(F.cross_entropy(logits, labels, reduction="sum"), m)
-    correct = (logits.argmax(dim=1) == labels).float().sum().detach() if m else logits.new_zeros(())
+    correct = (logits.argmax(dim=1) == labels).to(logits.dtype).sum().detach() if m else logits.new_zeros(())
     return loss, global_item_mean(correct, m).detach()
 
 

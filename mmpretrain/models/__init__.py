@@ -194,7 +194,10 @@ class PretrainModel(nn.Module):
     def _generator(self, step: int, stream: int) -> torch.Generator:
         """Stream 0: ITM negatives (the seed of earlier versions); 1: MLM masking; 2: ITM word
         negatives; 3: contrastive word negatives."""
-        return torch.Generator().manual_seed(int(self.loss_cfg.itm_seed) * 1_000_003 + step + stream * (1 << 40))
+        # torch's CPU generator keeps the low 32 bits of a seed: the streams are spread within them
+        # (stream 0 keeps the seed of earlier versions; a collision needs ~2.6e9 steps)
+        return torch.Generator().manual_seed((int(self.loss_cfg.itm_seed) * 1_000_003 + step
+                                              + stream * 0x9E3779B1) % (1 << 32))
 
     # ------------------------------------------------------------------ forward
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -166,3 +166,15 @@ def test_mlm_word_prob_chooses_the_word_set_tokens_at_their_own_rate():
     same, _ = L.mlm_mask(ids, mask, torch.Generator().manual_seed(1), 0.1, 3, 50)
     plain, _ = L.mlm_mask(ids, mask, torch.Generator().manual_seed(1), 0.1, 3, 50, focus_ids=focus, focus_prob=0.0)
     assert torch.equal(same, plain)  # 0: every token at mlm_prob, as before
+
+
+def test_the_seeded_streams_draw_different_numbers():
+    """ITM negatives, MLM masks and the two word-negative draws must not share uniforms (torch's
+    CPU generator keeps only the low 32 bits of a seed: streams 2**40 apart collided)."""
+    model = build_model(ModelConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, embed_dim=8),
+                        LossConfig(itm_seed=3), vocab_size=30)
+    for step in (0, 7):
+        draws = [tuple(torch.rand(4, generator=model._generator(step, s)).tolist()) for s in range(4)]
+        assert len(set(draws)) == 4
+    first = torch.rand(4, generator=model._generator(5, 0))
+    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5)))
