@@ -35,6 +35,7 @@ from mmpretrain.data.shardwriter import (
     write_manifest,
 )
 from mmpretrain.data.sources import ImageRef
+from mmpretrain.data.transforms import to_rgb
 
 FORMATS = ("folder", "csv", "jsonl", "coco", "flickr30k", "webdataset")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
@@ -78,35 +79,8 @@ def _read_bytes(ref: ImageRef) -> bytes:
 
 
 def _to_rgb(image):
-    """(RGB image, name of the conversion or None). Alpha is composited over white."""
-    import numpy as np
-    from PIL import Image
-
-    mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode == "P":
-        if "transparency" not in image.info:
-            return image.convert("RGB"), "palette"
-        image, mode = image.convert("RGBA"), "P+alpha"
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out, "palette" if mode == "P+alpha" else "alpha"
-    if mode.startswith("I") or mode == "F":  # 16-bit / 32-bit integer or float grayscale
-        arr = np.asarray(image).astype(np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 16-bit range -> 8-bit
-        elif mode == "F":
-            arr = arr * (255.0 / max(float(arr.max(initial=0)), 1e-12)) if arr.max(initial=0) > 1.0 else arr * 255.0
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-        return gray.convert("RGB"), "16bit" if mode.startswith("I") else "float"
-    if mode == "CMYK":
-        return image.convert("RGB"), "cmyk"
-    if mode in ("1", "L"):
-        return image.convert("RGB"), "grayscale"
-    return image.convert("RGB"), mode.lower()
+    """(RGB image, name of the conversion or None): ``transforms.to_rgb``, the loader's own."""
+    return to_rgb(image)
 
 
 def process_image(job: tuple[ImageRef, ImageOptions]) -> ProcessedImage | Skipped:

@@ -58,7 +58,7 @@ from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc
 
 log = logging.getLogger("mmpretrain.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 WARN_INTERVAL_S = 30.0
 META_KEYS = ("_worker", "_raw", "_skipped", "_refilled", "_final")

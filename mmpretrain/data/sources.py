@@ -24,7 +24,7 @@ from pathlib import Path
 from mmpretrain.data.shardwriter import ShardsError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order inside a WebDataset sample
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # preference order in a sample
 TAR_CAPTION_EXTS = ("txt", "caption", "text")
 CSV_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "file", "path")
 CSV_CAPTION_COLUMNS = ("caption", "text", "txt", "title")

@@ -50,6 +50,41 @@ def _raise_pil_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels * 2
 
 
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited over white, in the loader and in ``shards build`` alike."""
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """(RGB image, name of the conversion or None): palette, alpha (composited over
+    ``ALPHA_BACKGROUND``), 16-bit and float grayscale (scaled to 8 bit, not saturated), CMYK,
+    grayscale. The one conversion of the loader and of ``shards build``."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode == "P":
+        if "transparency" not in image.info:
+            return image.convert("RGB"), "palette"
+        image, mode = image.convert("RGBA"), "P+alpha"
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out, "palette" if mode == "P+alpha" else "alpha"
+    if mode.startswith("I") or mode == "F":  # 16-bit / 32-bit integer or float grayscale
+        arr = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 16-bit range -> 8-bit
+        elif mode == "F":
+            arr = arr * (255.0 / max(float(arr.max(initial=0)), 1e-12)) if arr.max(initial=0) > 1.0 else arr * 255.0
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        return gray.convert("RGB"), "16bit" if mode.startswith("I") else "float"
+    if mode == "CMYK":
+        return image.convert("RGB"), "cmyk"
+    if mode in ("1", "L"):
+        return image.convert("RGB"), "grayscale"
+    return image.convert("RGB"), mode.lower()
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) and apply the pixel-count guard. Raises ``BadSample``."""
     if not data:
@@ -119,9 +154,7 @@ def load_image(img: Image.Image, max_pixels: int, box=None, size: int | None = N
             if f < 0.5:
                 img.draft("RGB", (max(1, math.ceil(w0 * f)), max(1, math.ceil(h0 * f))))
         if img.mode != "RGB":
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            img = img.convert("RGB")
+            img = to_rgb(img)[0]  # 16-bit scaled, alpha over ALPHA_BACKGROUND (as shards build)
         else:
             img.load()
     except Exception as e:  # noqa: BLE001 - truncated / corrupt pixel data

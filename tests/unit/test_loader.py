@@ -383,3 +383,33 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
     raw = path.read_bytes()
     with pytest.raises(TruncatedTar):
         list(iter_tar_members(io.BytesIO(raw[:1024 + 200])))
+
+
+def test_loader_and_shards_build_convert_pixels_alike():
+    """16-bit PNGs are scaled to 8 bit (not saturated), transparent pixels go over the same white
+    in the loader as in `shards build`, and a GIF decodes (issue: 254.5 instead of 127.5; black
+    in one path, white in the other; .gif reported as missing_image)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmpretrain.data import build, loader, transforms as T
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    sixteen = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # mid-grey in 16 bit
+    rgba = Image.new("RGBA", (8, 8), (10, 200, 30, 0))  # fully transparent green
+    gif = io.BytesIO()
+    Image.new("P", (8, 8), 3).save(gif, format="GIF")
+    for data in (png(sixteen), png(rgba), gif.getvalue()):
+        a = np.asarray(T.load_image(T.open_image(data, 10**6), 10**6)[0])
+        b = np.asarray(build._to_rgb(Image.open(io.BytesIO(data)))[0])
+        assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+    assert np.asarray(T.load_image(T.open_image(png(sixteen), 10**6), 10**6)[0]).mean() == 128
+    assert (np.asarray(T.load_image(T.open_image(png(rgba), 10**6), 10**6)[0]) == 255).all()
+    key, image, caption, _ = loader.check_sample({"__key__": "k", "gif": gif.getvalue(), "txt": b"a cat"}, 10**6)
+    assert image == gif.getvalue() and caption == "a cat"
