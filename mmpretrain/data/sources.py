@@ -13,6 +13,7 @@ Malformed input as a whole (unknown columns, missing top-level JSON fields, no f
 from __future__ import annotations
 
 import csv
+import io
 import glob
 import json
 import os
@@ -128,12 +129,26 @@ def _pick_column(fieldnames: list[str], options: tuple[str, ...], path: Path, wh
     )
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM dropped); bad bytes: ``ShardsError`` naming the line."""
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = err.start
+        line = data[:start].count(b"\n") + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ShardsError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[start]:02x} at column {column}); "
+                          "re-encode the file as UTF-8") from None
+
+
 def list_csv(input_path: str, images: str | None = None) -> Listing:
     """CSV/TSV with a header row naming an image column and a caption column."""
     path = _require(input_path)
     root = _image_root(path, images)
     listing = Listing()
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         fieldnames = list(reader.fieldnames or [])
         image_col = _pick_column(fieldnames, CSV_IMAGE_COLUMNS, path, "image")
@@ -154,7 +169,7 @@ def list_jsonl(input_path: str, images: str | None = None) -> Listing:
     root = _image_root(path, images)
     listing = Listing()
     seen_image = seen_caption = False
-    with open(path, encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

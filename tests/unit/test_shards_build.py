@@ -299,3 +299,16 @@ def test_stats_is_dispatched_to_its_module(monkeypatch):
     monkeypatch.setattr(data_pkg, "stats", fake, raising=False)
     assert main(["stats", "shards/x", "--json"]) == 5
     assert seen == [["shards/x", "--json"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_caption_file_with_bad_utf8_fails_in_one_line_naming_file_and_line(tmp_path, capsys, fmt):
+    save_image(tmp_path / "x.jpg")
+    good = "image,caption\nx.jpg,a picture\n" if fmt == "csv" else '{"image": "x.jpg", "caption": "a picture"}\n'
+    bad = b"x.jpg,caf\xe9 au lait\n" if fmt == "csv" else b'{"image": "x.jpg", "caption": "caf\xe9"}\n'
+    src = tmp_path / f"caps.{fmt}"
+    src.write_bytes(b"\xef\xbb\xbf" + good.encode() + bad)
+    assert main(["build", "--format", fmt, "--input", str(src), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = 3 if fmt == "csv" else 2
+    assert len(err) == 1 and f"caps.{fmt}:{line}: not valid UTF-8 (byte 0xe9" in err[0], err
