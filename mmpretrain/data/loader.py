@@ -564,6 +564,8 @@ def check_sample(sample: dict, max_pixels: int) -> tuple[str, bytes, str, int]:
             meta = json.loads(meta_bytes.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BadSample("bad_json", key) from None
+        if isinstance(meta, dict) and isinstance(meta.get("status"), str) and meta["status"] != "success":
+            raise BadSample("failed_download", f"{key}: img2dataset status {meta['status']!r}")
         if isinstance(meta, dict) and meta.get("image_id") is not None:
             image_id = meta["image_id"]
     return key, image, caption, stable_hash(image_id)

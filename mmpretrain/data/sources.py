@@ -324,6 +324,9 @@ def _add_tar_sample(listing: Listing, tar: tarfile.TarFile, tar_path: str, key: 
             meta = loaded if isinstance(loaded, dict) else {}
         except (ValueError, UnicodeDecodeError):
             meta = {}
+    if isinstance(meta.get("status"), str) and meta["status"] != "success":  # img2dataset: failed_to_download, ...
+        listing.skip("failed_download")
+        return
     short_key = key.rsplit("/", 1)[-1]
     image_id = meta.get("image_id", meta.get("key", short_key))
     member = members[image_ext]

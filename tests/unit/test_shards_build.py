@@ -312,3 +312,25 @@ def test_a_caption_file_with_bad_utf8_fails_in_one_line_naming_file_and_line(tmp
     err = capsys.readouterr().err.strip().splitlines()
     line = 3 if fmt == "csv" else 2
     assert len(err) == 1 and f"caps.{fmt}:{line}: not valid UTF-8 (byte 0xe9" in err[0], err
+
+
+def test_img2dataset_status_is_honoured_when_resharding_and_loading(tmp_path):
+    from mmpretrain.data import loader
+    from mmpretrain.data.transforms import BadSample
+
+    src = tmp_path / "img2dataset"
+    src.mkdir()
+    with wds.TarWriter(str(src / "00000.tar")) as sink:
+        for j, status in enumerate(["success", "failed_to_download", "success"]):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (40 * j, 80, 120)).save(buf, format="JPEG")
+            sink.write({"__key__": f"{j:09d}", "jpg": buf.getvalue(), "txt": f"caption {j}",
+                        "json": {"key": f"{j:09d}", "status": status}})
+    out = tmp_path / "out"
+    manifest = build(BuildOptions("webdataset", str(src), str(out), workers=0))
+    assert manifest["skipped"] == {"failed_download": 1}
+    assert [s["txt"] for s in read_shards(out)] == ["caption 0", "caption 2"]
+    bad = {"__key__": "k", "jpg": b"x", "txt": b"a cat", "json": b'{"status": "failed_to_resize"}'}
+    with pytest.raises(BadSample, match="failed_to_resize") as e:
+        loader.check_sample(bad, 10**6)
+    assert e.value.reason == "failed_download"
