@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -62,7 +63,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    path.write_text("".join(k + "\n" for k in kept))
+    # atomic: a kill during the rewrite leaves the old file whole (it once wiped 300k lines)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(k + "\n" for k in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class RunLogger:

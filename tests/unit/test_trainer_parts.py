@@ -210,3 +210,27 @@ def test_deepspeed_with_accelerate_use_cpu_is_refused(tiny, tmp_path, monkeypatc
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert run_train(tiny, tmp_path / "run") == 2
     assert "ACCELERATE_USE_CPU" in capsys.readouterr().err
+
+
+def test_metrics_truncation_on_resume_is_atomic(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from mmpretrain.trainer import logging as tl
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 6, "lo')  # a kill cut the last line
+    before = path.read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed during the rewrite")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tl.truncate_metrics(path, 3)
+    assert path.read_bytes() == before  # nothing lost
+    monkeypatch.undo()
+    tl.truncate_metrics(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
