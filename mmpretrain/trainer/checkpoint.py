@@ -18,6 +18,7 @@ intact. Assumes ``output_dir`` is on a filesystem every rank sees (as multi-node
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -120,20 +121,28 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, data_s
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank: model/optimizer (ZeRO partitions), RNG per rank
-    rank = accelerator.process_index
-    (tmp / f"data_state_{rank}.json").write_text(json.dumps(data_state))
-    if accelerator.is_main_process and tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # every rank: model/optimizer (ZeRO partitions), RNG per rank
+        rank = accelerator.process_index
+        (tmp / f"data_state_{rank}.json").write_text(json.dumps(data_state))
+        if accelerator.is_main_process and tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            meta = dict(meta, format=FORMAT, step=step, data_state=data_state)
+            meta_tmp = tmp / (META_FILE + ".partial")
+            with open(meta_tmp, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, tmp / META_FILE)  # written last
+    except Exception as e:
+        if not disk_full(e, root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial write would fill the disk again
+        raise CheckpointError(f"{tmp}: no space left on device while writing the step-{step} checkpoint; "
+                              "the partial checkpoint was removed and the earlier ones are intact") from None
     if accelerator.is_main_process:
-        meta = dict(meta, format=FORMAT, step=step, data_state=data_state)
-        meta_tmp = tmp / (META_FILE + ".partial")
-        with open(meta_tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(meta_tmp, tmp / META_FILE)  # written last
         if final.exists():  # a re-run of the same step (e.g. resumed then stopped at once)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -141,6 +150,30 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, data_s
         prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def disk_full(error: BaseException, root: Path, min_free: int = 16 << 20) -> bool:
+    """Whether a failed write ran out of space: ENOSPC anywhere in the exception chain, or (the
+    writers of model files report it as unrelated errors, e.g. 'unexpected pos') under
+    ``min_free`` bytes left where the checkpoint goes."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < min_free
+    except OSError:
+        return False
+
+
+def remove_stale_tmp(root: str | Path) -> list[str]:
+    """Delete ``step_*.tmp`` directories left by an interrupted write (start-up, main process)."""
+    removed = []
+    for p in Path(root).glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:

@@ -28,8 +28,9 @@ import torch
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
-from mmpretrain.trainer.checkpoint import (CheckpointError, check_output_dir, clear_run, read_meta, resolve_resume,
-                                           restore_checkpoint, save_checkpoint, step_dir_name)
+from mmpretrain.trainer.checkpoint import (CheckpointError, check_output_dir, clear_run, read_meta,
+                                           remove_stale_tmp, resolve_resume, restore_checkpoint, save_checkpoint,
+                                           step_dir_name)
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
@@ -360,6 +361,8 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     if accelerator.is_main_process:
         if tcfg.overwrite and (removed := clear_run(out_dir)):
             print(f"mmpretrain train: train.overwrite=true: deleted {', '.join(removed)} in {out_dir}", flush=True)
+        if stale := remove_stale_tmp(out_dir / "checkpoints"):
+            print(f"mmpretrain train: removed interrupted checkpoint writes {', '.join(stale)}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
     accelerator.wait_for_everyone()  # no rank reads the run directory before it is cleared

@@ -300,3 +300,33 @@ def test_a_fresh_run_never_reuses_an_old_run_directory(tiny, tmp_path, capsys):
     fresh = tmp_path / "fresh"
     assert run_train(tiny, fresh, "train.max_steps=1", "train.resume=latest") == 0
     assert "train.resume=latest: no checkpoint under" in capsys.readouterr().out
+
+
+def test_disk_full_during_a_checkpoint_fails_in_one_line_and_keeps_the_earlier_ones(tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import errno
+
+    import accelerate
+
+    run = tmp_path / "run"
+    real = accelerate.Accelerator.save_state
+    calls = []
+
+    def save_state(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-2 checkpoint: the disk fills up half-way
+            real(self, output_dir, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    assert run_train(tiny, run, "train.max_steps=3", "train.save_every=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0] and "step_00000002.tmp" in err[0], err
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000001"]
+    monkeypatch.undo()
+    # an interrupted write left behind is removed at start-up, and the run resumes
+    (run / "checkpoints" / "step_00000005.tmp").mkdir()
+    assert run_train(tiny, run, "train.max_steps=3", "train.save_every=1", "train.resume=latest") == 0
+    assert "removed interrupted checkpoint writes step_00000005.tmp" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000003"
