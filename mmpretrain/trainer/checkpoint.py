@@ -97,6 +97,22 @@ def clear_run(output_dir: str | Path) -> list[str]:
     return removed
 
 
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -143,6 +159,7 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, data_s
         raise CheckpointError(f"{tmp}: no space left on device while writing the step-{step} checkpoint; "
                               "the partial checkpoint was removed and the earlier ones are intact") from None
     if accelerator.is_main_process:
+        _fsync_tree(tmp)  # every file on disk before the rename makes the checkpoint visible
         if final.exists():  # a re-run of the same step (e.g. resumed then stopped at once)
             shutil.rmtree(final)
         os.rename(tmp, final)
