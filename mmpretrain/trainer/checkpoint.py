@@ -4,7 +4,7 @@ Layout (docs/ARCHITECTURE.md, "Checkpoints")::
 
     OUTPUT_DIR/checkpoints/step_00000100/
         model.safetensors | pytorch_model/   Accelerate state (DeepSpeed: ZeRO partition files)
-        optimizer.bin, random_states_<rank>.pkl, custom_checkpoint_0.pkl (the LR schedule), ...
+        optimizer.bin, random_states_<rank>.pkl (loaded weights_only), ...
         data_state_<rank>.json               each rank's loader cursor
         tokenizer/                           the tokenizer the run used
         mmpretrain.json                      metadata, written last
@@ -210,6 +210,14 @@ def restore_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
     ``mmpretrain.export.format.load_checkpoint``.)"""
     path = Path(path)
     meta = read_meta(path)
+    # Accelerate unpickles custom objects (weights_only=False) and refuses a folder holding more
+    # of them than are registered; the trainer registers none (its schedule is in the meta), so
+    # such files (older checkpoints, or planted ones) are set aside unread, never loaded
+    if accelerator.is_main_process:
+        for legacy in sorted(path.glob("custom_checkpoint_*.pkl")):
+            legacy.rename(legacy.with_name(legacy.name + ".unread"))
+            print(f"mmpretrain train: {legacy} is not loaded (pickle); renamed to {legacy.name}.unread", flush=True)
+    accelerator.wait_for_everyone()
     accelerator.load_state(str(path))
     own = path / f"data_state_{accelerator.process_index}.json"
     try:

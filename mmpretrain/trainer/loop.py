@@ -391,8 +391,9 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     flops = flops_per_sample(model, cfg)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # its state travels in mmpretrain.json, not as an Accelerate custom object: Accelerate loads
+    # those with pickle (weights_only=False), so a planted file would run code on resume
     scheduler = WarmupCosine(optimizer, cfg.optim, tcfg.max_steps)
-    accelerator.register_for_checkpointing(scheduler)
     set_seed(cfg.seed + rank)  # per-rank randomness (dropout) from here on; a resume restores it
 
     loader = build_train_loader(cfg, tokenizer, rank, world)
@@ -400,6 +401,9 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     if resume_from is not None:
         _, data_state = restore_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
         counters = Counters.from_meta(meta["counters"])
+        # older checkpoints kept it in custom_checkpoint_0.pkl (no longer read): the rate is a
+        # function of the step counter, which is what the scheduler counted
+        scheduler.load_state_dict(meta.get("scheduler") or {"steps_taken": counters.step})
         loader.load_state_dict(data_state)
 
     logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
@@ -425,6 +429,7 @@ def save(run: Run) -> None:
     meta = {"config": to_dict(run.cfg), "vocab_size": run.vocab_size,
             "distributed_type": accel.distributed_type_name(acc), "zero_stage": accel.zero_stage(acc),
             "world_size": acc.num_processes, "counters": asdict(run.counters),
+            "scheduler": run.scheduler.state_dict(),
             "skipped_samples": run.loader.skipped}
     path = save_checkpoint(acc, run.out_dir / "checkpoints", run.counters.step, meta, run.loader.state_dict(),
                            tokenizer=run.tokenizer, keep_last=run.cfg.train.keep_last)

@@ -130,3 +130,28 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny, tmp_path):
     assert losses(run) == losses(ref)
     assert_same_weights(checkpoint_weights(run / f"checkpoints/step_{k + 2:08d}"),
                         checkpoint_weights(ref / f"checkpoints/step_{k + 2:08d}"))
+
+
+def test_a_planted_pickle_in_a_checkpoint_does_not_run_on_resume(tmp_path):
+    """Accelerate loads registered custom objects (custom_checkpoint_0.pkl) with pickle; the
+    schedule now travels in mmpretrain.json, so a payload planted there is never loaded."""
+    import pickle
+
+    from _trainutil import make_config, run_train
+
+    cfg = make_config(tmp_path)
+    run = tmp_path / "run"
+    assert run_train(cfg, run, "train.max_steps=2", "train.save_every=2") == 0
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert not (ckpt / "custom_checkpoint_0.pkl").exists()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
+    meta = json.loads((ckpt / "mmpretrain.json").read_text())
+    assert meta["scheduler"] == {"steps_taken": 2}
+    assert run_train(cfg, run, "train.max_steps=3", "train.save_every=3", "train.resume=latest") == 0
+    assert not marker.exists() and (ckpt / "custom_checkpoint_0.pkl.unread").is_file()
