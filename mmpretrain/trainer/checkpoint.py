@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # The checkpoint format and its reader belong to the library (``mmpretrain.export.format``, which
@@ -38,12 +39,77 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        return find_latest_checkpoint(output_dir)
+        found = complete_checkpoints(Path(output_dir) / "checkpoints")
+        for newer, path in zip(range(len(found) - 1, -1, -1), reversed(found)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            older = "falling back to the one before" if newer else "no readable checkpoint is left"
+            print(f"mmpretrain train: train.resume=latest: {problem}; {older}", file=sys.stderr, flush=True)
+        if found:
+            raise CheckpointError(f"train.resume=latest: none of the {len(found)} checkpoints under "
+                                  f"{Path(output_dir) / 'checkpoints'} is readable")
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint directory")
     read_meta(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     return path
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than its header"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            return "header runs past the end of the file"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "header is not valid JSON"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return None if 8 + n + end <= size else f"truncated ({size} bytes, the tensors need {8 + n + end})"
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What makes a complete checkpoint unreadable, as '<file>: <why>', or None. Checked without
+    loading any tensor: safetensors headers against the file sizes, torch zip archives (CRC of
+    every member), the RNG pickles (``weights_only``, as Accelerate loads them — it would ignore
+    a broken one and resume inexactly), the data-state JSON."""
+    import zipfile
+
+    path = Path(path)
+    for file in sorted(path.rglob("*")):
+        if not file.is_file():
+            continue
+        why = None
+        try:
+            if file.suffix == ".safetensors":
+                why = _safetensors_problem(file)
+            elif file.suffix in (".bin", ".pt"):  # torch.save's zip archives (model, optimizer, ZeRO parts)
+                if not zipfile.is_zipfile(file):
+                    why = "not a complete torch archive"
+                else:
+                    with zipfile.ZipFile(file) as z:
+                        bad = z.testzip()
+                    why = f"member {bad} is corrupt" if bad else None
+            elif file.name.startswith("random_states_") and file.suffix == ".pkl":
+                from accelerate.utils.other import load
+
+                load(file)
+            elif file.name.startswith("data_state_") and file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as e:  # noqa: BLE001 - any failure to read is the problem to report
+            why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if why:
+            return f"{file}: {why}"
+    return None
 
 
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "config.yaml")

@@ -155,3 +155,28 @@ def test_a_planted_pickle_in_a_checkpoint_does_not_run_on_resume(tmp_path):
     assert meta["scheduler"] == {"steps_taken": 2}
     assert run_train(cfg, run, "train.max_steps=3", "train.save_every=3", "train.resume=latest") == 0
     assert not marker.exists() and (ckpt / "custom_checkpoint_0.pkl.unread").is_file()
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_latest_falls_back_past_an_unreadable_checkpoint(tmp_path, capsys, victim):
+    """A truncated file in the newest checkpoint: resume=latest says so and resumes from the one
+    before (exactly: same losses as the uninterrupted run); naming it explicitly fails in one
+    line naming the file. (A truncated RNG file used to resume silently and inexactly.)"""
+    from _trainutil import losses, make_config, run_train
+
+    cfg = make_config(tmp_path)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_train(cfg, ref, "train.max_steps=4", "train.save_every=2") == 0
+    assert run_train(cfg, run, "train.max_steps=4", "train.save_every=2") == 0
+    newest = run / "checkpoints" / "step_00000004"
+    data = (newest / victim).read_bytes()
+    (newest / victim).write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert run_train(cfg, run, "train.max_steps=4", f"train.resume={newest}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{newest / victim}:" in err[0], err
+    assert run_train(cfg, run, "train.max_steps=4", "train.save_every=2", "train.resume=latest") == 0
+    out = capsys.readouterr()
+    assert f"{newest / victim}:" in out.err and "falling back to the one before" in out.err
+    assert "resumed from" in out.out and "step_00000002" in out.out
+    assert losses(run) == losses(ref)
