@@ -532,6 +532,7 @@ class _RawSample:
     caption: str
     image_id: int
     pass_no: int
+    url: str = ""  # the shard it came from (named in skip warnings)
 
 
 def check_sample(sample: dict, max_pixels: int) -> tuple[str, bytes, str, int]:
@@ -597,10 +598,10 @@ class _Worker:
                     continue
                 try:
                     key, image, caption, iid = check_sample(sample, ds.max_pixels)
-                except BadSample as e:
-                    self._count(e.reason, str(e), pass_no)
+                except BadSample as e:  # the warning names the shard and the key
+                    self._count(e.reason, f"{piece.url} {sample.get('__key__', '?')}: {e}", pass_no)
                     continue
-                yield _RawSample(key, image, caption, iid, pass_no)
+                yield _RawSample(key, image, caption, iid, pass_no, piece.url)
 
     def _shuffled(self, it: Iterator[_RawSample], rng: random.Random) -> Iterator[_RawSample]:
         size = self.ds.shuffle_buffer if self.ds.train else 0
@@ -668,7 +669,7 @@ class _Worker:
                     hwc = decode_and_crop_hwc(s.image, size, max_pixels=max_pixels, train=train, crop=crop,
                                               seed=crop_seed, scale=crop_scale)
                 except BadSample as e:
-                    self._count(e.reason, f"{s.key}: {e}", s.pass_no)
+                    self._count(e.reason, f"{s.url} {s.key}: {e}", s.pass_no)
                     continue
                 self.good += 1
                 if skip_good > 0:  # no raw cursor: decode and drop what was consumed (counted then)

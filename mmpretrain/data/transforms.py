@@ -94,6 +94,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadSample("image_too_large", str(e)) from None
+    except Image.UnidentifiedImageError:  # its message names an io.BytesIO object, not the data
+        raise BadSample("corrupt_image", f"not an image format PIL knows ({len(data)} bytes, starting "
+                                         f"{data[:8]!r})") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt image
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size

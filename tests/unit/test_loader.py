@@ -413,3 +413,23 @@ def test_loader_and_shards_build_convert_pixels_alike():
     assert (np.asarray(T.load_image(T.open_image(png(rgba), 10**6), 10**6)[0]) == 255).all()
     key, image, caption, _ = loader.check_sample({"__key__": "k", "gif": gif.getvalue(), "txt": b"a cat"}, 10**6)
     assert image == gif.getvalue() and caption == "a cat"
+
+
+def test_skip_warnings_name_the_shard_and_the_key(tmp_path, tok, caplog):
+    import logging
+
+    from mmpretrain.data import loader as loader_mod
+
+    good = [{"__key__": f"ok{i:03d}", "jpg": jpeg_bytes(), "txt": caption_for(i)} for i in range(8)]
+    bad = [{"__key__": "nocap", "jpg": jpeg_bytes()},
+           {"__key__": "garbage", "jpg": b"definitely not an image", "txt": "a cat"}]
+    shard = write_raw_shard(str(tmp_path / "s-000000.tar"), bad + good)  # read before the quota fills
+    loader_mod._last_warning.clear()  # at most one warning per reason per 30 s: start afresh
+    with caplog.at_level(logging.WARNING, logger=loader_mod.log.name):
+        ld = ShardLoader(cfg_for(shard, num_workers=0, batch_size=4, shuffle_buffer=0), tok, rank=0, world_size=1,
+                         seed=0)
+        run_epoch(ld)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert ld.skipped == {"missing_caption": 1, "corrupt_image": 1}
+    assert f"{shard} nocap" in text and f"{shard} garbage" in text, text
+    assert "BytesIO" not in text and "not an image format PIL knows" in text
