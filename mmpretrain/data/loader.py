@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tarfile
 import time
 import warnings
@@ -525,6 +526,18 @@ def _warn_skip(reason: str, detail: str) -> None:
                     "counts in loader.skipped]", reason, detail, WARN_INTERVAL_S)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals. A launcher forwards SIGTERM with killpg and
+    SLURM signals the whole process group, which reached the workers too: they died, and the
+    rank with them, before it could checkpoint. The main process alone decides to stop (it
+    finishes the step, checkpoints, then shuts its workers down; a worker whose parent is gone
+    exits by itself)."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclasses.dataclass(slots=True)
 class _RawSample:
     key: str
@@ -949,7 +962,8 @@ class ShardLoader:
             source: Any = iter(ds)
         else:
             source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, shuffle=False,
-                                prefetch_factor=2, persistent_workers=False)
+                                prefetch_factor=2, persistent_workers=False,
+                                worker_init_fn=_ignore_stop_signals)
         if self._worker_raw is None or len(self._worker_raw) != k:
             self._worker_raw = [0] * k
         epoch_skipped = self._skipped_epoch

@@ -166,20 +166,12 @@ def clear_run(output_dir: str | Path) -> list[str]:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_dir(Path(dirpath) / name)
         _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a directory or a file, best effort (some filesystems refuse it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -91,10 +91,11 @@ class StepResult:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (preemption, SLURM's warning signal) set a flag; the loop finishes the
-    current step, all-reduces the flag so every rank agrees, checkpoints and exits 0."""
+    """SIGTERM / SIGUSR1 (preemption, SLURM's warning signal) and a first SIGINT (Ctrl-C) set a
+    flag; the loop finishes the current step, all-reduces the flag so every rank agrees,
+    checkpoints and exits 0. A second SIGINT stops hard (KeyboardInterrupt)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.requested = False
@@ -108,6 +109,8 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

@@ -72,6 +72,7 @@ def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler would; it forwards to the ranks
     out, err = _proc.communicate(proc, timeout=120)
     assert "stop requested (SIGTERM)" in out, (out + err)[-4000:]
+    assert proc.returncode == 0, (out + err)[-4000:]  # the ranks stopped cleanly, so does the launch
     k = max(metrics(run))
     assert 3 <= k < 60
     ckpt = run / "checkpoints" / f"step_{k:08d}"

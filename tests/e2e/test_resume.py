@@ -180,3 +180,29 @@ def test_resume_latest_falls_back_past_an_unreadable_checkpoint(tmp_path, capsys
     assert f"{newest / victim}:" in out.err and "falling back to the one before" in out.err
     assert "resumed from" in out.out and "step_00000002" in out.out
     assert losses(run) == losses(ref)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the process group", "one SIGINT"])
+def test_a_stop_with_loader_workers_checkpoints_and_exits_0(tiny, tmp_path, how):
+    """The whole process group signalled (SLURM; a launcher's killpg) with DataLoader workers:
+    the workers ignore it, the main process finishes the step, checkpoints and exits 0 (the
+    workers used to die first and take the run with them). Ctrl-C once is the same stop."""
+    import os
+    import subprocess
+
+    run = tmp_path / "run"
+    proc = _proc.popen([sys.executable, "-m", "mmpretrain.train", "--config", str(tiny), f"train.output_dir={run}",
+                        "train.max_steps=400", "train.save_every=1000", "train.log_every=1000",
+                        "data.num_workers=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_metric_lines(proc, run, 3, 120)
+    if how.startswith("SIGTERM"):
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its loader workers
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = _proc.communicate(proc, timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    name = "SIGTERM" if how.startswith("SIGTERM") else "SIGINT"
+    assert f"stop requested ({name})" in out
+    k = max(metrics(run))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{k:08d}"]
+    assert (run / "checkpoints" / f"step_{k:08d}" / "mmpretrain.json").is_file()
