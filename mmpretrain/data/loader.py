@@ -300,21 +300,33 @@ def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int,
                 pass
 
 
+UNREADABLE: dict[str, str] = {}
+"""Local shards ``count_samples`` could not read as a tar, with the reason (the loader warns
+about them and reports them as ``ShardLoader.unreadable_shards``)."""
+
+
 def count_samples(url: str) -> int:
-    """Number of samples (key groups) in one shard, read from its headers."""
+    """Number of samples (key groups) in one shard, read from its headers. A local file that is
+    not a readable tar counts 0 and is recorded in ``UNREADABLE``."""
     n = 0
     if not _is_remote(url):
         last = None
+        path = url[len("file://"):] if url.startswith("file://") else url
+        UNREADABLE.pop(url, None)  # as of this count
         try:
-            with tarfile.open(url, "r:*") as tf:
+            if os.path.getsize(path) == 0:
+                UNREADABLE[url] = "empty file (0 bytes)"
+                return 0
+            with tarfile.open(path, "r:*") as tf:
                 for info in tf:
                     key, _ = _split_name(info.name)
                     if info.isreg() and key is not None and key != last and \
                             not os.path.basename(info.name).startswith("__"):
                         n += 1
                         last = key
-        except (tarfile.TarError, EOFError, OSError):
-            pass
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if n == 0:
+                UNREADABLE[url] = f"not a readable tar archive ({type(e).__name__}: {e})"
         return n
     for idx, _ in iter_shard_samples(url):
         n = max(n, idx + 1)
@@ -832,6 +844,11 @@ class ShardLoader:
                 raise ValueError(f"{name}: no shards match {spec!r}")
         self.weights = weights
         self.source_counts = [shard_counts(urls) for urls in self.source_urls]
+        self.unreadable_shards = {u: UNREADABLE[u] for urls in self.source_urls for u in urls if u in UNREADABLE}
+        """Shards that are not readable tars (0 bytes, not a tar): no sample is read from them."""
+        for url, why in self.unreadable_shards.items():
+            if rank == 0:
+                log.warning("unreadable shard %s: %s; no sample is read from it", url, why)
         self.epoch = 0
         self.batches_done = 0
         self._worker_raw: list[int] | None = None

@@ -56,6 +56,7 @@ def compute_stats(shards: str | list[str], *, tokenizer, max_length: int = 32, i
     lengths.sort()
     return {
         "shards": len([u for src in loader.source_urls for u in src]),
+        "unreadable_shards": dict(loader.unreadable_shards),
         "samples": n,
         "skipped": loader.skipped,
         "skipped_total": sum(loader.skipped.values()),
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ct = stats["caption_tokens"]
     print(f"shards: {stats['shards']}  samples read: {stats['samples']}  skipped: {stats['skipped_total']}")
+    for url, why in stats["unreadable_shards"].items():
+        print(f"unreadable shard (no sample read): {url}: {why}")
     for reason, count in sorted(stats["skipped"].items()):
         print(f"  skipped {reason}: {count}")
     print(f"pixel mean (0-1): {stats['pixel_mean']}  std: {stats['pixel_std']}")

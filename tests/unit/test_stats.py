@@ -52,3 +52,26 @@ def test_stats_no_shards_is_an_error(tmp_path, capsys):
     assert main([pattern, "--tokenizer", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [f"mmpretrain shards stats: no shards match {pattern}"]  # not a tokenizer complaint
+
+
+def test_unreadable_shards_are_named_not_silently_ignored(tmp_path, capsys, caplog):
+    import logging
+    import os
+
+    caps = ["a red square", "a blue circle"]
+    write_raw_shard(str(tmp_path / "data-000000.tar"),
+                    [{"__key__": f"k{i}", "png": _solid_png((255, 0, 0)), "txt": caps[i % 2]} for i in range(4)])
+    (tmp_path / "data-000001.tar").write_bytes(b"")
+    (tmp_path / "data-000002.tar").write_bytes(os.urandom(4096))
+    (tmp_path / "data-000003.tar").write_text("not a tar, just text\n" * 40)
+    tok = train_tokenizer(caps * 3, str(tmp_path / "tok"), 60)
+    with caplog.at_level(logging.WARNING, logger="mmpretrain.data"):
+        assert main([str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--image-size", "8"]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["shards"] == 4 and stats["samples"] == 4
+    bad = {os.path.basename(u): why for u, why in stats["unreadable_shards"].items()}
+    assert set(bad) == {"data-000001.tar", "data-000002.tar", "data-000003.tar"}
+    assert bad["data-000001.tar"] == "empty file (0 bytes)" and "not a readable tar" in bad["data-000002.tar"]
+    assert out.count("unreadable shard (no sample read):") == 3
+    assert sum("unreadable shard" in r.getMessage() for r in caplog.records) == 3
