@@ -99,6 +99,20 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sum_counters(counts: dict[str, int]) -> dict[str, int]:
+    """Counter dicts (e.g. skipped samples by reason) summed over ranks; every rank gets the
+    total (the identity in one process). A collective: call on every rank at the same point."""
+    if not is_distributed():
+        return dict(counts)
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for c in gathered:
+        for k, v in (c or {}).items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items()))
+
+
 def fetch_rows(local: torch.Tensor, indices: torch.Tensor, method: str = "all_to_all") -> torch.Tensor:
     """Rows ``indices`` (global positions ``owner_rank * B + i``) of the global batch whose
     local part on this rank is ``local`` ([B, ...], same B on every rank). No gradient.

@@ -483,6 +483,10 @@ def fit(run: Run, stop: StopRequest) -> None:
         result.metrics.update(lr=lr, bad_steps_total=c.bad_steps_total, skipped=int(result.skipped),
                               overflow=int(result.overflow), overflow_skips=c.overflow_skips,
                               epoch=run.loader.epoch)
+        if c.step % tcfg.log_every == 0 or c.step >= tcfg.max_steps:  # every rank: a collective
+            # skipped samples by reason, all ranks, as they grow (metrics.jsonl and TensorBoard)
+            for reason, n in distributed.sum_counters(run.loader.skipped).items():
+                result.metrics[f"skipped_samples/{reason}"] = n
         run.logger.log_step(c.step, result.metrics, step_seconds=time.perf_counter() - t0, data_seconds=t_data,
                             samples=samples_per_step)
         if result.skipped:

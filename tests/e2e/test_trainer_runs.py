@@ -330,3 +330,27 @@ def test_disk_full_during_a_checkpoint_fails_in_one_line_and_keeps_the_earlier_o
     assert run_train(tiny, run, "train.max_steps=3", "train.save_every=1", "train.resume=latest") == 0
     assert "removed interrupted checkpoint writes step_00000005.tmp" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000003"
+
+
+def test_skipped_samples_by_reason_reach_metrics_as_they_grow(tiny, tmp_path):
+    """A shard with bad samples beside the good ones: the skip counts by reason are in
+    metrics.jsonl at every logging step (all ranks summed), not only at the end."""
+    import shutil
+
+    from _shardutil import write_raw_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(Path(str(tiny).replace("trainer_tiny.yaml", "trainer_shards")), shards)
+    write_raw_shard(str(shards / "train-000009.tar"),
+                    [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": "a cat"} for i in range(5)]
+                    + [{"__key__": f"nocap{i}", "jpg": b"x"} for i in range(3)])
+    run = tmp_path / "run"
+    assert run_train(tiny, run, f"data.train_shards=[{shards}/train-*.tar]", "train.max_steps=8",
+                     "train.log_every=2", "train.save_every=100") == 0
+    recs = metrics(run)
+    logged = {s: {k: v for k, v in r.items() if k.startswith("skipped_samples/")} for s, r in recs.items()}
+    assert not logged[1] and not logged[3] and set(logged[8]) == {"skipped_samples/corrupt_image",
+                                                                   "skipped_samples/missing_caption"}
+    for key, planted in (("skipped_samples/corrupt_image", 5), ("skipped_samples/missing_caption", 3)):
+        seen = [logged[s].get(key, 0) for s in (2, 4, 6, 8)]
+        assert seen == sorted(seen) and 0 < seen[-1] <= planted, (key, seen)  # they grow as read
