@@ -286,8 +286,13 @@ def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int,
                 cur[ext] = data
         except (TruncatedTar, EOFError, OSError, ValueError) as e:
             truncated = True
-            cur = None  # the sample being read when the stream broke may be incomplete
             log.debug("truncated tar %s: %s", url, e)
+            # the members read so far are whole (a cut member is never yielded): the last sample
+            # is kept when it has its image and caption (the cut fell after it), else it is the
+            # one sample the cut took, counted once as truncated_tar
+            if cur is not None and not ("txt" in cur and any(x in cur for x in IMAGE_EXTS)):
+                cur["__bad__"] = "truncated_tar"
+                truncated = False
         if cur is not None:
             yield idx, cur
         if truncated:

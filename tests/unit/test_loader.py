@@ -433,3 +433,26 @@ def test_skip_warnings_name_the_shard_and_the_key(tmp_path, tok, caplog):
     assert ld.skipped == {"missing_caption": 1, "corrupt_image": 1}
     assert f"{shard} nocap" in text and f"{shard} garbage" in text, text
     assert "BytesIO" not in text and "not an image format PIL knows" in text
+
+
+@pytest.mark.parametrize("cut", ["in the next header", "in the caption of the third"])
+def test_a_cut_tar_loses_only_the_cut_sample(tmp_path, cut):
+    import tarfile
+
+    from mmpretrain.data.loader import iter_shard_samples
+
+    full = write_raw_shard(str(tmp_path / "full.tar"),
+                           [{"__key__": f"k{i}", "jpg": jpeg_bytes(), "txt": caption_for(i)} for i in range(4)])
+    with tarfile.open(full) as tf:
+        members = {m.name: m for m in tf}
+    if cut == "in the next header":  # after k1.txt: k0 and k1 are whole
+        at, whole = members["k2.jpg"].offset + 100, ["k0", "k1"]
+    else:  # inside k2's caption data: k0 and k1 whole, k2 lost
+        at, whole = members["k2.txt"].offset_data + 3, ["k0", "k1"]
+    data = open(full, "rb").read()
+    cut_path = tmp_path / "cut.tar"
+    cut_path.write_bytes(data[:at])
+    got = list(iter_shard_samples(str(cut_path)))
+    good = [s["__key__"] for _, s in got if "__bad__" not in s]
+    bad = [s["__bad__"] for _, s in got if "__bad__" in s]
+    assert good == whole and bad == ["truncated_tar"]
