@@ -45,7 +45,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             if problem is None:
                 return path
             older = "falling back to the one before" if newer else "no readable checkpoint is left"
-            print(f"mmpretrain train: train.resume=latest: {problem}; {older}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank decides the same; one says so
+                print(f"mmpretrain train: train.resume=latest: {problem}; {older}", file=sys.stderr, flush=True)
         if found:
             raise CheckpointError(f"train.resume=latest: none of the {len(found)} checkpoints under "
                                   f"{Path(output_dir) / 'checkpoints'} is readable")
