@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -568,6 +569,12 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         if do_itm:
             t1 = time.perf_counter()
             mode = cfg.eval.itm_rerank_score  # checked by EvalConfig
+            if mode == "itm+itc" and getattr(core.model_cfg, "itm_contrastive_prior", False):
+                # the ITM logit already holds the contrastive evidence: adding it again would
+                # weigh it twice
+                warnings.warn("eval.itm_rerank_score=itm+itc with model.itm_contrastive_prior: re-ranking by "
+                              "'itm' (the prior already adds the contrastive logit)", stacklevel=2)
+                mode = "itm"
             scale = _logit_scale(core) if mode == "itm+itc" else 0.0
             re_i2t, re_t2i, itm_known = itm_rerank(model, cfg, accelerator, data, local["pixels"], scores, rerank_k,
                                                    contrastive_scale=scale)

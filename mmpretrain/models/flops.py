@@ -5,7 +5,8 @@ forward pass and multiplies by 3 (forward + backward = 3 x forward), i.e. the us
 ``6 x params-touched x tokens`` plus the attention-score terms ``2 x 2 x n^2 x width`` per
 layer and forward. Counted per sample:
 - image unimodal pass over ``1 + (image_size/patch_size)^2`` tokens (patch embedding included),
-- text unimodal pass over ``text_len`` tokens,
+- text unimodal pass over ``text_len`` tokens (and ``itc_word_negatives`` of one more, for the
+  word-changed captions),
 - with ITM (``itm_weight > 0``): 3 fused passes (positive, negative text, negative image) over
   ``image tokens + text_len`` tokens, times ``itm_fraction`` (the share of rows scored),
 - with MLM (``mlm_weight > 0``): 1 more fused pass and the MLM head on ``mlm_prob`` of the
@@ -47,6 +48,8 @@ def forward_flops_per_sample(cfg: ModelConfig, loss_cfg: LossConfig, text_len: i
     towers = cfg.arch == "unified" and getattr(cfg, "fusion_source", "inputs") == "towers"
     fused = (cfg.fusion_depth if towers else d) * _layer_fwd(w, n_img + text_len, cfg.mlp_ratio)
     image_pass, text_pass = d * _layer_fwd(w, n_img, cfg.mlp_ratio), d * _layer_fwd(w, text_len, cfg.mlp_ratio)
+    wc = min(max(float(getattr(loss_cfg, "itc_word_negatives", 0.0)), 0.0), 1.0)
+    f += wc * text_pass  # contrastive word negatives: one more text pass over those captions
     if getattr(loss_cfg, "mlm_weight", 0.0) > 0 and cfg.arch == "unified":
         masked = float(loss_cfg.mlm_prob) * text_len
         f += fused + 2.0 * masked * 2 * w * w + (text_pass if towers else 0.0)

@@ -224,7 +224,8 @@ def test_eval_launch_mismatch_is_one_line_error(run, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("n_pairs", [0, 1, 11])
-def test_towers_itm_reuses_unimodal_passes_and_equals_pairwise_itm(n_pairs):
+@pytest.mark.parametrize("prior", [False, True])
+def test_towers_itm_reuses_unimodal_passes_and_equals_pairwise_itm(n_pairs, prior):
     """fusion_source=towers: each distinct image and caption takes one unimodal pass, the pairs
     only the fusion blocks; the log-odds equal ``itm_logits`` pair by pair (and the batch size
     does not matter)."""
@@ -234,8 +235,11 @@ def test_towers_itm_reuses_unimodal_passes_and_equals_pairwise_itm(n_pairs):
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, embed_dim=8,
-                                    max_text_length=8, fusion_source="towers", fusion_depth=2),
+                                    max_text_length=8, fusion_source="towers", fusion_depth=2,
+                                    itm_contrastive_prior=prior),
                         LossConfig(), 30).eval()
+    if prior:  # statistics as training leaves them: the prior moves the log-odds
+        model.itm_prior_stats.copy_(torch.tensor([3.0, -1.0, 2.0]))
     cfg = load_config(None, ["data.image_size=16", "data.max_length=8", "eval.batch_size=4"])
     g = torch.Generator().manual_seed(1)
     pool = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(3)]

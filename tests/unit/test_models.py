@@ -190,6 +190,11 @@ def test_flops_counts():
     tw = lambda k: training_flops_per_sample(ModelConfig(**{**TINY, "fusion_source": "towers", "fusion_depth": k}),
                                              LossConfig(), text_len=8)
     assert f_no_itm < tw(1) < tw(2) and tw(1) < f
+    # contrastive word negatives: one more text pass (3x for forward + backward) per changed row
+    from mmpretrain.models.flops import _layer_fwd
+
+    wc = training_flops_per_sample(cfg, LossConfig(itm_weight=0.0, itc_word_negatives=0.5), text_len=8)
+    assert wc - f_no_itm == pytest.approx(3 * 0.5 * cfg.depth * _layer_fwd(cfg.width, 8, cfg.mlp_ratio))
 
 
 def _learnable_batches(n_batches=2, n=8, seed=0):
