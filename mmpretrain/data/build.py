@@ -78,9 +78,7 @@ def _read_bytes(ref: ImageRef) -> bytes:
         return f.read(ref.size)
 
 
-def _to_rgb(image):
-    """(RGB image, name of the conversion or None): ``transforms.to_rgb``, the loader's own."""
-    return to_rgb(image)
+_to_rgb = to_rgb  # (RGB image, name of the conversion or None): the loader's own conversion
 
 
 def process_image(job: tuple[ImageRef, ImageOptions]) -> ProcessedImage | Skipped:

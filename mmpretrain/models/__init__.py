@@ -135,7 +135,7 @@ class PretrainModel(nn.Module):
         return logits.to(dt) + torch.stack([torch.zeros_like(prior), prior], dim=-1)
 
     @torch.no_grad()
-    def _update_prior_center(self, contrastive: torch.Tensor, labels: torch.Tensor, gather: bool, first: bool,
+    def _update_prior_stats(self, contrastive: torch.Tensor, labels: torch.Tensor, gather: bool, first: bool,
                              momentum: float = 0.9) -> None:
         """Prior statistics <- EMA of the global batch's mean positive and mean negative
         contrastive logit and their pooled variance (sums and counts averaged over ranks: exact
@@ -229,14 +229,15 @@ class PretrainModel(nn.Module):
 
         parts: dict[str, torch.Tensor] = {}
         use_itm, use_mlm, use_wc = lc.itm_weight > 0, lc.mlm_weight > 0, lc.itc_word_negatives > 0
+        # the seeded per-row draws (word negatives, MLM masks) are made for every global row
+        row0, n_rows = (D.get_rank() * b, b * D.get_world_size()) if gather else (0, b)
         step = self._next_step() if (use_itm or use_mlm or use_wc) else 0
         if lc.contrastive == "infonce":
             extra = None
             if use_wc:  # NegCLIP-style: each image also contrasts with its own caption, one word changed
                 w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
                                                lc.itc_word_negatives, self._generator(step, 3),
-                                               D.get_rank() * b if gather else 0,
-                                               b * D.get_world_size() if gather else b)
+                                               row0, n_rows)
                 w_emb = bb.text_features(bb.text_inputs(w_ids, attention_mask), attention_mask)[1]
                 extra = (img_emb * w_emb).sum(-1).masked_fill(~w_rows.to(img_emb.device), float("-inf"))
                 share_c = w_rows.float().mean()
@@ -274,8 +275,7 @@ class PretrainModel(nn.Module):
             if lc.itm_word_negatives > 0:  # own caption with one word changed (mmpretrain.word_negatives)
                 w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
                                                lc.itm_word_negatives, self._generator(step, 2),
-                                               D.get_rank() * b if gather else 0,
-                                               b * D.get_world_size() if gather else b)
+                                               row0, n_rows)
                 sel = w_rows.to(neg_ids.device)[:, None]
                 neg_ids = torch.where(sel, w_ids.to(neg_ids.device), neg_ids)
                 neg_mask = torch.where(sel, attention_mask.to(neg_mask.device), neg_mask)
@@ -298,11 +298,10 @@ class PretrainModel(nn.Module):
         if use_mlm:
             if lc.mlm_mask_token_id < 0:
                 raise ValueError("loss.mlm_mask_token_id is not set (the trainer fills it from the tokenizer)")
-            n_rows = b * D.get_world_size() if gather else b
             focus = [row[3] for row in self._word_table() if row[0] != 3] if lc.mlm_word_prob > 0 else []
             mlm_ids, mlm_labels = L.mlm_mask(input_ids, attention_mask, self._generator(step, 1), lc.mlm_prob,
                                              lc.mlm_mask_token_id, self.vocab_size,
-                                             D.get_rank() * b if gather else 0, n_rows, focus, lc.mlm_word_prob)
+                                             row0, n_rows, focus, lc.mlm_word_prob)
             chunks.append((xi, bb.text_inputs(mlm_ids, attention_mask), attention_mask))
         sizes = [c[0].shape[0] for c in chunks]
         fused_in = [torch.cat([c[j] for c in chunks]) for j in range(3)]
@@ -325,7 +324,7 @@ class PretrainModel(nn.Module):
                                    self.contrastive_logit(ie_k, bb.text_features(neg_xt, neg_mask)[1]),
                                    self.contrastive_logit(bb.image_features(neg_xi)[1], te_k)])
                 if self.training:
-                    self._update_prior_center(prior, labels.to(prior.device), gather, first=step == 0)
+                    self._update_prior_stats(prior, labels.to(prior.device), gather, first=step == 0)
                 logits = self._add_prior(logits, prior)
                 mu_p, mu_n, var = self.itm_prior_stats.detach().unbind(0)
                 parts["itm_prior_slope"] = ((mu_p - mu_n) / var.clamp(min=1e-6)).reshape(())
