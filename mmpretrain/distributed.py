@@ -1,9 +1,15 @@
-"""The only module that touches ``torch.distributed``.
+"""Rank, world size and every collective: with ``mmpretrain.runtime`` the only modules that touch
+``torch.distributed``.
+
+``mmpretrain.runtime`` (app side) creates and destroys the process group (through Accelerate or
+``init_process_group``); this module (the library: models and losses call it, it imports no
+Accelerate) answers the questions and runs the collectives. No other module calls
+``torch.distributed`` (tests/unit/test_runtime.py checks it).
 
 Every helper works without a process group: then the world is one rank and every gather,
 exchange or reduction is the identity (no process-group call is made).
 
-- ``get_rank() / get_world_size() / is_main() / is_distributed()``
+- ``get_rank() / get_world_size() / is_main() / is_distributed() / barrier()``
 - ``all_gather_with_grad(x)``: concatenation of every rank's ``x`` along dim 0 *with autograd*.
   Backward sums the incoming gradient over ranks (all-reduce) and returns this rank's slice, so
   the gradient reaching the local tensor is the sum over all ranks' losses. With per-rank losses
@@ -11,6 +17,8 @@ exchange or reduction is the identity (no process-group call is made).
   process holding the global batch (see ``mmpretrain.losses``).
 - ``all_gather_no_grad(x)``: the same concatenation, detached.
 - ``global_mean(x)``: the mean over ranks of a (detached) tensor, for reported values.
+- ``all_gather_objects(obj)`` / ``sum_counters(counts)``: picklable objects from every rank, in
+  rank order / counter dicts summed over ranks.
 - ``fetch_rows(local, indices, method)``: rows of the *global* batch (index ``rank * B + i``)
   fetched without gradient by the rank that asked for them. ``method="all_to_all"`` (default)
   sends the requested indices first (an all-gather of ``len(indices)`` integers per rank), then
@@ -98,16 +106,23 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return y / get_world_size()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in one process). A collective."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 @torch.no_grad()
 def sum_counters(counts: dict[str, int]) -> dict[str, int]:
     """Counter dicts (e.g. skipped samples by reason) summed over ranks; every rank gets the
     total (the identity in one process). A collective: call on every rank at the same point."""
     if not is_distributed():
         return dict(counts)
-    gathered: list = [None] * get_world_size()
-    dist.all_gather_object(gathered, dict(counts))
     total: dict[str, int] = {}
-    for c in gathered:
+    for c in all_gather_objects(dict(counts)):
         for k, v in (c or {}).items():
             total[k] = total.get(k, 0) + int(v)
     return dict(sorted(total.items()))

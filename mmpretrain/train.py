@@ -8,7 +8,6 @@ Every launch mode (one process, DDP, DeepSpeed ZeRO-2/3, multi-node) runs the sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from mmpretrain.config import ConfigError, describe_config, load_config
@@ -31,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done (or stopped on request), 2 a start-up error (one line on stderr: a bad
     config value, data, launch or checkpoint), 3 too many non-finite steps. Errors raised inside
     the training loop keep their traceback."""
+    from mmpretrain.runtime import LaunchError, launch_info
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    prefix = "mmpretrain train" + (f" [rank {os.environ.get('RANK', '0')}]" if world > 1 else "")
+    launch = launch_info()  # no runtime yet: what the launcher set
+    prefix = "mmpretrain train" + (f" [rank {launch.rank}]" if launch.world_size > 1 else "")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -48,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from mmpretrain.trainer.accel import LaunchError
         from mmpretrain.trainer.checkpoint import CheckpointError
         from mmpretrain.trainer.loop import SetupError
 

@@ -6,6 +6,8 @@
 Runs in one process (no process group), or on N processes under a launcher
 (``torchrun --nproc_per_node N -m mmpretrain.evaluation.cli ...`` or ``accelerate launch``):
 each rank embeds its share of the shards and the results are merged (evaluation.evaluate).
+``mmpretrain.runtime.start_if_launched`` builds and checks the Accelerator (no DDP/DeepSpeed
+wrapping: every rank holds the full model) and ends it.
 Overrides apply to the checkpoint's own config (``eval.*``, ``data.batch_size``,
 ``data.num_workers``, ...). Writes ``metrics.json``, ``report.html`` and ``report.png`` into
 ``--out`` (default: ``RUN/eval/step_N`` beside the run's checkpoints) and prints the metrics
@@ -39,57 +41,11 @@ def _apply_overrides(cfg, overrides: list[str]):
 def default_out_dir(checkpoint: Path, step: int) -> Path:
     """``RUN/eval/step_N`` for ``RUN/checkpoints/step_N`` (where the trainer's own evaluation
     writes); ``PATH-eval`` beside anything else (an export stays as it was exported)."""
-    from mmpretrain.trainer.checkpoint import step_dir_name
+    from mmpretrain.export.format import step_dir_name
 
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / step_dir_name(step)
     return checkpoint.with_name(checkpoint.name + "-eval")
-
-
-def build_eval_accelerator():
-    """An Accelerator when a launcher started several processes, else None.
-
-    The launch is read and checked by the trainer's own ``accel.launch_info()`` /
-    ``accel.check_accelerator()`` (no GPU: gloo, through ``cpu=True``, or DeepSpeed's own gloo
-    group when the launch config asks for DeepSpeed). Evaluation needs no DDP/DeepSpeed
-    wrapping: every rank holds the full model. ``release_eval_accelerator`` ends the group.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from mmpretrain.trainer.accel import LaunchError, check_accelerator, launch_info
-
-    info = launch_info()
-    if not info.launched or info.world_size == 1:
-        return None
-    kwargs: dict = {}
-    if info.use_deepspeed:  # Accelerate sets DeepSpeed up from the launch environment
-        if not info.has_gpu:
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    elif not info.has_gpu:
-        kwargs["cpu"] = True
-    acc = Accelerator(**kwargs)
-    try:
-        check_accelerator(acc, info)
-    except LaunchError:
-        release_eval_accelerator(acc)
-        raise
-    return acc
-
-
-def release_eval_accelerator(accelerator) -> None:
-    """End the process group ``build_eval_accelerator`` started and forget Accelerate's
-    process-wide state (so a later Accelerator in the same process starts afresh)."""
-    if accelerator is None:
-        return
-    from accelerate.state import AcceleratorState, GradientState
-
-    # every rank past its last collective before the group goes: destroying a gloo group while
-    # the peer still runs its final gather aborted a rank at exit (3 of 8 runs without this)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the default process group
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,37 +68,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConfigError) as e:
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
-    from mmpretrain.trainer.accel import LaunchError
+    from mmpretrain import runtime as rt
 
     try:
-        accelerator = build_eval_accelerator()
-    except LaunchError as e:
+        runtime = rt.start_if_launched()
+    except rt.LaunchError as e:
         print("mmpretrain eval: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
-    try:
-        return _evaluate(args, cfg, loaded, accelerator, run_evaluation)
-    finally:
-        release_eval_accelerator(accelerator)
+    with runtime:  # the one teardown: every rank waits for the others, then the group ends
+        return _evaluate(args, cfg, loaded, runtime, run_evaluation)
 
 
-def _evaluate(args, cfg, loaded, accelerator, run_evaluation) -> int:
-    import torch
-
-    device = accelerator.device if accelerator is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device)
+def _evaluate(args, cfg, loaded, runtime, run_evaluation) -> int:
+    model = loaded.model.to(runtime.device)
     out = Path(args.out) if args.out else default_out_dir(Path(args.checkpoint), loaded.step)
     # A world size that does not divide the batch is not an error for evaluation: round it up.
-    world = accelerator.num_processes if accelerator is not None else 1
+    world = runtime.world_size
     if cfg.data.batch_size % world:
         cfg.data.batch_size += world - cfg.data.batch_size % world
     try:
-        metrics = run_evaluation(model, cfg, accelerator, loaded.tokenizer, loaded.step, out,
+        metrics = run_evaluation(model, cfg, runtime.accelerator, loaded.tokenizer, loaded.step, out,
                                  checkpoint=args.checkpoint)
     except ValueError as e:  # e.g. no shards match the pattern, a sample key in two shards
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
-    if accelerator is None or accelerator.is_main_process:
+    if runtime.is_main:
         for name in ("compositional", "itm_hard_negatives"):
             if isinstance(metrics.get(name), dict) and "skipped" in metrics[name]:
                 print(f"mmpretrain eval: note: {name} skipped: {metrics[name]['skipped']}", file=sys.stderr)

@@ -3,18 +3,19 @@
 Forward+backward time per sample on CPU (fp32), and the share of a step spent in the
 embedding gathers and in ITM hard-negative mining (similarities, sampling, fetching the chosen
 rows) measured with the model's own timers. With CUDA available it also measures bf16
-(autocast) samples/s and MFU against the H100 dense bf16 peak (989 TFLOP/s). Run inside a
-process group (torchrun) the gathers and exchanges are real; in one process they are identities.
+(autocast) samples/s and MFU against the H100 dense bf16 peak (989 TFLOP/s). Run under torchrun
+the gathers and exchanges are real (a gloo process group from ``mmpretrain.runtime``, ended at
+exit); in one process they are identities.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
+from mmpretrain import runtime as rt
 from mmpretrain.models import LossConfig, ModelConfig, build_model
 from mmpretrain.models.flops import count_params, training_flops_per_sample
 
@@ -70,15 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-itm", action="store_true", help="InfoNCE only")
     args = ap.parse_args(argv)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    log = print
-    if world > 1:  # under torchrun: real gloo collectives, so the gather share is measured
-        import torch.distributed as dist
+    # under torchrun: real gloo collectives, so the gather share is measured
+    with rt.start_process_group("gloo") as runtime:
+        return _bench(args, runtime)
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        if dist.get_rank() != 0:
-            log = lambda *a, **k: None  # noqa: E731  (one report, from rank 0)
+
+def _bench(args, runtime: rt.Runtime) -> int:
+    world = runtime.world_size
+    log = print if runtime.is_main else (lambda *a, **k: None)  # one report, from rank 0
     over, text_len, vocab, default_b = PRESETS[args.config]
     cfg = ModelConfig(arch=args.arch, modality_experts=args.experts, **over)
     lcfg = LossConfig(itm_weight=0.0 if args.no_itm else 1.0)

@@ -1,17 +1,10 @@
-"""Build the ``Accelerator`` for however the process was started, and check that it is what was
-launched before any work happens.
+"""The trainer's ``Accelerator`` settings from the config; ``start_runtime(cfg)`` hands them to
+``mmpretrain.runtime`` (the one owner of the Accelerator and the process group, its launch
+checks and its teardown) after the checks that need the config.
 
 One code path for one process, DDP and DeepSpeed ZeRO-2/3 (see docs/training.md and
-launch/README.md for the commands). The facts this module encodes (checked on CPU with gloo):
+launch/README.md for the commands). What this module adds to the runtime's launch checks:
 
-* Without a GPU, Accelerate picks no process-group backend while DeepSpeed starts gloo by
-  itself, so Accelerate would believe it has one process. When a launcher started us
-  (``LOCAL_RANK`` set) and there is no GPU: DeepSpeed runs get ``InitProcessGroupKwargs(
-  backend="gloo")``, every other run ``cpu=True``.
-* Silent failures (a single process where two were asked for, DeepSpeed quietly dropped for DDP,
-  two processes whose gradients are never synchronised) are caught by comparing Accelerate's
-  process count with the launcher's ``WORLD_SIZE`` and ``torch.distributed``'s world size, and
-  Accelerate's distributed type with the one launched.
 * The data loader is never passed to ``accelerator.prepare`` (it splits by rank itself), so
   DeepSpeed cannot infer batch sizes: this module fills the JSON's ``"auto"`` batch sizes,
   gradient accumulation, clipping and precision from our config, and refuses a JSON whose
@@ -23,47 +16,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from mmpretrain import distributed
+from mmpretrain import runtime
 from mmpretrain.config import Config
-
-
-class LaunchError(RuntimeError):
-    """The process was started in a way that does not match the config or itself."""
-
-
-@dataclass
-class LaunchInfo:
-    """What the environment says was launched."""
-
-    launched: bool
-    """Started by a launcher (torchrun / accelerate launch): ``LOCAL_RANK`` is set."""
-    world_size: int
-    """``WORLD_SIZE`` from the launcher (1 without one)."""
-    use_deepspeed: bool
-    has_gpu: bool
-
-    @property
-    def expected_type(self) -> str:
-        if self.use_deepspeed:
-            return "DEEPSPEED"
-        if self.world_size > 1:
-            return "MULTI_GPU" if self.has_gpu else "MULTI_CPU"
-        return "NO"
-
-
-def launch_info() -> LaunchInfo:
-    env = os.environ
-    return LaunchInfo(
-        launched="LOCAL_RANK" in env,
-        world_size=int(env.get("WORLD_SIZE", "1")),
-        use_deepspeed=env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"),
-        has_gpu=torch.cuda.is_available(),
-    )
+from mmpretrain.runtime import LaunchError, LaunchInfo, distributed_type_name  # noqa: F401 (the trainer's names)
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -161,39 +117,6 @@ def deepspeed_json_from_env() -> dict:
     return {"zero_optimization": zero}
 
 
-def _parent_asked_processes() -> int | None:
-    """``--num_processes N`` of the ``accelerate launch`` that started this process, if it is
-    our parent (Linux ``/proc``; None when unknown)."""
-    try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return None
-    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    if not any("accelerate" in a for a in args) or "launch" not in args:
-        return None
-    for i, arg in enumerate(args):
-        if arg.startswith("--num_processes="):
-            value = arg.split("=", 1)[1]
-        elif arg == "--num_processes" and i + 1 < len(args):
-            value = args[i + 1]
-        else:
-            continue
-        return int(value) if value.isdigit() else None
-    return None
-
-
-def check_single_process_launch(info: LaunchInfo) -> None:
-    """``accelerate launch --cpu --num_processes N`` starts ONE process without a launcher
-    environment (no WORLD_SIZE, no LOCAL_RANK): catch it from the parent's command line."""
-    if info.launched or "MASTER_ADDR" not in os.environ:
-        return
-    asked = _parent_asked_processes()
-    if asked is not None and asked > 1:
-        raise LaunchError(f"accelerate launch asked for --num_processes {asked} but started 1 process (it does "
-                          "that with --cpu); on CPU use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-                          f"--num_processes {asked}` or `torchrun --nproc_per_node {asked}`")
-
-
 def may_leave_parameters_unused(cfg: Config) -> bool:
     """DDP must be told when a loss term is off: without ITM the fused head gets no gradient,
     and a non-InfoNCE contrastive loss leaves the logit scale out of the graph."""
@@ -217,14 +140,14 @@ def _check_launch_env(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------- the Accelerator
 
-def build_accelerator(cfg: Config):
-    """The ``Accelerator`` for this launch, checked against it. Returns (accelerator, info)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+def start_runtime(cfg: Config) -> runtime.Runtime:
+    """The training's ``Runtime``: its ``Accelerator`` built for this launch from ``cfg`` and
+    checked against it (``LaunchError`` otherwise, before any work)."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
-    info = launch_info()
+    info = runtime.launch_info()
     per_rank_batch_size(cfg.data.batch_size, info.world_size)  # fail before any process group work
-    check_single_process_launch(info)
+    runtime.check_single_process_launch(info)
     _check_launch_env(cfg)
     if info.use_deepspeed and not info.launched:
         raise LaunchError("DeepSpeed needs a launcher: use `accelerate launch --config_file launch/zero2.yaml "
@@ -244,57 +167,13 @@ def build_accelerator(cfg: Config):
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
             hf_ds_config=ds, gradient_accumulation_steps=cfg.train.grad_accum_steps,
             gradient_clipping=float(cfg.optim.grad_clip), zero_stage=ds["zero_optimization"]["stage"])
-        if not info.has_gpu:
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         # DeepSpeed 0.19 calls collectives torch 2.14 deprecates, with a warning on every call
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    elif not info.has_gpu:
-        kwargs["cpu"] = True
     if not info.use_deepspeed and info.world_size > 1 and may_leave_parameters_unused(cfg):
-        kwargs.setdefault("kwargs_handlers", []).append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    accelerator = Accelerator(**kwargs)
-    try:
-        check_accelerator(accelerator, info)
-    except LaunchError:
-        reset_accelerate_state()
-        raise
-    return accelerator, info
-
-
-def reset_accelerate_state() -> None:
-    """Forget Accelerate's process-wide state (``AcceleratorState``, ``PartialState``,
-    ``GradientState``), so another ``Accelerator`` can be built in this process (tests, notebooks)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def check_accelerator(accelerator, info: LaunchInfo) -> None:
-    """Accelerate's view must equal the launcher's and torch.distributed's, or nothing runs."""
-    got_type = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") \
-        else str(accelerator.distributed_type)
-    torch_world = distributed.get_world_size()
-    problems = []
-    if accelerator.num_processes != info.world_size:
-        problems.append(f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started "
-                        f"WORLD_SIZE={info.world_size}")
-    if torch_world != info.world_size:
-        problems.append(f"torch.distributed has world size {torch_world} but WORLD_SIZE={info.world_size}")
-    if got_type != info.expected_type:
-        problems.append(f"Accelerate runs distributed type {got_type} but {info.expected_type} was launched")
-    if problems:
-        hint = ("on CPU: DDP is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or "
-                "`torchrun --nproc_per_node N`; DeepSpeed is `accelerate launch --config_file launch/zero2.yaml` "
-                "without ACCELERATE_USE_CPU; `accelerate launch --cpu --num_processes N` starts one process")
-        raise LaunchError("launch check failed:\n  " + "\n  ".join(problems) + "\n" + hint)
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    return runtime.start_accelerator(info, **kwargs)  # adds the CPU/gloo settings, checks the launch
 
 
 def zero_stage(accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return int(plugin.zero_stage) if plugin is not None else 0
-
-
-def distributed_type_name(accelerator) -> str:
-    t = accelerator.distributed_type
-    return t.name if hasattr(t, "name") else str(t)

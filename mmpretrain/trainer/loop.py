@@ -514,13 +514,6 @@ def fit(run: Run, stop: StopRequest) -> None:
                     + f"skipped samples {run.loader.skipped or 'none'}")
 
 
-def release_accelerator(accelerator) -> None:
-    """End the run's process group and forget Accelerate's process-wide state, so ``train``
-    can run again in the same process (tests, notebooks)."""
-    accelerator.end_training()
-    accel.reset_accelerate_state()
-
-
 def train(cfg: Config) -> int:
     """Train from ``cfg``; returns the process exit code (0 also after a stop request).
 
@@ -540,27 +533,30 @@ def train(cfg: Config) -> int:
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
         check_output_dir(tcfg.output_dir, tcfg.resume, tcfg.overwrite)
         resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
-        accelerator, info = accel.build_accelerator(cfg)  # launch checks
-    if tcfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
+        runtime = accel.start_runtime(cfg)  # launch checks
+    accelerator, info = runtime.accelerator, runtime.info
+    if tcfg.resume == "latest" and resume_from is None and runtime.is_main:
         print(f"mmpretrain train: train.resume=latest: no checkpoint under {tcfg.output_dir}/checkpoints; "
               "starting fresh", flush=True)
     stop = StopRequest()
     exit_code = EXIT_OK
     run = None
-    try:
-        if info.use_deepspeed and accel.zero_stage(accelerator) == 0:
-            raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
-        with setting_up():
-            run = setup(cfg, accelerator, info, resume_from, run_eval)
-        stop.install()
-        fit(run, stop)
-    except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
-        if accelerator.is_main_process:
-            print(f"mmpretrain train: {e}", file=sys.stderr, flush=True)
-        exit_code = EXIT_BAD_STEPS
-    finally:
-        stop.uninstall()
-        if run is not None:
-            run.logger.close()
-        release_accelerator(accelerator)
+    # the one teardown (mmpretrain.runtime): after a clean exit every rank waits for the others,
+    # then the process group ends and Accelerate's state is reset, so train() can run again
+    with runtime:
+        try:
+            if info.use_deepspeed and accel.zero_stage(accelerator) == 0:
+                raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
+            with setting_up():
+                run = setup(cfg, accelerator, info, resume_from, run_eval)
+            stop.install()
+            fit(run, stop)
+        except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
+            if runtime.is_main:
+                print(f"mmpretrain train: {e}", file=sys.stderr, flush=True)
+            exit_code = EXIT_BAD_STEPS
+        finally:
+            stop.uninstall()
+            if run is not None:
+                run.logger.close()
     return exit_code

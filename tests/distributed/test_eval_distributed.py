@@ -1,5 +1,5 @@
-"""Evaluation under torchrun with 2 gloo processes: the trainer's launch check is used, the
-process group is ended, and the metrics equal those of one process.
+"""Evaluation under torchrun with 2 gloo processes: the runtime's launch check (the trainer's
+too) is used, the process group is ended, and the metrics equal those of one process.
 
 Each rank's output is read from its own file (a wrapper's per-rank JSON, torchrun's per-rank
 ``--log-dir`` stdout), never from one pipe that both ranks write into.
@@ -53,20 +53,20 @@ def _rank_stdout(log_dir: Path) -> dict[int, str]:
 
 
 EVAL_WRAPPER = r'''
-"""`mmpretrain eval` under torchrun, with the trainer's launch check observed; each rank writes
+"""`mmpretrain eval` under torchrun, with the runtime's launch check observed; each rank writes
 what it saw to its own after_<rank>.json."""
 import json, os, sys
 import torch.distributed as dist
 from accelerate.state import PartialState
+from mmpretrain import runtime
 from mmpretrain.evaluation import cli
-from mmpretrain.trainer import accel
 
 checked = []
-real_check = accel.check_accelerator
+real_check = runtime.check_accelerator
 def spy(acc, info):
     checked.append([acc.num_processes, info.world_size, info.expected_type])
     return real_check(acc, info)
-accel.check_accelerator = spy
+runtime.check_accelerator = spy
 report_dir, argv = sys.argv[1], sys.argv[2:]
 rc = cli.main(argv)
 after = {"rc": rc, "checked": checked, "group_alive": dist.is_initialized(),

@@ -197,7 +197,7 @@ def test_eval_keys_repeated_across_shards_is_one_line_error(run, tmp_path, capsy
 
 
 def test_default_out_dir_uses_the_trainers_step_dir_name(monkeypatch):
-    from mmpretrain.trainer import checkpoint
+    from mmpretrain.export import format as checkpoint  # the one definition, which the trainer imports
 
     assert cli.default_out_dir(Path("r/checkpoints/step_00000007"), 7) == Path("r/eval/step_00000007")
     assert cli.default_out_dir(Path("exports/x"), 7) == Path("exports/x-eval")
@@ -206,17 +206,17 @@ def test_default_out_dir_uses_the_trainers_step_dir_name(monkeypatch):
 
 
 def test_eval_launch_mismatch_is_one_line_error(run, tmp_path, capsys, monkeypatch):
-    """The launch is checked by the trainer's accel.check_accelerator: a launcher that claims 2
-    processes while Accelerate sees 1 fails with one line and exit 2, and leaves no state."""
+    """The launch is checked by runtime.check_accelerator, as the trainer's is: a launcher that
+    claims 2 processes while Accelerate sees 1 fails with one line and exit 2, and leaves no state."""
     from accelerate.state import PartialState
 
-    from mmpretrain.trainer import accel
+    from mmpretrain import runtime
 
     shards, ckpt = run
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(accel, "launch_info", lambda: accel.LaunchInfo(launched=True, world_size=2,
-                                                                       use_deepspeed=False, has_gpu=False))
+    monkeypatch.setattr(runtime, "launch_info", lambda: runtime.LaunchInfo(launched=True, world_size=2,
+                                                                           use_deepspeed=False, has_gpu=False))
     rc = cli.main(["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "launch check failed" in err and "WORLD_SIZE=2" in err, err

@@ -36,7 +36,7 @@ PKG = Path(__file__).resolve().parents[2] / "mmpretrain"
 APP_PACKAGES = ("mmpretrain.trainer", "mmpretrain.evaluation")
 APP_MODULES = {"mmpretrain.cli", "mmpretrain.__main__", "mmpretrain.train", "mmpretrain.pipeline",
                "mmpretrain.bench", "mmpretrain.models.bench", "mmpretrain.data.bench", "mmpretrain.data.cli",
-               "mmpretrain.quality"}
+               "mmpretrain.quality", "mmpretrain.runtime"}
 FORBIDDEN_THIRD_PARTY = ("accelerate", "deepspeed")
 # (module, third-party package): the library's only such import, function-level: consolidating a
 # DeepSpeed ZeRO checkpoint needs DeepSpeed's own zero_to_fp32 (only for such a checkpoint).
@@ -50,11 +50,6 @@ KNOWN_MODULE_CYCLES = {
     frozenset({"mmpretrain.data.loader", "mmpretrain.data.tokenizer"}),
 }
 KNOWN_PACKAGE_CYCLES = {
-    # trainer/loop.py runs evaluation (maybe_evaluation -> evaluation.evaluate); evaluation/cli.py
-    # builds its Accelerator with trainer/accel.py (launch_info, check_accelerator) and names its
-    # output with trainer.checkpoint.step_dir_name (defined in export.format; tests/unit/test_eval.py
-    # patches the trainer's name). Goes away with the one runtime owner (issue 8, item 3).
-    frozenset({"mmpretrain.trainer", "mmpretrain.evaluation"}),
 }
 
 

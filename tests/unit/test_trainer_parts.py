@@ -139,22 +139,24 @@ def test_start_up_value_errors_are_one_line_and_loop_errors_are_not_swallowed(ti
 
 
 def test_one_helper_for_accelerate_reset_and_step_dir_names():
-    """Trainer code resets Accelerate's state through ``accel.reset_accelerate_state`` and names
-    step directories through ``checkpoint.step_dir_name`` only."""
+    """Accelerate's state is reset through ``runtime.reset_accelerate_state`` only (trainer and
+    evaluation alike), and step directories are named through ``checkpoint.step_dir_name`` only."""
     import inspect
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    from mmpretrain import runtime
+    from mmpretrain.evaluation import cli as eval_cli
     from mmpretrain.trainer import accel, checkpoint, loop
 
     Accelerator(cpu=True)
     assert PartialState._shared_state and AcceleratorState._shared_state
-    accel.reset_accelerate_state()
+    runtime.reset_accelerate_state()
     assert not PartialState._shared_state and not AcceleratorState._shared_state
-    for module in (loop, accel):
+    for module in (loop, accel, eval_cli, runtime):
         source = inspect.getsource(module)
-        assert source.count("_reset_state(") == (2 if module is accel else 0), module.__name__
+        assert source.count("_reset_state(") == (2 if module is runtime else 0), module.__name__
         assert ":08d}" not in source, module.__name__
     assert ":08d}" in inspect.getsource(checkpoint.step_dir_name)
 
@@ -175,21 +177,22 @@ def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, mess
 def test_launch_checks():
     from types import SimpleNamespace
 
+    from mmpretrain import runtime
     from mmpretrain.config import load_config
     from mmpretrain.trainer import accel
 
     with pytest.raises(accel.LaunchError, match=r"data.batch_size=6 .* not divisible by the world size 4"):
         accel.per_rank_batch_size(6, 4)
     # Accelerate seeing 1 process where the launcher started 2 (e.g. `accelerate launch --cpu`)
-    info = accel.LaunchInfo(launched=True, world_size=2, use_deepspeed=False, has_gpu=False)
+    info = runtime.LaunchInfo(launched=True, world_size=2, use_deepspeed=False, has_gpu=False)
     one = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
-    with pytest.raises(accel.LaunchError, match="Accelerate sees 1 process"):
-        accel.check_accelerator(one, info)
+    with pytest.raises(runtime.LaunchError, match="Accelerate sees 1 process"):
+        runtime.check_accelerator(one, info)
     # DeepSpeed asked for, DDP running (ACCELERATE_USE_CPU with a DeepSpeed plugin)
-    info_ds = accel.LaunchInfo(launched=False, world_size=1, use_deepspeed=True, has_gpu=False)
+    info_ds = runtime.LaunchInfo(launched=False, world_size=1, use_deepspeed=True, has_gpu=False)
     ddp = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"))
-    with pytest.raises(accel.LaunchError, match="DEEPSPEED was launched"):
-        accel.check_accelerator(ddp, info_ds)
+    with pytest.raises(runtime.LaunchError, match="DEEPSPEED was launched"):
+        runtime.check_accelerator(ddp, info_ds)
 
     cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
                              "train.mixed_precision=bf16", "model.width=64"])
