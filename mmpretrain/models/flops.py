@@ -4,7 +4,7 @@
 forward pass and multiplies by 3 (forward + backward = 3 x forward), i.e. the usual
 ``6 x params-touched x tokens`` plus the attention-score terms ``2 x 2 x n^2 x width`` per
 layer and forward. Counted per sample:
-- image unimodal pass over ``1 + (image_size/patch_size)^2`` tokens (patch embedding included),
+- image unimodal pass over ``1 + (image_size/patch_size)^2`` tokens (patch embedding or the resnet stem included),
 - text unimodal pass over ``text_len`` tokens (and ``itc_word_negatives`` of one more, for the
   word-changed captions),
 - with ITM (``itm_weight > 0``): 3 fused passes (positive, negative text, negative image) over
@@ -42,6 +42,8 @@ def forward_flops_per_sample(cfg: ModelConfig, loss_cfg: LossConfig, text_len: i
     w, d = cfg.width, cfg.depth
     n_img = 1 + (cfg.image_size // cfg.patch_size) ** 2
     patch = 2.0 * (n_img - 1) * 3 * cfg.patch_size ** 2 * w
+    if getattr(cfg, "image_stem", "patch") == "resnet":  # 7x7 stride-2 conv 3 -> 64, then (p/4)^2 x 64 -> w
+        patch = 2.0 * (cfg.image_size // 2) ** 2 * 7 * 7 * 3 * 64 + 2.0 * (n_img - 1) * 64 * (cfg.patch_size // 4) ** 2 * w
     heads = 2.0 * 2 * w * cfg.embed_dim
     f = patch + d * (_layer_fwd(w, n_img, cfg.mlp_ratio) + _layer_fwd(w, text_len, cfg.mlp_ratio)) + heads
     frac = min(max(float(getattr(loss_cfg, "itm_fraction", 1.0)), 0.0), 1.0)

@@ -15,11 +15,13 @@ names), ``mlp_text``/``norm2_text`` and ``mlp_vl``/``norm2_vl``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers import HybridEmbed, PatchEmbed, StdConv2dSame
+from timm.models.resnetv2 import create_resnetv2_stem
 
 # routes of Block.forward
 IMAGE, TEXT, SPLIT, VL = "image", "text", "split", "vl"
@@ -90,16 +92,41 @@ class Block(nn.Module):
         return torch.cat([xi + self.mlp(self.norm2(xi)), xt + self.mlp_text(self.norm2_text(xt))], dim=1)
 
 
+IMAGE_STEMS = ("patch", "resnet")
+
+
+def resnet_stem_embed(image_size: int, patch_size: int, width: int) -> nn.Module:
+    """timm's R+ViT hybrid patch embedding (``vit_tiny_r_s16_p8_224``'s layout): the ResNetV2
+    stem (7x7 stride-2 weight-standardised conv to 64 channels, GroupNorm(32) + ReLU, 3x3
+    stride-2 max-pool: stride 4) and a ``patch_size / 4`` strided conv to ``width``, so the token
+    grid is the same as a ``patch_size`` PatchEmbed's. GroupNorm and weight standardisation use no
+    batch statistics: ranks stay exact. timm names (``backbone.conv``, ``backbone.norm``,
+    ``proj``), so ``timm.create_model('vit_tiny_r_s16_p8_224', patch_size=patch_size // 4, ...)``
+    holds the same weights."""
+    if patch_size % 4 or patch_size < 4 or image_size % patch_size:
+        raise ValueError(f"model.image_stem='resnet' needs patch_size a multiple of 4 that divides image_size, "
+                         f"got patch_size={patch_size}, image_size={image_size}")
+    backbone = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=partial(StdConv2dSame, eps=1e-8))
+    return HybridEmbed(backbone, img_size=image_size, patch_size=patch_size // 4, in_chans=3, embed_dim=width)
+
+
 class ImageEmbed(nn.Module):
     """timm PatchEmbed + class token + position embedding + image modality-type embedding.
 
     ``patch_embed``, ``cls_token`` and ``pos_embed`` carry the timm ViT names. The modality-type
-    embedding starts at zero, so a freshly loaded timm ViT is reproduced exactly.
+    embedding starts at zero, so a freshly loaded timm ViT is reproduced exactly. ``stem``:
+    'patch' (a linear ``patch_size`` patch projection, ViT) or 'resnet' (``resnet_stem_embed``,
+    timm's R+ViT hybrid: convolutions see inside and across patch borders).
     """
 
-    def __init__(self, image_size: int, patch_size: int, width: int, dropout: float = 0.0):
+    def __init__(self, image_size: int, patch_size: int, width: int, dropout: float = 0.0, stem: str = "patch"):
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=width)
+        if stem not in IMAGE_STEMS:
+            raise ValueError(f"model.image_stem: {stem!r} is not one of {', '.join(IMAGE_STEMS)}")
+        if stem == "resnet":
+            self.patch_embed = resnet_stem_embed(image_size, patch_size, width)
+        else:
+            self.patch_embed = PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=width)
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, width))

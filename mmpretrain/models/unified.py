@@ -47,7 +47,7 @@ class UnifiedTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.image_embed = Lx.ImageEmbed(cfg.image_size, cfg.patch_size, w, cfg.dropout)
+        self.image_embed = Lx.ImageEmbed(cfg.image_size, cfg.patch_size, w, cfg.dropout, cfg.image_stem)
         self.text_embed = Lx.TextEmbed(vocab_size, w, cfg.max_text_length, cfg.dropout)
         self.blocks = nn.ModuleList(
             Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.modality_experts) for _ in range(cfg.depth))

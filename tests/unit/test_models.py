@@ -15,6 +15,7 @@ VARIANTS = {
     "unified": (dict(), dict()),
     "unified_experts": (dict(modality_experts=True, vl_expert_layers=1), dict()),
     "unified_towers": (dict(fusion_source="towers", fusion_depth=2), dict(mlm_weight=1.0, mlm_mask_token_id=2)),
+    "unified_resnet_stem": (dict(fusion_source="towers", fusion_depth=1, image_stem="resnet"), dict()),
     "dual_cnn_xattn": (dict(arch="dual_encoder", fusion="cross_attention"), dict()),
     "dual_triplet": (dict(arch="dual_encoder", fusion="linear"), dict(contrastive="triplet", triplet_margin=0.2)),
 }
@@ -195,6 +196,33 @@ def test_flops_counts():
 
     wc = training_flops_per_sample(cfg, LossConfig(itm_weight=0.0, itc_word_negatives=0.5), text_len=8)
     assert wc - f_no_itm == pytest.approx(3 * 0.5 * cfg.depth * _layer_fwd(cfg.width, 8, cfg.mlp_ratio))
+
+
+def test_resnet_stem_is_timms_hybrid_embedding_and_uses_no_batch_statistics():
+    """model.image_stem='resnet' is timm's R+ViT hybrid patch embedding (the export builds it by
+    name), gives the same token grid as the patch stem, and one image's tokens do not depend on
+    the rest of its batch (GroupNorm + weight standardisation: ranks stay exact)."""
+    import timm
+
+    from mmpretrain.models import layers as Lx
+
+    torch.manual_seed(0)
+    emb = Lx.ImageEmbed(64, 8, 32, 0.0, "resnet")
+    assert emb.num_tokens == Lx.ImageEmbed(64, 8, 32).num_tokens == 65
+    ref = timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, patch_size=2, embed_dim=32, depth=1, num_heads=2,
+                            num_classes=0)
+    ref.patch_embed.load_state_dict(emb.patch_embed.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    emb.train()
+    torch.testing.assert_close(emb.patch_embed(x), ref.patch_embed(x), rtol=0, atol=0)
+    emb, x = emb.double(), x.double()
+    torch.testing.assert_close(emb(x)[1:2], emb(x[1:2]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="model.image_stem: 'conv'"):
+        Lx.ImageEmbed(64, 8, 32, 0.0, "conv")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Lx.ImageEmbed(64, 2, 32, 0.0, "resnet")
+    f = lambda stem: training_flops_per_sample(ModelConfig(**{**TINY, "image_stem": stem}), LossConfig(), text_len=8)
+    assert f("resnet") > f("patch")
 
 
 def _learnable_batches(n_batches=2, n=8, seed=0):
