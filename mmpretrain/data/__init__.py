@@ -7,10 +7,14 @@ __all__ = ["DataConfig", "ShardLoader", "expand_sources", "load_tokenizer", "nor
 
 
 def __getattr__(name):  # lazy: keep `import mmpretrain.data` cheap for the config tree
-    if name in ("ShardLoader", "expand_sources"):
-        from mmpretrain.data import loader
+    if name == "ShardLoader":
+        from mmpretrain.data.loader import ShardLoader
 
-        return getattr(loader, name)
+        return ShardLoader
+    if name == "expand_sources":
+        from mmpretrain.data.shardio import expand_sources
+
+        return expand_sources
     if name in ("load_tokenizer", "tokenize", "train_tokenizer"):
         from mmpretrain.data import tokenizer
 

@@ -52,7 +52,7 @@ def _children_cpu_s() -> float | None:
 
 
 def _read_images(urls: list[str], keys: set[str]) -> dict[str, bytes]:
-    from mmpretrain.data.loader import IMAGE_EXTS, iter_shard_samples
+    from mmpretrain.data.shardio import IMAGE_EXTS, iter_shard_samples
 
     images: dict[str, bytes] = {}
     for url in urls:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--tokenizer", default="auto")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from mmpretrain.data.loader import expand_sources, stable_hash
+    from mmpretrain.data.shardio import expand_sources, stable_hash
     from mmpretrain.data.tokenizer import load_tokenizer
 
     urls = expand_sources(args.shards)

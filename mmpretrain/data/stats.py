@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="images are center-cropped to this size before the pixel statistics")
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from mmpretrain.data.loader import expand_sources
+    from mmpretrain.data.shardio import expand_sources
     from mmpretrain.data.tokenizer import load_tokenizer
 
     try:

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from mmpretrain.data.shardio import expand_sources, iter_shard_samples
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_DIRNAME = "tokenizer"
 
@@ -71,8 +73,6 @@ def _shard_dir(first_source: str) -> Path | None:
 
 def read_captions(urls: list[str]) -> list[str]:
     """Every non-empty caption of the shards (raw read, no image decoding)."""
-    from mmpretrain.data.loader import iter_shard_samples
-
     captions = []
     for url in urls:
         for _idx, sample in iter_shard_samples(url):
@@ -103,8 +103,6 @@ def load_tokenizer(spec: str, shard_sources: list[str] | str | None, vocab_size:
                 f"data.tokenizer={spec!r} is neither a local tokenizer directory nor a hub name "
                 f"that could be loaded ({type(e).__name__}: {e}); use 'auto' to train one from "
                 "the shard captions") from None
-
-    from mmpretrain.data.loader import expand_sources
 
     urls = expand_sources(shard_sources or [])
     if not urls:

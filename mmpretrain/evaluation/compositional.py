@@ -242,7 +242,7 @@ def pairwise_accuracy(true_scores: Sequence[float], changed_scores: Sequence[flo
 def read_metadata(shards, keys) -> dict[str, dict]:
     """The json of the samples with these keys in the held-out shards (``cfg.data.val_shards``:
     a pattern or a list). Samples without a readable json object are left out."""
-    from mmpretrain.data.loader import expand_sources, iter_shard_samples
+    from mmpretrain.data.shardio import expand_sources, iter_shard_samples
 
     want = set(keys)
     out: dict[str, dict] = {}

@@ -171,7 +171,7 @@ def _duplicate_key_error(key: str, shards) -> ValueError:
     """A one-line error for a sample key read twice, naming the shards that hold it."""
     where = ""
     if shards:
-        from mmpretrain.data.loader import expand_sources, shards_with_key
+        from mmpretrain.data.shardio import expand_sources, shards_with_key
 
         urls = expand_sources(shards)
         found = shards_with_key(urls, key, limit=2)

@@ -277,7 +277,7 @@ def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
 
 def check_data(cfg: Config, need_val: bool) -> None:
     """Fail before any work when a shard pattern matches nothing (names the pattern)."""
-    from mmpretrain.data.loader import expand_sources
+    from mmpretrain.data.shardio import expand_sources
 
     for spec in cfg.data.train_shards:
         if not expand_sources(spec):

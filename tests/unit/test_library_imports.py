@@ -43,12 +43,7 @@ FORBIDDEN_THIRD_PARTY = ("accelerate", "deepspeed")
 ALLOWED_THIRD_PARTY = {("mmpretrain.export.format", "deepspeed")}
 
 # Cycles that function-level imports add, known and owned elsewhere. Remove an entry once fixed.
-KNOWN_MODULE_CYCLES = {
-    # data/loader.py imports tokenize_np from data/tokenizer.py at module level; tokenizer's
-    # load_tokenizer/read_captions import the loader's expand_sources/iter_shard_samples inside
-    # functions. Goes away when the loader is split into stages (shard I/O in its own module).
-    frozenset({"mmpretrain.data.loader", "mmpretrain.data.tokenizer"}),
-}
+KNOWN_MODULE_CYCLES: set[frozenset[str]] = set()
 KNOWN_PACKAGE_CYCLES = {
 }
 

@@ -17,7 +17,9 @@ from PIL import Image
 
 from _shardutil import caption_for, jpeg_bytes, write_raw_shard, write_test_shards
 from mmpretrain.data.config import DataConfig
-from mmpretrain.data.loader import Piece, ShardLoader, expand_sources, make_plan, stable_hash
+from mmpretrain.data.loader import ShardLoader
+from mmpretrain.data.plan import Piece, make_plan
+from mmpretrain.data.shardio import expand_sources, stable_hash
 from mmpretrain.data.tokenizer import train_tokenizer
 from mmpretrain.data.transforms import BadSample, check_image_header, decode_and_crop, normalize
 
@@ -363,7 +365,7 @@ def test_normalize_equals_torchvision():
 def test_tar_reader_matches_tarfile(tmp_path, fmt):
     import tarfile
 
-    from mmpretrain.data.loader import TruncatedTar, iter_tar_members
+    from mmpretrain.data.shardio import TruncatedTar, iter_tar_members
 
     names = ["a.txt", "d" * 90 + "/sub/" + "k" * 60 + ".jpg", "caf\u00e9.json", "x" * 120 + ".txt"]
     if fmt == "ustar":
@@ -394,7 +396,7 @@ def test_loader_and_shards_build_convert_pixels_alike():
     import numpy as np
     from PIL import Image
 
-    from mmpretrain.data import build, loader, transforms as T
+    from mmpretrain.data import build, stream, transforms as T
 
     def png(img):
         buf = io.BytesIO()
@@ -411,21 +413,21 @@ def test_loader_and_shards_build_convert_pixels_alike():
         assert a.shape == (8, 8, 3) and np.array_equal(a, b)
     assert np.asarray(T.load_image(T.open_image(png(sixteen), 10**6), 10**6)[0]).mean() == 128
     assert (np.asarray(T.load_image(T.open_image(png(rgba), 10**6), 10**6)[0]) == 255).all()
-    key, image, caption, _ = loader.check_sample({"__key__": "k", "gif": gif.getvalue(), "txt": b"a cat"}, 10**6)
+    key, image, caption, _ = stream.check_sample({"__key__": "k", "gif": gif.getvalue(), "txt": b"a cat"}, 10**6)
     assert image == gif.getvalue() and caption == "a cat"
 
 
 def test_skip_warnings_name_the_shard_and_the_key(tmp_path, tok, caplog):
     import logging
 
-    from mmpretrain.data import loader as loader_mod
+    from mmpretrain.data import stream as stream_mod
 
     good = [{"__key__": f"ok{i:03d}", "jpg": jpeg_bytes(), "txt": caption_for(i)} for i in range(8)]
     bad = [{"__key__": "nocap", "jpg": jpeg_bytes()},
            {"__key__": "garbage", "jpg": b"definitely not an image", "txt": "a cat"}]
     shard = write_raw_shard(str(tmp_path / "s-000000.tar"), bad + good)  # read before the quota fills
-    loader_mod._last_warning.clear()  # at most one warning per reason per 30 s: start afresh
-    with caplog.at_level(logging.WARNING, logger=loader_mod.log.name):
+    stream_mod._last_warning.clear()  # at most one warning per reason per 30 s: start afresh
+    with caplog.at_level(logging.WARNING, logger=stream_mod.log.name):
         ld = ShardLoader(cfg_for(shard, num_workers=0, batch_size=4, shuffle_buffer=0), tok, rank=0, world_size=1,
                          seed=0)
         run_epoch(ld)
@@ -439,7 +441,7 @@ def test_skip_warnings_name_the_shard_and_the_key(tmp_path, tok, caplog):
 def test_a_cut_tar_loses_only_the_cut_sample(tmp_path, cut):
     import tarfile
 
-    from mmpretrain.data.loader import iter_shard_samples
+    from mmpretrain.data.shardio import iter_shard_samples
 
     full = write_raw_shard(str(tmp_path / "full.tar"),
                            [{"__key__": f"k{i}", "jpg": jpeg_bytes(), "txt": caption_for(i)} for i in range(4)])

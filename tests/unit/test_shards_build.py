@@ -315,7 +315,7 @@ def test_a_caption_file_with_bad_utf8_fails_in_one_line_naming_file_and_line(tmp
 
 
 def test_img2dataset_status_is_honoured_when_resharding_and_loading(tmp_path):
-    from mmpretrain.data import loader
+    from mmpretrain.data import stream
     from mmpretrain.data.transforms import BadSample
 
     src = tmp_path / "img2dataset"
@@ -332,5 +332,5 @@ def test_img2dataset_status_is_honoured_when_resharding_and_loading(tmp_path):
     assert [s["txt"] for s in read_shards(out)] == ["caption 0", "caption 2"]
     bad = {"__key__": "k", "jpg": b"x", "txt": b"a cat", "json": b'{"status": "failed_to_resize"}'}
     with pytest.raises(BadSample, match="failed_to_resize") as e:
-        loader.check_sample(bad, 10**6)
+        stream.check_sample(bad, 10**6)
     assert e.value.reason == "failed_download"
