@@ -105,7 +105,9 @@ class ShardLoader:
         self.epoch = 0
         self.batches_done = 0
         self._worker_raw: list[int] | None = None
-        self._resume_raw: list[int] | None = None
+        """Per worker slot, the raw-stream position of its last batch consumed (the resume cursor)."""
+        self._finished: set[int] = set()
+        """Worker slots whose stream end (a report with ``end``) was consumed this epoch."""
         self._skipped_past: collections.Counter = collections.Counter()
         self._skipped_epoch: dict[int, dict] = {}
         self._refilled_past = 0
@@ -153,7 +155,7 @@ class ShardLoader:
         self.epoch = int(epoch)
         self.batches_done = 0
         self._worker_raw = None
-        self._resume_raw = None
+        self._finished = set()
 
     def state_dict(self) -> dict:
         """The cursor, plus this rank's skip / refill counters up to it (all epochs so far)."""
@@ -171,9 +173,9 @@ class ShardLoader:
             warnings.warn("data state was saved with a different seed/world size/worker count; resuming "
                           "at the same batch index of a different sample order", stacklevel=2)
         raw = state.get("worker_raw")
-        self._resume_raw = list(raw) if same and raw is not None and state.get("rank", self.rank) == self.rank \
+        self._finished = set()
+        self._worker_raw = list(raw) if same and raw is not None and state.get("rank", self.rank) == self.rank \
             else None
-        self._worker_raw = list(self._resume_raw) if self._resume_raw is not None else None
         # This rank's counters up to the cursor. The resumed workers replay the consumed part of
         # the epoch without counting it again, so what they report adds to these. (Another
         # rank's counts are not taken over: summed over ranks they would be counted twice.)
@@ -211,20 +213,23 @@ class ShardLoader:
         done = self.batches_done
         skip_batches = [done // k + (1 if w < done % k else 0) for w in range(k)] if done else None
         skip_raw = None
-        if done and self._resume_raw is not None and len(self._resume_raw) == k:
-            skip_raw = self._resume_raw
-        elif done and self._worker_raw is not None and len(self._worker_raw) == k:
-            skip_raw = self._worker_raw
+        if done and self._worker_raw is not None and len(self._worker_raw) == k:
+            skip_raw = list(self._worker_raw)
         cfg = self.cfg
         return EpochDataset(EpochSpec(
             plan=self.plan(), rank=self.rank, num_workers=k, epoch=self.epoch, seed=self.seed, train=self.train,
             batch=self.batch, tokenizer=self.tokenizer, max_length=cfg.max_length, image_size=cfg.image_size,
             max_pixels=cfg.max_image_pixels, train_crop=cfg.train_crop,
             train_crop_scale=tuple(cfg.train_crop_scale), shuffle_buffer=cfg.shuffle_buffer,
-            skip_batches=skip_batches, skip_raw=skip_raw, rotate=done % k))
+            skip_batches=skip_batches, skip_raw=skip_raw, rotate=done % k,
+            finished=frozenset(self._finished) if done else frozenset()))
 
     def __iter__(self) -> Iterator[dict]:
-        """The rest of the current epoch (from the cursor); then the cursor moves to the next."""
+        """The rest of the current epoch (from the cursor); then (train) the cursor moves to the next."""
+        if self.batches_done:
+            # continuing mid-epoch: the workers replay the consumed part without counting it, so
+            # what they report adds to the counts so far
+            self._fold_skipped()
         ds = self._dataset()
         k = self.slots_per_rank
         if self.num_workers == 0:
@@ -241,13 +246,14 @@ class ShardLoader:
             self._worker_raw[w] = max(self._worker_raw[w], report.raw)
             epoch_skipped[w] = report.skipped
             self._refilled_epoch[w] = report.refilled
+            if report.end:
+                self._finished.add(w)
             if report.final:
                 continue
             if "_ints" in batch:
                 batch = unpack_batch(batch)
             self.batches_done += 1
             yield batch
-        self._resume_raw = None
         if self.train:
             self.set_epoch(self.epoch + 1)
 

@@ -146,6 +146,10 @@ class EpochSpec:
     rotate: int
     """The slot DataLoader worker 0 plays (batches done % num_workers): DataLoader polls its
     workers round-robin from worker 0, a resumed epoch continues with the next slot."""
+    finished: frozenset[int] = frozenset()
+    """Resume in the same process: the slots whose stream end was consumed (a report with
+    ``end``). They yield only an empty final report: replaying them would count the skips read
+    after their last batch (eval: the tail of the last shard) a second time."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +166,9 @@ class WorkerReport:
     """Samples of refill passes put into batches so far this epoch."""
     final: bool = False
     """The worker's last item: no batch, the counters at the end of its stream."""
+    end: bool = False
+    """The worker's stream was read to its end before this item (its final item; an eval
+    worker's last, partial batch): the counters include the skips read after ``raw``."""
 
 
 class StreamItem(NamedTuple):
@@ -196,7 +203,7 @@ class _Worker:
         done = spec.skip_batches[self.wid] if spec.skip_batches else 0
         skip_raw = spec.skip_raw[self.wid] if spec.skip_raw is not None else None
         skip_decoded = 0 if skip_raw is not None else done * spec.batch
-        if planned is not None and done >= planned:
+        if (planned is not None and done >= planned) or self.wid in spec.finished:
             yield self._final()
             return
         self.replaying = bool(skip_raw) or skip_decoded > 0
@@ -332,15 +339,15 @@ class _Worker:
                 if limit is not None and n >= limit:
                     return
         if buf and not spec.train:
-            yield self._collate(buf, pixels[:len(buf)].copy())
+            yield self._collate(buf, pixels[:len(buf)].copy(), end=True)
 
-    def _report(self, final: bool = False) -> WorkerReport:
-        return WorkerReport(self.wid, self.raw_pos, dict(self.skipped), self.refilled, final)
+    def _report(self, final: bool = False, end: bool = False) -> WorkerReport:
+        return WorkerReport(self.wid, self.raw_pos, dict(self.skipped), self.refilled, final, end or final)
 
     def _final(self) -> StreamItem:
         return StreamItem(None, self._report(final=True))
 
-    def _collate(self, buf: list[_RawSample], pixels: np.ndarray) -> StreamItem:
+    def _collate(self, buf: list[_RawSample], pixels: np.ndarray, end: bool = False) -> StreamItem:
         spec = self.spec
         captions = [s.caption for s in buf]
         input_ids, attention_mask = tokenize_np(spec.tokenizer, captions, spec.max_length)
@@ -352,7 +359,7 @@ class _Worker:
                      "keys": keys, "captions": captions}
         else:
             batch = pack_batch(pixels, input_ids, attention_mask, image_ids, keys, captions)
-        return StreamItem(batch, self._report())
+        return StreamItem(batch, self._report(end=end))
 
 
 class EpochDataset(IterableDataset):

@@ -287,6 +287,59 @@ def test_resume_keeps_skip_and_refill_counts(bad_dir, tok, use_raw_cursor):
     assert resumed.refilled == ref.refilled > 0
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_a_pass_read_in_two_parts_counts_every_skip(bad_dir, tok, train):
+    """An eval pass (or a train epoch) over shards with a corrupt image, read in two parts in one
+    process (the first iteration stopped, the loader iterated again), yields the rest and reports
+    the skips of one uninterrupted read. The second part's workers replay the first part without
+    counting it; its counts used to be overwritten (an eval loader then reported none of the
+    corrupt images it had skipped)."""
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    kw = dict(rank=0, world_size=1, seed=5, train=train, sources=cfg.train_shards)
+    ref = ShardLoader(cfg, tok, **kw)
+    full = run_epoch(ref)
+    assert ref.skipped["corrupt_image"] == 2 and ref.skipped["missing_caption"] == 1
+    # eval: every stop, the last ones included (a worker whose stream ended, its last partial
+    # batch consumed, must not count its tail again)
+    counted_in_first_part = []
+    for stop in range(1, len(full)) if not train else [len(full) // 2]:
+        ld = ShardLoader(cfg, tok, **kw)
+        it = iter(ld)
+        head = [next(it) for _ in range(stop)]
+        it.close()
+        counted_in_first_part.append(bool(ld.skipped))
+        rest = run_epoch(ld)
+        assert _order(head + rest) == _order(full), stop
+        assert ld.skipped == ref.skipped, stop
+        assert ld.refilled == ref.refilled
+        if not train:  # a finished eval pass iterated again yields nothing and counts nothing
+            assert run_epoch(ld) == [] and ld.skipped == ref.skipped
+    assert any(counted_in_first_part)
+
+
+def test_a_resumed_epoch_read_in_two_parts_yields_exactly_the_rest(bad_dir, tok):
+    """After load_state_dict, a first iteration that stops early and a second one continue from
+    the cursor (the second used to restart at the checkpoint's raw cursor and repeat batches)."""
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    ref = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    full = run_epoch(ref)
+    first = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    it.close()
+    resumed = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    mid = [next(it) for _ in range(2)]
+    it.close()
+    rest = run_epoch(resumed)
+    got = head + mid + rest
+    assert _order(got) == _order(full)
+    assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(got, full))
+    assert resumed.skipped == ref.skipped and resumed.refilled == ref.refilled
+
+
 def test_infinite_advances_epochs(uneven, tok):
     cfg = cfg_for(os.path.join(uneven, "train-*.tar"), num_workers=0)
     ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0)
