@@ -9,8 +9,8 @@ for one epoch; its ``EpochSpec`` says everything the workers need. Each worker r
       -> decoded + cropped -> [resume without raw cursor: consumed part dropped] -> batches
 
 and yields ``StreamItem(batch, report)``: the batch dict and, beside it, the worker's control
-state (``WorkerReport``: raw position, skip and refill counters); its last item carries only the
-report (``final``). Across a process boundary the batch travels packed (``pack_batch`` /
+state (``WorkerReport``: raw position, skip and refill counters, ``end`` once its stream was
+read to the end); its last item carries only the report (``final``). Across a process boundary the batch travels packed (``pack_batch`` /
 ``unpack_batch``: see the transport note below).
 
 Bad samples are counted only on pass 0 and only outside the replayed part of a resumed epoch
@@ -212,11 +212,11 @@ class _Worker:
         samples = self._passes(pieces)
         # the same; self.raw_pos = the position of the current one (the resume cursor)
         samples = self._numbered(samples)
-        # without the first skip_raw samples (resume: consumed before the checkpoint)
+        # without the first skip_raw samples (resume: consumed before the checkpoint or the stop)
         samples = self._skip_consumed_raw(samples, skip_raw)
         # (sample, HWC uint8 image): decoded, resized and cropped; undecodable ones dropped
         decoded = self._decoded(samples)
-        # without the first skip_decoded (resume without a raw cursor: consumed before)
+        # without the first skip_decoded ones (resume without a raw cursor: consumed before)
         decoded = self._skip_consumed_decoded(decoded, skip_decoded)
         # StreamItems with full batches (eval: then the last, partial one), at most the rest of
         # the planned number (train)
