@@ -7,8 +7,14 @@
 * ``load_image`` decodes to RGB. JPEGs use libjpeg's DCT scaling (``Image.draft``) to decode
   directly at the smallest power-of-two reduction that still covers the crop at the target
   resolution, which is the bulk of the decode speed-up for large photos.
-* ``eval_transform``: shorter side to ``size`` then center crop (torchvision
-  ``Resize(size) + CenterCrop(size)`` as one resample of the centered square).
+* ``eval_transform`` / ``resize_center_crop``: the standard eval geometry, exactly torchvision's
+  ``Resize(size, BICUBIC) + CenterCrop(size)`` on PIL (timm's ``create_transform`` for
+  ``crop_pct=1.0, crop_mode='center'``): the shorter side to ``size``, the longer to
+  ``int(size * long / short)``, then the centred ``size`` x ``size`` crop at offsets
+  ``int(round((n - size) / 2))``. The image is decoded at full resolution (no JPEG DCT scaling),
+  as PIL does for timm, so an export's ``pretrained_cfg`` reproduces these pixels exactly,
+  non-square images included. On square images this is the whole image resized once (what the
+  earlier centre-crop-then-resize rule gave too).
 * ``train_transform``: random-resized-crop (torchvision's algorithm: area ``scale`` — default
   (0.9, 1.0), ``data.train_crop_scale`` — ratio (3/4, 4/3), 10 tries then center fallback)
   seeded per sample, so a sample gets the same crop whatever worker or position it lands in.
@@ -175,18 +181,40 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
 
 
 def crop_box(w: int, h: int, train: bool, crop: str, seed: int | None, scale=DEFAULT_CROP_SCALE):
-    """The crop box (original pixels) a sample gets."""
+    """The crop box (original pixels) a training sample gets (``random_resized``; otherwise the
+    centre square, which ``resize_center_crop`` reproduces on square images)."""
     if train and crop == "random_resized":
         return random_resized_box(w, h, random.Random(seed), scale=tuple(scale))
     return center_box(w, h)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision ``Resize(size, BICUBIC)`` then ``CenterCrop(size)`` on a PIL image, the same
+    arithmetic (the eval rule; see the module docstring)."""
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    if (nw, nh) == (size, size):
+        return img
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def decode_and_crop_hwc(data: bytes, size: int, *, max_pixels: int, train: bool = False,
                         crop: str = "random_resized", seed: int | None = None,
                         scale=DEFAULT_CROP_SCALE) -> np.ndarray:
     """Bytes -> uint8 numpy ``[size, size, 3]``: header + pixel guard, then decode (one parse).
-    Raises ``BadSample`` for corrupt/oversized images."""
+    Evaluation (``train=False``) is ``resize_center_crop`` of the fully decoded image; training
+    resamples its crop box once, from a JPEG decoded at reduced DCT scale where that still covers
+    it. Raises ``BadSample`` for corrupt/oversized images."""
     img = open_image(data, max_pixels)
+    if not train:
+        img = load_image(img, max_pixels)[0]
+        return np.asarray(resize_center_crop(img, size), dtype=np.uint8)
     box = crop_box(*img.size, train, crop, seed, scale)
     img, box = load_image(img, max_pixels, box, size)
     out = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None)

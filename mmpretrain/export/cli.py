@@ -83,13 +83,15 @@ def _check_out(ckpt: Path, out: Path, force: bool) -> None:
 
 
 def _probe_images(size: int) -> list:
-    """Square PIL images (our crop rule and timm's agree exactly on square images)."""
+    """PIL images, square and not (landscape and portrait 4:3, an odd ratio whose crop offset
+    rounds): our eval rule is timm's, so its transform must give our pixels on all of them."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    ims = [Image.fromarray(rng.integers(0, 256, (size + 16, size + 16, 3), dtype=np.uint8)),
-           Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))]
+    shapes = [(size + 16, size + 16), (size, size), (2 * size, 3 * size // 2), (3 * size // 2, 2 * size),
+              (size + 13, size)]  # (width, height)
+    ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in shapes]
     return ims + [Image.new("RGB", (size * 2, size * 2), (200, 30, 30))]
 
 

@@ -50,8 +50,7 @@ class Pretrained:
                     tensors.append(im)
                     continue
                 im = im.convert("RGB")
-                out = im.resize((size, size), resample=3, box=T.center_box(*im.size), reducing_gap=None)
-                tensors.append(T.to_uint8_chw(out))
+                tensors.append(T.to_uint8_chw(T.resize_center_crop(im, size)))  # the eval rule
             if tensors and all(t.is_floating_point() for t in tensors):
                 return torch.stack(tensors).to(self.device, torch.float32)
             batch = torch.stack(tensors)

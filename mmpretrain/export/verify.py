@@ -92,11 +92,12 @@ def _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt
             from transformers import ViltForImageAndTextRetrieval
 
             vilt = ViltForImageAndTextRetrieval.from_pretrained(str(out / "itm")).eval()
-            enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+            pair_texts = [texts[i % len(texts)] for i in range(len(images))]  # one pair per image
+            enc = tok(pair_texts, padding=True, truncation=True, return_tensors="pt")
             got = vilt(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                        pixel_values=pixels).logits.reshape(-1).sigmoid()
             _close("ViltForImageAndTextRetrieval sigmoid(logits) vs score_pairs", got,
-                   live.score_pairs(images, texts), diffs)
+                   live.score_pairs(images, pair_texts), diffs)
         if config.get("sentence_transformers"):
             from sentence_transformers import SentenceTransformer
 

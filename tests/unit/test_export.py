@@ -99,14 +99,50 @@ def test_image_tower_loads_with_timm_and_matches(exported):
         torch.testing.assert_close(F.normalize(vit(x), dim=-1), emb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_eval_pixels_are_timms_transform_of_the_exported_pretrained_cfg(size):
+    """The loader's eval pixels (and load_pretrained's) are what timm's resolve_data_config +
+    create_transform make of the pretrained_cfg an export writes, bit for bit, non-square images
+    included (JPEG and PNG, 64x48 / 48x64 / odd ratios / a large photo)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from mmpretrain.data import transforms as T
+    from mmpretrain.export.inference import Pretrained
+    from mmpretrain.export.towers import timm_pretrained_cfg
+
+    pre = {"image_size": size, "mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}
+    cfg = resolve_data_config({}, pretrained_cfg=timm_pretrained_cfg(pre, 8, "head", "conv"))
+    tf, tf_uint8 = create_transform(**cfg), create_transform(**cfg, use_prefetcher=True)
+    live = Pretrained(None, None, {}, pre)
+    rng = np.random.default_rng(0)
+    for w, h in [(64, 48), (48, 64), (size + 13, size), (size, size + 1), (33, 200), (640, 480), (size, size)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            im.save(buf, fmt)
+            data = buf.getvalue()
+            decoded = Image.open(io.BytesIO(data)).convert("RGB")
+            ours = T.eval_transform(data, size)
+            assert torch.equal(ours, tf_uint8(decoded)), (w, h, fmt)
+            normed = T.normalize(ours, pre["mean"], pre["std"])
+            assert float((normed - tf(decoded)).abs().max()) <= 1e-6, (w, h, fmt)
+            assert torch.equal(live.pixels([decoded])[0], normed), (w, h, fmt)
+
+
 def test_dual_encoder_text_tower_is_the_whole_bert(shards, tmp_path):
     from transformers import AutoModel
 
     from safetensors.torch import load_file
 
-    ckpt = make_checkpoint(tmp_path / "run", shards, ["model.arch=dual_encoder", "model.fusion=linear"])
+    ckpt = make_checkpoint(tmp_path / "run", shards, ["model.arch=dual_encoder", "model.fusion=linear",
+                                                      "model.image_backbone=small_cnn"])
     out = export_checkpoint(ckpt, tmp_path / "out")
     assert not (out / "image_encoder").exists()  # small_cnn is not a timm model
+    assert "small_cnn" in json.loads((out / "config.json").read_text())["not_exported"]["image_encoder"]
     bert = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
     assert bert.config.num_hidden_layers == 2
     w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]

@@ -100,7 +100,8 @@ with torch.no_grad():
         px = torch.stack([tf(im) for im in images])
         r["timm_pixels"] = px
         r["timm_image"] = F.normalize(vit(px), dim=-1)
-        r["timm_cfg"] = {k: vit.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "interpolation", "input_size")}
+        r["timm_cfg"] = {k: vit.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "crop_mode", "interpolation",
+                                                                "input_size")}
         wrapper = AutoModel.from_pretrained(str(out / "image_encoder")).eval()
         proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
         hf_px = proc(images, return_tensors="pt")["pixel_values"]
@@ -155,14 +156,16 @@ def _checkpoint(name: str, run_dir: Path, shards: Path, extra=()) -> Path:
 
 
 def _images(directory: Path, size: int) -> list:
-    """Square PIL images at several scales (timm's resize-then-crop equals our crop-then-resize on
-    square inputs; see docs/evaluation.md for non-square ones)."""
+    """PIL images, square and not: 64x48 and 48x64 (landscape, portrait), an odd ratio whose long
+    side and crop offset round (size + 13 by size), squares at several scales. Our eval rule is
+    timm's resize-shorter-side-then-centre-crop, so timm's transform must give our pixels on all."""
     import numpy as np
     from PIL import Image
 
     directory.mkdir()
     rng = np.random.default_rng(3)
-    ims = [Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (size, 2 * size, size + 7)]
+    shapes = [(64, 48), (48, 64), (size + 13, size), (size, size), (2 * size, 2 * size), (size + 7, size + 7)]
+    ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in shapes]
     ims.append(Image.new("RGB", (size * 3, size * 3), (200, 30, 30)))
     for i, im in enumerate(ims):
         im.save(directory / f"{i}.png")
@@ -223,6 +226,8 @@ def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
         pre = json.loads((out / "preprocessing.json").read_text())
         assert got["timm_cfg"]["mean"] == tuple(pre["mean"]) or list(got["timm_cfg"]["mean"]) == pre["mean"]
         assert got["timm_cfg"]["crop_pct"] == 1.0 and got["timm_cfg"]["interpolation"] == "bicubic"
+        assert got["timm_cfg"]["crop_mode"] == "center"
+        assert any(im.size[0] != im.size[1] for im in images)  # the non-square inputs are compared too
     if want_itm:
         n = min(len(images), len(TEXTS))
         want_itm_p = live.score_pairs(images[:n], TEXTS[:n])
