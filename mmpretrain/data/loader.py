@@ -222,7 +222,7 @@ class ShardLoader:
             max_pixels=cfg.max_image_pixels, train_crop=cfg.train_crop,
             train_crop_scale=tuple(cfg.train_crop_scale), shuffle_buffer=cfg.shuffle_buffer,
             skip_batches=skip_batches, skip_raw=skip_raw, rotate=done % k,
-            finished=frozenset(self._finished) if done else frozenset()))
+            finished=frozenset(self._finished)))
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (from the cursor); then (train) the cursor moves to the next."""
@@ -230,6 +230,8 @@ class ShardLoader:
             # continuing mid-epoch: the workers replay the consumed part without counting it, so
             # what they report adds to the counts so far
             self._fold_skipped()
+        else:
+            self._finished = set()  # the epoch starts over: every worker reads (and counts) anew
         ds = self._dataset()
         k = self.slots_per_rank
         if self.num_workers == 0:
