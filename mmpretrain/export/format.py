@@ -9,7 +9,8 @@ here).
 - ``complete_checkpoints`` / ``find_latest_checkpoint``: complete ``step_N`` directories of a run.
 - ``read_checkpoint(path)``: (metadata, full fp32 state dict) — ``model.safetensors`` (one
   process, DDP) or DeepSpeed ZeRO-2/3 partitions under ``pytorch_model/`` (consolidated with
-  ``deepspeed.utils.zero_to_fp32``, imported only for such a checkpoint).
+  ``deepspeed.utils.zero_to_fp32``, imported only for such a checkpoint; its pickles are loaded
+  ``weights_only`` with an allow-list of DeepSpeed's own record classes, ``zero_safe_globals``).
 - ``read_export(path)``: (model, tokenizer, config, preprocessing) of an export directory.
 - ``load_checkpoint(path)``: the model of a checkpoint (or export) rebuilt on the CPU, with its
   config tree and tokenizer (``Loaded``), for evaluation and export.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -149,15 +152,70 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, _strip_prefixes(sd)
 
 
+TRUST_PICKLE_ENV = "MMPRETRAIN_TRUST_CHECKPOINT_PICKLE"
+"""Set to 1 to let DeepSpeed's ``zero_to_fp32`` unpickle ZeRO partition files unrestricted (its own
+``weights_only=False``), for a trusted checkpoint whose files hold a class outside
+``zero_safe_globals()``."""
+
+
+def zero_safe_globals() -> list:
+    """What DeepSpeed ZeRO-2/3 partition files hold besides tensors and containers, the allow-list
+    of their ``weights_only`` load: DeepSpeed's ZeRO stage enum, its fp16 loss scalers (objects
+    rebuilt from their attribute dicts, no code of theirs runs), and the ``fragment_address``
+    records of ZeRO-2's parameter slices — what the optimizer-state files of DeepSpeed 0.19.8
+    hold (ZeRO-2: all three; ZeRO-3: the enum and ``LossScaler``; the model-state files need
+    none). Nothing that calls out (no ``eval``, ``os``, ``builtins`` beyond what
+    ``torch.load(weights_only=True)`` already allows)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """Inside: every ``torch.load`` runs the restricted ``weights_only`` unpickler with
+    ``zero_safe_globals()`` allowed, also where the caller (DeepSpeed's ``zero_to_fp32``) passes
+    ``weights_only=False``: torch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch, restored after."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch.load
+    try:
+        with torch.serialization.safe_globals(zero_safe_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _consolidate_zero(path: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from DeepSpeed ZeRO-2/3 partitions (any world size) via zero_to_fp32."""
+    """fp32 weights from DeepSpeed ZeRO-2/3 partitions (any world size) via zero_to_fp32.
+
+    Its partition files are pickles and zero_to_fp32 loads them with ``weights_only=False``, which
+    would run whatever a planted file asks for; they are loaded ``weights_only`` here instead
+    (``_weights_only_torch_load``). A file needing anything else is refused in one line naming it
+    and the global, unless ``MMPRETRAIN_TRUST_CHECKPOINT_PICKLE=1``."""
     # the one DeepSpeed import of the library: only for a DeepSpeed checkpoint (its own tool)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    trusted = os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
     sink = io.StringIO()  # zero_to_fp32 prints progress lines; keep the command's output clean
     try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                (contextlib.nullcontext() if trusted else _weights_only_torch_load()):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+    except pickle.UnpicklingError as e:  # the weights_only unpickler refused a global
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand [^\n.]*|"
+                          r"Trying to call reduce for [^\n.]*", str(e))
+        what = found.group(0) if found else " ".join(str(e).split())[:200]
+        raise ExportError(f"{path / 'pytorch_model'}: a ZeRO partition file holds more than weights ({what}); "
+                          f"not unpickled (weights_only). If you trust this checkpoint, set "
+                          f"{TRUST_PICKLE_ENV}=1") from None
     except Exception as e:  # noqa: BLE001 - missing/truncated partition files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ExportError(f"{path / 'pytorch_model'}: cannot consolidate the DeepSpeed ZeRO partitions: {msg}") from None

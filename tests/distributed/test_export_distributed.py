@@ -24,8 +24,9 @@ def shards(tmp_path_factory):
 
 
 ZERO3_SCRIPT = r'''
-"""2 processes, DeepSpeed ZeRO-3 on CPU (gloo): one step, a checkpoint, the gathered live weights."""
-import json, sys
+"""2 processes, DeepSpeed ZeRO-3 (ZERO_STAGE=2: ZeRO-2) on CPU (gloo): one step, a checkpoint, the
+gathered live weights."""
+import json, os, sys
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -39,7 +40,8 @@ from mmpretrain.trainer.checkpoint import save_checkpoint
 out, tok_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 cfg = load_config(None, overrides)
 ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-      "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+      "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", "3")),
+                            "stage3_gather_16bit_weights_on_model_save": True}}
 # no GPU: Accelerate picks no backend while DeepSpeed starts gloo -> name gloo explicitly
 acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
@@ -56,7 +58,8 @@ ids = torch.randint(5, len(tok), (2, cfg.data.max_length), generator=g)
 loss = model(pixels, ids, torch.ones_like(ids), torch.arange(2) + 2 * acc.process_index)["loss"]
 acc.backward(loss)
 opt.step()
-meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "DEEPSPEED", "zero_stage": 3,
+meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "DEEPSPEED",
+        "zero_stage": int(os.environ.get("ZERO_STAGE", "3")),
         "world_size": acc.num_processes}
 ckpt = save_checkpoint(acc, f"{out}/checkpoints", 1, meta, {}, tok)
 full = acc.get_state_dict(model)  # collective: gathers the ZeRO-3 partitions
@@ -67,14 +70,12 @@ acc.wait_for_everyone()
 '''
 
 
-@pytest.mark.distributed
-def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path):
-    from safetensors.torch import load_file
-
-    script = tmp_path / "zero3_save.py"
+def _zero_run(stage: int, shards, run):
+    """A 2-process ZeRO-``stage`` run of ZERO3_SCRIPT: (checkpoint, live weights file)."""
+    script = run.parent / f"zero{stage}_save.py"
     script.write_text(ZERO3_SCRIPT)
-    run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               ZERO_STAGE=str(stage))
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(run), str(shards / "tokenizer"), *tiny_overrides(shards, run)]
@@ -84,6 +85,19 @@ def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path)
     assert live_file.is_file(), proc.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000001"
     assert (ckpt / "pytorch_model").is_dir() and not (ckpt / "model.safetensors").exists()
+    return ckpt, live_file
+
+
+@pytest.fixture(scope="module")
+def zero2_run(shards, tmp_path_factory):
+    return _zero_run(2, shards, tmp_path_factory.mktemp("zero2") / "run")
+
+
+@pytest.mark.distributed
+def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt, live_file = _zero_run(3, shards, tmp_path / "run")
     out = export_checkpoint(ckpt, tmp_path / "export")
     live, exported = load_file(str(live_file)), load_file(str(out / "model.safetensors"))
     assert set(live) == set(exported)
@@ -95,3 +109,67 @@ def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path)
 
     init = build_model_from_dict(json.loads((out / "config.json").read_text())["model"]).state_dict()
     assert any(not torch.equal(init[k].float(), exported[k]) for k in exported if exported[k].is_floating_point())
+
+
+@pytest.mark.distributed
+def test_zero2_two_process_checkpoint_exports_the_live_weights(zero2_run, tmp_path):
+    """ZeRO-2 partition files (loss scaler, ZeRO stage enum, parameter-slice records) load
+    weights_only with export.format's allow-list, and consolidate to the live weights."""
+    from safetensors.torch import load_file
+
+    ckpt, live_file = zero2_run
+    live, exported = load_file(str(live_file)), load_file(str(export_checkpoint(ckpt, tmp_path / "e") / "model.safetensors"))
+    assert set(live) == set(exported) and all(torch.equal(live[k].float(), exported[k]) for k in live)
+
+
+PAYLOAD = "open({marker!r}, 'w').write('ran')"
+
+
+class _Planted:
+    """Unpickling this runs ``exec`` (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, (PAYLOAD.format(marker=self.marker),))
+
+
+@pytest.mark.distributed
+def test_a_planted_pickle_in_a_zero_checkpoint_runs_no_code(zero2_run, tmp_path, monkeypatch, capsys):
+    """Every partition file of a ZeRO checkpoint is a pickle that DeepSpeed's zero_to_fp32 loads
+    with weights_only=False. A payload planted in any of them is refused by export and eval in one
+    line naming the checkpoint's pytorch_model/, and never runs; MMPRETRAIN_TRUST_CHECKPOINT_PICKLE=1
+    is the documented way to load a trusted one unrestricted (and then it does run)."""
+    import shutil
+
+    from mmpretrain.evaluation import cli as eval_cli
+    from mmpretrain.export import main
+
+    src, _ = zero2_run
+    monkeypatch.delenv("MMPRETRAIN_TRUST_CHECKPOINT_PICKLE", raising=False)
+    files = sorted(p.name for p in (src / "pytorch_model").glob("*.pt"))
+    assert any("model_states" in f for f in files) and any("optim_states" in f for f in files), files
+    for name in files:
+        ckpt = tmp_path / name / "checkpoints" / src.name
+        shutil.copytree(src, ckpt)
+        marker = tmp_path / name / "ran"
+        target = ckpt / "pytorch_model" / name
+        state = torch.load(target, map_location="cpu", weights_only=False)  # the test's own file
+        state["payload"] = _Planted(str(marker))
+        torch.save(state, target)
+        capsys.readouterr()
+        rc = main(["--checkpoint", str(ckpt), "--out", str(tmp_path / name / "export")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert str(ckpt / "pytorch_model") in err and "weights_only" in err and "exec" in err, err
+        assert not marker.exists() and not (tmp_path / name / "export").exists()
+        rc = eval_cli.main(["--checkpoint", str(ckpt), "--shards", str(tmp_path / "none-*.tar"),
+                            "--out", str(tmp_path / name / "eval")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "weights_only" in err and not marker.exists(), err
+    monkeypatch.setenv("MMPRETRAIN_TRUST_CHECKPOINT_PICKLE", "1")
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "trusted")]) == 0
+    assert marker.read_text() == "ran"  # the opt-out really is DeepSpeed's unrestricted load
