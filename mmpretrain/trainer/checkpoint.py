@@ -14,6 +14,14 @@ partitions from every rank, ZeRO-3 included) and its own data cursor; after a ba
 process writes ``mmpretrain.json`` and renames the directory. A directory without
 ``mmpretrain.json`` is not a checkpoint, so a run killed mid-write leaves the previous ones
 intact. Assumes ``output_dir`` is on a filesystem every rank sees (as multi-node jobs need).
+
+``CheckpointManager`` is what the trainer uses: it receives the stateful parts (the Accelerate
+state through the accelerator, the loader's cursor, the named states saved in ``mmpretrain.json``
+— counters, LR schedule — and the run's description) and owns the interval, retention, the
+atomic write and restore, and the start-up rules (resume resolution with its fallback, the
+run-directory rule, stale ``step_*.tmp`` removal, ``train.overwrite``). The loop calls
+``save(step)``; set-up calls ``restore()``. The functions below are its parts (tests and the
+export tests write checkpoints with ``save_checkpoint`` directly).
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable, Protocol
 
 # The checkpoint format and its reader belong to the library (``mmpretrain.export.format``, which
 # export and evaluation read with); the trainer writes what it reads. Re-exported here for callers.
 from mmpretrain.export.format import (  # noqa: F401 - re-exports
     CKPT_FORMAT as FORMAT, META_FILE, MODEL_KEYS, REQUIRED_COUNTERS, REQUIRED_KEYS, STEP_DIR, CheckpointError,
     complete_checkpoints, find_latest_checkpoint, read_meta, step_dir_name)
+from mmpretrain.runtime import distributed_type_name, launch_info
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -45,7 +55,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             if problem is None:
                 return path
             older = "falling back to the one before" if newer else "no readable checkpoint is left"
-            if os.environ.get("RANK", "0") == "0":  # every rank decides the same; one says so
+            if launch_info().rank == 0:  # every rank decides the same; one says so (no runtime yet)
                 print(f"mmpretrain train: train.resume=latest: {problem}; {older}", file=sys.stderr, flush=True)
         if found:
             raise CheckpointError(f"train.resume=latest: none of the {len(found)} checkpoints under "
@@ -284,3 +294,141 @@ def restore_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{own}: unreadable or not valid JSON ({e})") from None
     return meta, data_state
+
+
+def check_resume_meta(meta: dict, model_section: dict, accelerator) -> None:
+    """A checkpoint this run can continue: the same model section, and for DeepSpeed the same
+    backend and world size (a ZeRO checkpoint is tied to it) unless it loads a universal one."""
+    saved_model = meta.get("config", {}).get("model")
+    if saved_model is not None and saved_model != model_section:
+        raise CheckpointError("train.resume: the checkpoint's model section differs from this config's")
+    here = distributed_type_name(accelerator)
+    if meta.get("distributed_type") == "DEEPSPEED" or here == "DEEPSPEED":
+        if meta.get("distributed_type") != here:
+            raise CheckpointError(f"train.resume: checkpoint written by {meta.get('distributed_type')}, this run is "
+                                  f"{here}; convert it first (docs/training.md)")
+        plugin = accelerator.state.deepspeed_plugin
+        universal = plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal")
+        world = accelerator.num_processes
+        if meta.get("world_size") != world and not universal:
+            raise CheckpointError(
+                f"train.resume: a ZeRO checkpoint is tied to its world size ({meta.get('world_size')}), this run "
+                f"has {world}; convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
+                "\"checkpoint\": {\"load_universal\": true} in the DeepSpeed JSON")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _legacy_state(name: str, meta: dict) -> dict:
+    """A named state an older checkpoint lacks. The schedule was kept in custom_checkpoint_0.pkl
+    (no longer read): its rate is a function of the step counter, which is what it counted."""
+    if name == "scheduler":
+        return {"steps_taken": int(meta["counters"]["step"])}
+    raise CheckpointError(f"train.resume: the checkpoint's {META_FILE} has no {name!r}")
+
+
+class CheckpointManager:
+    """The run's checkpoints under ``OUTPUT_DIR/checkpoints``: when (every ``save_every`` steps,
+    and when forced: the last step, a stop), how many (the newest ``keep_last``), how (atomic:
+    ``save_checkpoint``), what (``attach``), and the start-up rules of ``train.resume`` and
+    ``train.overwrite``.
+
+    Order of use (every rank): ``check_start()`` before the runtime exists (refuses a fresh run
+    into an earlier run's directory; resolves ``resume``, falling back past an unreadable newest
+    checkpoint for ``latest``); ``announce_start(is_main)`` once the runtime exists;
+    ``resume_meta(model_section, accelerator)`` (the checkpoint's metadata, checked against this
+    run, before anything is written); ``prepare_run_dir()`` on the main process (overwrite,
+    stale ``step_*.tmp`` removal); ``attach(...)`` once the parts exist; ``restore()``; then
+    ``save(step)`` from the loop.
+    """
+
+    def __init__(self, output_dir: str | Path, *, save_every: int, keep_last: int, resume: str = "",
+                 overwrite: bool = False):
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / "checkpoints"
+        self.save_every, self.keep_last = save_every, keep_last
+        self.resume, self.overwrite = resume, overwrite
+        self.resume_from: Path | None = None
+        self.accelerator = None
+        self.data: Stateful | None = None
+        self.states: dict[str, Stateful] = {}
+        self.describe: Callable[[], dict] = dict
+        self.tokenizer = None
+
+    @classmethod
+    def from_config(cls, tcfg) -> "CheckpointManager":
+        """From the ``train`` section (``output_dir``, ``save_every``, ``keep_last``, ``resume``,
+        ``overwrite``)."""
+        return cls(tcfg.output_dir, save_every=tcfg.save_every, keep_last=tcfg.keep_last, resume=tcfg.resume,
+                   overwrite=tcfg.overwrite)
+
+    # ------------------------------------------------------------------ start-up
+    def check_start(self) -> Path | None:
+        """Before the runtime (every rank, nothing written): the run-directory rule, then the
+        checkpoint to resume from (None: a fresh run). Raises ``CheckpointError``."""
+        check_output_dir(self.output_dir, self.resume, self.overwrite)
+        self.resume_from = resolve_resume(self.resume, self.output_dir)
+        return self.resume_from
+
+    def announce_start(self, is_main: bool) -> None:
+        if self.resume == "latest" and self.resume_from is None and is_main:
+            print(f"mmpretrain train: train.resume=latest: no checkpoint under {self.output_dir}/checkpoints; "
+                  "starting fresh", flush=True)
+
+    def resume_meta(self, model_section: dict, accelerator) -> dict | None:
+        """The metadata of the checkpoint to resume from, checked against this run (None for a
+        fresh run). ``CheckpointError`` on a corrupt or incomplete ``mmpretrain.json``."""
+        if self.resume_from is None:
+            return None
+        meta = read_meta(self.resume_from)
+        check_resume_meta(meta, model_section, accelerator)
+        return meta
+
+    def prepare_run_dir(self) -> None:
+        """Main process, before anything of this run is written: ``train.overwrite`` deletes the
+        earlier run; interrupted checkpoint writes are removed."""
+        if self.overwrite and (removed := clear_run(self.output_dir)):
+            print(f"mmpretrain train: train.overwrite=true: deleted {', '.join(removed)} in {self.output_dir}",
+                  flush=True)
+        if stale := remove_stale_tmp(self.root):
+            print(f"mmpretrain train: removed interrupted checkpoint writes {', '.join(stale)}", flush=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ the parts
+    def attach(self, accelerator, *, data: Stateful, states: dict[str, Stateful], describe: Callable[[], dict],
+               tokenizer=None) -> None:
+        """What a checkpoint holds: the Accelerate state (model, optimizer, RNG: every rank),
+        ``data``'s cursor (``data_state_<rank>.json``, and the main process's in the metadata),
+        each of ``states`` under its name in ``mmpretrain.json`` (restored in this order), the
+        run's ``describe()`` there too (config, backend, report counters), and the tokenizer."""
+        self.accelerator, self.data, self.states = accelerator, data, dict(states)
+        self.describe, self.tokenizer = describe, tokenizer
+
+    def restore(self) -> dict | None:
+        """Every rank (collective): load the checkpoint ``check_start`` chose into the attached
+        parts; returns its metadata (None for a fresh run)."""
+        if self.resume_from is None:
+            return None
+        meta, data_state = restore_checkpoint(self.accelerator, self.resume_from)  # weights, optimizer, RNG
+        for name, part in self.states.items():
+            part.load_state_dict(meta.get(name) or _legacy_state(name, meta))
+        self.data.load_state_dict(data_state)
+        return meta
+
+    # ------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(self, step: int, *, force: bool = False) -> Path | None:
+        """Every rank (collective): write checkpoint ``step`` when it is due (or ``force``: the
+        last step, a stop request), keep the newest ``keep_last``; returns its path, or None."""
+        if not (force or self.due(step)):
+            return None
+        meta = dict(self.describe())
+        meta.update({name: part.state_dict() for name, part in self.states.items()})
+        return save_checkpoint(self.accelerator, self.root, step, meta, self.data.state_dict(),
+                               tokenizer=self.tokenizer, keep_last=self.keep_last)

@@ -2,8 +2,8 @@
 
 Order of one iteration: fetch ``grad_accum_steps`` micro-batches (timed: the data wait) ->
 ``train_step`` (feature pass, grad passes, one all-reduce of flags and losses, optimizer step or
-skip) -> schedule -> log -> evaluate (every ``eval_every``) -> checkpoint (every ``save_every``,
-and on a stop request) -> stop checks. Every rank runs the same collectives in the same order;
+skip) -> schedule -> log -> evaluate (every ``eval_every``) -> ``CheckpointManager.save`` (every
+``save_every``, at the last step and on a stop request) -> stop checks. Every rank runs the same collectives in the same order;
 decisions that end or skip work (a stop signal, a non-finite loss) are all-reduced first so all
 ranks agree.
 
@@ -22,16 +22,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
 from mmpretrain.trainer import accel
-from mmpretrain.trainer.checkpoint import (CheckpointError, check_output_dir, clear_run, read_meta,
-                                           remove_stale_tmp, resolve_resume, restore_checkpoint, save_checkpoint,
-                                           step_dir_name)
+from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from mmpretrain.trainer.data import build_train_loader
+from mmpretrain.trainer.faults import fault_injection
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
 from mmpretrain.word_negatives import WordNegativeError, build_table, load_word_sets
@@ -71,12 +71,14 @@ class Counters:
     bad_steps_in_a_row: int = 0
     overflow_skips: int = 0
 
-    @classmethod
-    def from_meta(cls, saved: dict) -> "Counters":
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
         """From a checkpoint's ``counters`` (``read_meta`` checked the required ones); a counter
         newer than the checkpoint starts at 0."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in saved.items() if k in known})
+        for f in fields(self):
+            setattr(self, f.name, int(saved.get(f.name, f.default)))
 
 
 @dataclass
@@ -133,23 +135,14 @@ class StepContext:
     loss_scaling: bool = False
     """fp16: an update skipped by DeepSpeed with a finite loss is a loss-scale overflow. (Without
     DeepSpeed the GradScaler itself says so.)"""
+    loss_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Test hook (``trainer/faults.py``, installed only when the config asks for fault
+    injection): sees the last micro-batch's loss before the skip decision, may replace it."""
 
 
 def uses_feature_cache(cfg: Config) -> bool:
     """The features pass runs only where the loss uses it: accumulation with InfoNCE."""
     return cfg.train.feature_cache and cfg.train.grad_accum_steps > 1 and cfg.loss.contrastive == "infonce"
-
-
-class _NanGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss with a non-finite gradient (fault injection)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -169,7 +162,6 @@ def model_inputs(batch: dict, device, data_cfg, dtype: torch.dtype) -> dict:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
-               inject_nan: bool = False, inject_nan_grad: bool = False,
                stop_requested: bool = False) -> StepResult:
     """One optimizer step over ``len(micro_batches)`` micro-batches (model inputs, this rank's).
 
@@ -200,10 +192,8 @@ def train_step(model, optimizer, micro_batches: list[dict], ctx: StepContext, *,
             micro_cache = cache.at(m, inputs["pixels"].shape[0]) if cache is not None else None
             out = model(**inputs, feature_cache=micro_cache)
             loss = out["loss"]
-            if inject_nan and last:
-                loss = loss * float("nan")
-            if inject_nan_grad and last:
-                loss = _NanGradient.apply(loss)
+            if last and ctx.loss_hook is not None:
+                loss = ctx.loss_hook(loss)
             bad = bad | ~torch.isfinite(loss.detach())
             for key, value in out.items():
                 if torch.is_tensor(value) and value.numel() == 1:
@@ -287,23 +277,6 @@ def check_data(cfg: Config, need_val: bool) -> None:
                                 "runs at the end; set train.eval_at_end=false to train without it)")
 
 
-def check_resume_meta(meta: dict, cfg: Config, accelerator, ds_world: int) -> None:
-    saved_model = meta.get("config", {}).get("model")
-    if saved_model is not None and saved_model != to_dict(cfg)["model"]:
-        raise CheckpointError("train.resume: the checkpoint's model section differs from this config's")
-    if meta.get("distributed_type") == "DEEPSPEED" or accel.distributed_type_name(accelerator) == "DEEPSPEED":
-        if meta.get("distributed_type") != accel.distributed_type_name(accelerator):
-            raise CheckpointError(f"train.resume: checkpoint written by {meta.get('distributed_type')}, this run is "
-                                  f"{accel.distributed_type_name(accelerator)}; convert it first (docs/training.md)")
-        plugin = accelerator.state.deepspeed_plugin
-        universal = plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal")
-        if meta.get("world_size") != ds_world and not universal:
-            raise CheckpointError(
-                f"train.resume: a ZeRO checkpoint is tied to its world size ({meta.get('world_size')}), this run "
-                f"has {ds_world}; convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
-                "\"checkpoint\": {\"load_universal\": true} in the DeepSpeed JSON")
-
-
 def maybe_evaluation():
     """``mmpretrain.evaluation.run_evaluation`` when the evaluation package provides it."""
     try:
@@ -339,6 +312,7 @@ class Run:
     tokenizer: object
     vocab_size: int
     counters: Counters
+    ckpt: CheckpointManager
     logger: RunLogger
     ctx: StepContext
     input_dtype: torch.dtype
@@ -346,8 +320,8 @@ class Run:
     run_eval: object = None
 
 
-def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | None, run_eval) -> Run:
-    """Tokenizer, model, optimizer (prepared), schedule, loader; restores a checkpoint."""
+def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointManager, run_eval) -> Run:
+    """Tokenizer, model, optimizer (prepared), schedule, loader; ``ckpt`` restores a checkpoint."""
     from accelerate.utils import set_seed
 
     from mmpretrain.data.tokenizer import load_tokenizer
@@ -356,17 +330,10 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
     tcfg = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
     use_ds = info.use_deepspeed
-    meta = None
-    if resume_from is not None:
-        meta = read_meta(resume_from)  # CheckpointError on a corrupt or incomplete mmpretrain.json
-        check_resume_meta(meta, cfg, accelerator, world)
+    ckpt.resume_meta(to_dict(cfg)["model"], accelerator)  # checked before anything is written
     out_dir = Path(tcfg.output_dir)
     if accelerator.is_main_process:
-        if tcfg.overwrite and (removed := clear_run(out_dir)):
-            print(f"mmpretrain train: train.overwrite=true: deleted {', '.join(removed)} in {out_dir}", flush=True)
-        if stale := remove_stale_tmp(out_dir / "checkpoints"):
-            print(f"mmpretrain train: removed interrupted checkpoint writes {', '.join(stale)}", flush=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.prepare_run_dir()  # train.overwrite, interrupted writes
         dump_config(cfg, out_dir / "config.yaml")
     accelerator.wait_for_everyone()  # no rank reads the run directory before it is cleared
 
@@ -401,13 +368,15 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
 
     loader = build_train_loader(cfg, tokenizer, rank, world)
     counters = Counters()
-    if resume_from is not None:
-        _, data_state = restore_checkpoint(accelerator, resume_from)  # every rank: weights, optimizer, RNG
-        counters = Counters.from_meta(meta["counters"])
-        # older checkpoints kept it in custom_checkpoint_0.pkl (no longer read): the rate is a
-        # function of the step counter, which is what the scheduler counted
-        scheduler.load_state_dict(meta.get("scheduler") or {"steps_taken": counters.step})
-        loader.load_state_dict(data_state)
+
+    def describe() -> dict:  # the run beside the states in mmpretrain.json (export and eval read it)
+        return {"config": to_dict(cfg), "vocab_size": vocab_size, "distributed_type": accel.distributed_type_name(
+            accelerator), "zero_stage": accel.zero_stage(accelerator), "world_size": accelerator.num_processes,
+            "skipped_samples": loader.skipped}
+
+    ckpt.attach(accelerator, data=loader, states={"counters": counters, "scheduler": scheduler},
+                describe=describe, tokenizer=tokenizer)
+    ckpt.restore()  # every rank: weights, optimizer, RNG, counters, schedule, data cursor
 
     logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
                        start_step=counters.step, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
@@ -415,28 +384,17 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, resume_from: Path | 
                        world_size=world)
     ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=uses_feature_cache(cfg),
                       gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip,
-                      loss_scaling=tcfg.mixed_precision == "fp16")
+                      loss_scaling=tcfg.mixed_precision == "fp16",
+                      loss_hook=fault_injection(tcfg, counters, last_rank=rank == world - 1))
     input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
     logger.info(f"mmpretrain train: {accel.distributed_type_name(accelerator)}"
                 + (f" ZeRO-{accel.zero_stage(accelerator)}" if use_ds else "")
                 + f", {world} process(es), global batch {cfg.data.batch_size} x {tcfg.grad_accum_steps} "
                 f"accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
-                + (f", resumed from {resume_from}" if resume_from else ""))
+                + (f", resumed from {ckpt.resume_from}" if ckpt.resume_from else ""))
     return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-               loader=loader, tokenizer=tokenizer, vocab_size=vocab_size, counters=counters, logger=logger,
+               loader=loader, tokenizer=tokenizer, vocab_size=vocab_size, counters=counters, ckpt=ckpt, logger=logger,
                ctx=ctx, input_dtype=input_dtype, out_dir=out_dir, run_eval=run_eval)
-
-
-def save(run: Run) -> None:
-    acc = run.accelerator
-    meta = {"config": to_dict(run.cfg), "vocab_size": run.vocab_size,
-            "distributed_type": accel.distributed_type_name(acc), "zero_stage": accel.zero_stage(acc),
-            "world_size": acc.num_processes, "counters": asdict(run.counters),
-            "scheduler": run.scheduler.state_dict(),
-            "skipped_samples": run.loader.skipped}
-    path = save_checkpoint(acc, run.out_dir / "checkpoints", run.counters.step, meta, run.loader.state_dict(),
-                           tokenizer=run.tokenizer, keep_last=run.cfg.train.keep_last)
-    run.logger.info(f"checkpoint: {path}")
 
 
 def evaluate(run: Run) -> None:
@@ -452,7 +410,6 @@ def evaluate(run: Run) -> None:
 def fit(run: Run, stop: StopRequest) -> None:
     """The step loop. Raises ``TrainingError`` when too many steps in a row were bad."""
     cfg, tcfg, c = run.cfg, run.cfg.train, run.counters
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
     samples_per_step = cfg.data.batch_size * tcfg.grad_accum_steps
     batches = run.loader.infinite()
     steps_here = 0
@@ -465,10 +422,7 @@ def fit(run: Run, stop: StopRequest) -> None:
             micro = [next(batches) for _ in range(tcfg.grad_accum_steps)]
         t_data = time.perf_counter() - t0
         micro = [model_inputs(b, run.accelerator.device, cfg.data, run.input_dtype) for b in micro]
-        last_rank = rank == world - 1
-        result = train_step(run.model, run.optimizer, micro, run.ctx, stop_requested=stop.requested,
-                            inject_nan=(c.step + 1) in tcfg.inject_nan_steps and last_rank,
-                            inject_nan_grad=(c.step + 1) in tcfg.inject_nan_grad_steps and last_rank)
+        result = train_step(run.model, run.optimizer, micro, run.ctx, stop_requested=stop.requested)
         c.step += 1
         c.samples_seen += samples_per_step
         steps_here += 1
@@ -501,8 +455,8 @@ def fit(run: Run, stop: StopRequest) -> None:
         if tcfg.eval_every and c.step % tcfg.eval_every == 0 and not finished:
             evaluate(run)
         stopping = result.stop_requested or (tcfg.stop_after_steps and steps_here >= tcfg.stop_after_steps)
-        if finished or stopping or c.step % tcfg.save_every == 0:
-            save(run)
+        if path := run.ckpt.save(c.step, force=finished or stopping):
+            run.logger.info(f"checkpoint: {path}")
         if stopping and not finished:
             run.logger.info(f"stop requested ({stop.signal_name or 'train.stop_after_steps'}): checkpoint written "
                             f"at step {c.step}; resume with train.resume=latest")
@@ -531,13 +485,11 @@ def train(cfg: Config) -> int:
         if uses_feature_cache(cfg) and cfg.model.dropout > 0:
             raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
-        check_output_dir(tcfg.output_dir, tcfg.resume, tcfg.overwrite)
-        resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
+        ckpt = CheckpointManager.from_config(tcfg)
+        ckpt.check_start()  # the run-directory rule and the checkpoint to resume from
         runtime = accel.start_runtime(cfg)  # launch checks
     accelerator, info = runtime.accelerator, runtime.info
-    if tcfg.resume == "latest" and resume_from is None and runtime.is_main:
-        print(f"mmpretrain train: train.resume=latest: no checkpoint under {tcfg.output_dir}/checkpoints; "
-              "starting fresh", flush=True)
+    ckpt.announce_start(runtime.is_main)
     stop = StopRequest()
     exit_code = EXIT_OK
     run = None
@@ -548,7 +500,7 @@ def train(cfg: Config) -> int:
             if info.use_deepspeed and accel.zero_stage(accelerator) == 0:
                 raise accel.LaunchError("DeepSpeed ZeRO stage 0 cannot skip non-finite steps; use DDP or stage 1-3")
             with setting_up():
-                run = setup(cfg, accelerator, info, resume_from, run_eval)
+                run = setup(cfg, accelerator, info, ckpt, run_eval)
             stop.install()
             fit(run, stop)
         except TrainingError as e:  # every rank raises it together (the decision was all-reduced)

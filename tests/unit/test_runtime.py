@@ -22,11 +22,7 @@ OWNERS = {"mmpretrain/distributed.py", "mmpretrain/runtime.py"}
 LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE"}
 # Known readers of the launcher's variables outside the runtime, each with its owner. Remove an
 # entry once it asks ``runtime.launch_info()`` instead.
-KNOWN_ENV_READERS = {
-    # resolve_resume (before the runtime exists) lets rank 0 alone print the fallback notice from
-    # os.environ["RANK"]; belongs to the checkpoint manager (issue 8, item 5).
-    "mmpretrain/trainer/checkpoint.py",
-}
+KNOWN_ENV_READERS: set[str] = set()  # none left (trainer/checkpoint.py asks launch_info() since item 5)
 
 
 def _sources():

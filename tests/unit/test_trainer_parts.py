@@ -237,3 +237,89 @@ def test_metrics_truncation_on_resume_is_atomic(tmp_path, monkeypatch):
     tl.truncate_metrics(path, 3)
     assert path.read_text() == "\n".join(lines[:3]) + "\n"
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_checkpoint_manager_interval_retention_and_restore(tmp_path):
+    """The manager saves when due (or forced), keeps the newest keep_last, and restores every
+    attached part: the Accelerate state, the data cursor and the named states."""
+    from accelerate import Accelerator
+
+    from mmpretrain import runtime
+    from mmpretrain.trainer.checkpoint import CheckpointManager
+    from mmpretrain.trainer.config import OptimConfig
+    from mmpretrain.trainer.loop import Counters
+    from mmpretrain.trainer.optim import WarmupCosine
+
+    class Cursor:
+        def __init__(self):
+            self.batches = 0
+
+        def state_dict(self):
+            return {"batches": self.batches}
+
+        def load_state_dict(self, state):
+            self.batches = state["batches"]
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        acc = Accelerator(cpu=True)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, opt = acc.prepare(model, opt)
+        return acc, model, opt, Counters(), WarmupCosine(opt, OptimConfig(lr=1e-2, warmup_steps=2), 10), Cursor()
+
+    try:
+        acc, model, opt, counters, sched, cursor = parts(0)
+        ckpt = CheckpointManager(tmp_path, save_every=2, keep_last=2)
+        assert ckpt.check_start() is None
+        ckpt.attach(acc, data=cursor, states={"counters": counters, "scheduler": sched},
+                    describe=lambda: {"config": {}, "vocab_size": 1, "distributed_type": "NO", "world_size": 1})
+        saved = []
+        for step in range(1, 6):
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            counters.step, cursor.batches = step, 10 * step
+            sched.step()
+            saved.append(ckpt.save(step, force=step == 5))
+        assert [p.name if p else None for p in saved] == [None, "step_00000002", None, "step_00000004",
+                                                          "step_00000005"]
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000005"]
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        runtime.reset_accelerate_state()
+
+        acc, model, opt, counters, sched, cursor = parts(1)
+        again = CheckpointManager(tmp_path, save_every=2, keep_last=2, resume="latest")
+        assert again.check_start() == tmp_path / "checkpoints/step_00000005"
+        again.attach(acc, data=cursor, states={"counters": counters, "scheduler": sched}, describe=dict)
+        meta = again.restore()
+        assert meta["step"] == 5 and counters.step == 5 and sched.steps_taken == 5 and cursor.batches == 50
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    finally:
+        runtime.reset_accelerate_state()
+
+
+def test_fault_injection_is_a_hook_outside_the_step_signature():
+    """inject_nan* reach the step as StepContext.loss_hook, only on the last rank and only when
+    asked; the step's signature has no fault parameters."""
+    import inspect
+
+    from mmpretrain.config import load_config
+    from mmpretrain.trainer import loop
+    from mmpretrain.trainer.faults import fault_injection
+
+    assert list(inspect.signature(loop.train_step).parameters) == ["model", "optimizer", "micro_batches", "ctx",
+                                                                   "stop_requested"]
+    tcfg = load_config(None, ["train.inject_nan_steps=[2]", "train.inject_nan_grad_steps=[3]"]).train
+    counters = loop.Counters()
+    assert fault_injection(load_config(None, []).train, counters, last_rank=True) is None
+    assert fault_injection(tcfg, counters, last_rank=False) is None
+    hook = fault_injection(tcfg, counters, last_rank=True)
+    x = torch.tensor(2.0, requires_grad=True)
+    assert hook(x * 1.0).item() == 2.0  # step 1: untouched
+    counters.step = 1
+    assert torch.isnan(hook(x * 1.0))  # step 2: a NaN loss
+    counters.step = 2
+    loss = hook(x * 1.0)  # step 3: a finite loss with a NaN gradient
+    loss.backward()
+    assert loss.item() == 2.0 and torch.isnan(x.grad)
