@@ -28,6 +28,7 @@ with the same shapes each step.
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,21 @@ from mmpretrain.models.layers import LogitScale
 from mmpretrain.word_negatives import word_negatives
 
 __all__ = ["PretrainModel", "build_model", "build_model_from_dict", "ModelConfig", "LossConfig"]
+
+
+class _Mined(typing.NamedTuple):
+    """What ``mine_itm_negatives`` gives the fused pass: the kept positives' inputs, their
+    negatives (raw ids/mask and pixels), the labels of the 3 row blocks and the kept rows."""
+
+    share: float
+    keep: torch.Tensor
+    labels: torch.Tensor
+    xi: torch.Tensor
+    xt: torch.Tensor
+    mask: torch.Tensor
+    neg_ids: torch.Tensor
+    neg_mask: torch.Tensor
+    neg_pixels: torch.Tensor
 
 
 class PretrainModel(nn.Module):
@@ -85,8 +101,6 @@ class PretrainModel(nn.Module):
         self.register_buffer("itm_prior_stats", torch.tensor([0.0, 0.0, 1.0]))
         # forward counter of the ITM sampler (same on every rank; saved for exact resume)
         self.register_buffer("itm_step", torch.zeros(1, dtype=torch.long))
-        self.timers: dict[str, float] | None = None
-        """Set to a dict to accumulate seconds spent in 'gather' and 'itm_mining' (bench)."""
 
     # ------------------------------------------------------------------ entry points
     def encode_image(self, pixels: torch.Tensor):
@@ -162,21 +176,6 @@ class PretrainModel(nn.Module):
                 "vocab_size": self.vocab_size}
 
     # ------------------------------------------------------------------ helpers
-    def _tick(self, name, t0):
-        if self.timers is not None:
-            import time
-
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t0
-
-    def _now(self):
-        import time
-
-        if self.timers is not None and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def _next_step(self) -> int:
         """The forward counter of the seeded samplers (advanced by training forwards only)."""
         step = int(self.itm_step.item()) if self.training else 0
@@ -199,6 +198,61 @@ class PretrainModel(nn.Module):
         return torch.Generator().manual_seed((int(self.loss_cfg.itm_seed) * 1_000_003 + step
                                               + stream * 0x9E3779B1) % (1 << 32))
 
+    def gather_embeddings(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, image_ids: torch.Tensor, gather: bool):
+        """((image [W*B, E], text [W*B, E] with gradient, this rank's row offset), image ids
+        [W*B]): every rank's embeddings (identities in one process or with ``gather`` off). Its own
+        method so that a benchmark can time it (``models/bench.py``)."""
+        if gather:
+            b = img_emb.shape[0]
+            gathered = (D.all_gather_with_grad(img_emb), D.all_gather_with_grad(txt_emb), D.get_rank() * b)
+            return gathered, D.all_gather_no_grad(image_ids)
+        return (img_emb, txt_emb, 0), image_ids
+
+    def mine_itm_negatives(self, xi, xt, pixels, input_ids, attention_mask, img_emb, txt_emb, image_ids, ids_global,
+                           gathered, scale, step: int, gather: bool, row0: int, n_rows: int, parts: dict) -> "_Mined":
+        """ITM hard negatives: similarities, sampling, fetching the chosen rows from their ranks,
+        word negatives, the hardest ``itm_fraction`` kept (``parts`` gets the word-negative share).
+        Its own method so that a benchmark can time it (``models/bench.py``)."""
+        lc = self.loss_cfg
+        b = img_emb.shape[0]
+        img_all, txt_all, off = gathered
+        with torch.no_grad():
+            dt = torch.float64 if img_emb.dtype == torch.float64 else torch.float32  # >= fp32
+            s = scale.detach().to(dt)
+            sim_i2t = s * img_emb.detach().to(dt) @ txt_all.detach().to(dt).t()
+            sim_t2i = s * txt_emb.detach().to(dt) @ img_all.detach().to(dt).t()
+        share = L.itm_uniform_share(step, lc.itm_curriculum_steps, lc.itm_random_mix)
+        neg = L.sample_itm_negatives(sim_i2t, sim_t2i, image_ids, ids_global, self._generator(step, 0),
+                                     lc.itm_floor, row_offset=off, uniform_mix=share)
+        text_rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+        if gather:
+            text_rows = D.fetch_rows(text_rows, neg.text_idx, lc.itm_exchange)
+            neg_pixels = D.fetch_rows(pixels, neg.image_idx, lc.itm_exchange)
+        else:
+            text_rows, neg_pixels = text_rows[neg.text_idx], pixels[neg.image_idx]
+        n_txt = input_ids.shape[1]
+        neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
+        if lc.itm_word_negatives > 0:  # own caption with one word changed (mmpretrain.word_negatives)
+            w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
+                                           lc.itm_word_negatives, self._generator(step, 2),
+                                           row0, n_rows)
+            sel = w_rows.to(neg_ids.device)[:, None]
+            neg_ids = torch.where(sel, w_ids.to(neg_ids.device), neg_ids)
+            neg_mask = torch.where(sel, attention_mask.to(neg_mask.device), neg_mask)
+            share_w = w_rows.float().mean()
+            parts["itm_word_share"] = D.global_mean(share_w) if gather else share_w
+        rows = torch.arange(b, device=sim_i2t.device)
+        hardness = sim_i2t[rows, neg.text_idx.to(sim_i2t.device)] + sim_t2i[rows, neg.image_idx.to(sim_i2t.device)]
+        keep = L.select_hardest(hardness, lc.itm_fraction, gather).to(xi.device)
+        labels = L.itm_labels(neg)
+        if not bool(keep.all()):
+            xi_k, xt_k, am_k = xi[keep], xt[keep], attention_mask[keep]
+            neg_ids, neg_mask, neg_pixels = neg_ids[keep], neg_mask[keep], neg_pixels[keep]
+            labels = labels.view(3, b)[:, keep.to(labels.device)].reshape(-1)
+        else:
+            xi_k, xt_k, am_k = xi, xt, attention_mask
+        return _Mined(share, keep, labels, xi_k, xt_k, am_k, neg_ids, neg_mask, neg_pixels)
+
     # ------------------------------------------------------------------ forward
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_ids: torch.Tensor | None = None, feature_cache: L.FeatureCache | None = None,
@@ -219,13 +273,7 @@ class PretrainModel(nn.Module):
         image_ids = image_ids.to(img_emb.device)
         scale = self.logit_scale()
 
-        t0 = self._now()
-        if gather:
-            gathered = (D.all_gather_with_grad(img_emb), D.all_gather_with_grad(txt_emb), D.get_rank() * b)
-            ids_global = D.all_gather_no_grad(image_ids)
-        else:
-            gathered, ids_global = (img_emb, txt_emb, 0), image_ids
-        self._tick("gather", t0)
+        gathered, ids_global = self.gather_embeddings(img_emb, txt_emb, image_ids, gather)
 
         parts: dict[str, torch.Tensor] = {}
         use_itm, use_mlm, use_wc = lc.itm_weight > 0, lc.mlm_weight > 0, lc.itc_word_negatives > 0
@@ -254,44 +302,11 @@ class PretrainModel(nn.Module):
         n_img = xi.shape[1]
         chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # fused-pass inputs
         if use_itm:
-            t0 = self._now()
-            img_all, txt_all, off = gathered
-            with torch.no_grad():
-                dt = torch.float64 if img_emb.dtype == torch.float64 else torch.float32  # >= fp32
-                s = scale.detach().to(dt)
-                sim_i2t = s * img_emb.detach().to(dt) @ txt_all.detach().to(dt).t()
-                sim_t2i = s * txt_emb.detach().to(dt) @ img_all.detach().to(dt).t()
-            share = L.itm_uniform_share(step, lc.itm_curriculum_steps, lc.itm_random_mix)
-            neg = L.sample_itm_negatives(sim_i2t, sim_t2i, image_ids, ids_global, self._generator(step, 0),
-                                         lc.itm_floor, row_offset=off, uniform_mix=share)
-            text_rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
-            if gather:
-                text_rows = D.fetch_rows(text_rows, neg.text_idx, lc.itm_exchange)
-                neg_pixels = D.fetch_rows(pixels, neg.image_idx, lc.itm_exchange)
-            else:
-                text_rows, neg_pixels = text_rows[neg.text_idx], pixels[neg.image_idx]
-            n_txt = input_ids.shape[1]
-            neg_ids, neg_mask = text_rows[:, :n_txt], text_rows[:, n_txt:].to(attention_mask.dtype)
-            if lc.itm_word_negatives > 0:  # own caption with one word changed (mmpretrain.word_negatives)
-                w_ids, w_rows = word_negatives(input_ids, attention_mask, self._word_table(),
-                                               lc.itm_word_negatives, self._generator(step, 2),
-                                               row0, n_rows)
-                sel = w_rows.to(neg_ids.device)[:, None]
-                neg_ids = torch.where(sel, w_ids.to(neg_ids.device), neg_ids)
-                neg_mask = torch.where(sel, attention_mask.to(neg_mask.device), neg_mask)
-                share_w = w_rows.float().mean()
-                parts["itm_word_share"] = D.global_mean(share_w) if gather else share_w
-            rows = torch.arange(b, device=sim_i2t.device)
-            hardness = sim_i2t[rows, neg.text_idx.to(sim_i2t.device)] + sim_t2i[rows, neg.image_idx.to(sim_i2t.device)]
-            keep = L.select_hardest(hardness, lc.itm_fraction, gather).to(xi.device)
-            labels = L.itm_labels(neg)
-            if not bool(keep.all()):
-                xi_k, xt_k, am_k = xi[keep], xt[keep], attention_mask[keep]
-                neg_ids, neg_mask, neg_pixels = neg_ids[keep], neg_mask[keep], neg_pixels[keep]
-                labels = labels.view(3, b)[:, keep.to(labels.device)].reshape(-1)
-            else:
-                xi_k, xt_k, am_k = xi, xt, attention_mask
-            self._tick("itm_mining", t0)
+            mined = self.mine_itm_negatives(xi, xt, pixels, input_ids, attention_mask, img_emb, txt_emb, image_ids,
+                                            ids_global, gathered, scale, step, gather, row0, n_rows, parts)
+            share, keep, labels = mined.share, mined.keep, mined.labels
+            xi_k, xt_k, am_k = mined.xi, mined.xt, mined.mask
+            neg_ids, neg_mask, neg_pixels = mined.neg_ids, mined.neg_mask, mined.neg_pixels
             neg_xt = bb.text_inputs(neg_ids, neg_mask)
             neg_xi = bb.image_inputs(neg_pixels)
             chunks += [(xi_k, xt_k, am_k), (xi_k, neg_xt, neg_mask), (neg_xi, xt_k, am_k)]

@@ -2,7 +2,8 @@
 
 Forward+backward time per sample on CPU (fp32), and the share of a step spent in the
 embedding gathers and in ITM hard-negative mining (similarities, sampling, fetching the chosen
-rows) measured with the model's own timers. With CUDA available it also measures bf16
+rows) measured by ``RegionTimers``, which wraps the model's ``gather_embeddings`` and
+``mine_itm_negatives`` for the run (the model itself has no timers). With CUDA available it also measures bf16
 (autocast) samples/s and MFU against the H100 dense bf16 peak (989 TFLOP/s). Run under torchrun
 the gathers and exchanges are real (a gloo process group from ``mmpretrain.runtime``, ended at
 exit); in one process they are identities.
@@ -11,6 +12,7 @@ exit); in one process they are identities.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -37,10 +39,45 @@ def _batch(b, cfg, text_len, vocab, device, dtype=torch.float32):
     return px, ids, mask, torch.arange(b, device=device)
 
 
+class RegionTimers:
+    """Seconds spent in the model's embedding gathers ('gather') and ITM hard-negative mining
+    ('itm_mining'): ``install(model)`` wraps those two methods of that one instance (with
+    ``cuda.synchronize`` before and after each call when CUDA is available), ``remove(model)``
+    restores them. ``seconds`` accumulates until it is cleared."""
+
+    REGIONS = {"gather": "gather_embeddings", "itm_mining": "mine_itm_negatives"}
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def install(self, model) -> None:
+        for region, method in self.REGIONS.items():
+            setattr(model, method, self._timed(region, getattr(model, method)))
+
+    def remove(self, model) -> None:
+        for method in self.REGIONS.values():
+            model.__dict__.pop(method, None)
+
+    def _timed(self, region: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[region] = self.seconds.get(region, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+
 def _run(model, batch, steps, device, autocast_dtype=None):
     times, timers = [], {}
+    regions = RegionTimers()
+    regions.install(model)
     for i in range(steps + 1):  # first step is warm-up
-        model.timers = {}
+        regions.seconds = {}
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -52,9 +89,9 @@ def _run(model, batch, steps, device, autocast_dtype=None):
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-            for k, v in model.timers.items():
+            for k, v in regions.seconds.items():
                 timers[k] = timers.get(k, 0.0) + v
-    model.timers = None
+    regions.remove(model)
     step = sum(times) / len(times)
     return step, {k: v / len(times) / step for k, v in timers.items()}
 

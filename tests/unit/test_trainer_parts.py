@@ -323,3 +323,29 @@ def test_fault_injection_is_a_hook_outside_the_step_signature():
     loss = hook(x * 1.0)  # step 3: a finite loss with a NaN gradient
     loss.backward()
     assert loss.item() == 2.0 and torch.isnan(x.grad)
+
+
+def test_bench_timers_wrap_the_model_from_outside():
+    """The model has no timers (no cuda.synchronize in it); the bench's RegionTimers wraps
+    gather_embeddings and mine_itm_negatives of one instance and restores them."""
+    import inspect
+
+    from mmpretrain.config import load_config
+    from mmpretrain.models import PretrainModel, build_model
+    from mmpretrain.models.bench import RegionTimers
+
+    assert "synchronize" not in inspect.getsource(PretrainModel) and not hasattr(PretrainModel, "timers")
+    cfg = load_config(None, ["model.width=32", "model.depth=1", "model.num_heads=2", "model.embed_dim=16",
+                             "model.image_size=32", "model.patch_size=8", "model.max_text_length=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss, vocab_size=50).train()
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(1, 50, (4, 8)), torch.ones(4, 8, dtype=torch.long))
+    timers = RegionTimers()
+    timers.install(model)
+    model(*batch)["loss"].backward()
+    assert set(timers.seconds) == {"gather", "itm_mining"} and all(v >= 0 for v in timers.seconds.values())
+    timers.remove(model)
+    assert "gather_embeddings" not in model.__dict__ and "mine_itm_negatives" not in model.__dict__
+    before = dict(timers.seconds)
+    model(*batch)  # no longer timed
+    assert timers.seconds == before
