@@ -53,12 +53,6 @@ class ImageTower(nn.Module):
                 kw["img_size"] = cfg.image_size
             self.backbone = timm.create_model(cfg.image_backbone, pretrained=False, num_classes=0, **kw)
         self.proj = nn.Linear(self.backbone.num_features, cfg.width)
-        if cfg.image_pretrained:
-            if cfg.image_backbone == "small_cnn":
-                raise ValueError("model.image_pretrained needs a timm image_backbone, not small_cnn")
-            from mmpretrain.models.pretrained import load_timm_into_backbone
-
-            load_timm_into_backbone(self.backbone, cfg.image_pretrained)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         f = self.backbone.forward_features(pixels.to(self.proj.weight.dtype))

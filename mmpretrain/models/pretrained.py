@@ -1,5 +1,6 @@
-"""Initialise model parts from local pretrained checkpoints, at construction time (before any
-ZeRO-3 partitioning). Nothing here reaches a hub.
+"""Initialise model parts from local pretrained checkpoints: ``apply_pretrained(model, cfg)``,
+which ``build_model`` calls on the new model (before any ZeRO-3 partitioning). Nothing here
+reaches a hub.
 
 - ``image_pretrained``: a timm ViT checkpoint *file* (``.safetensors`` or a torch state dict,
   optionally wrapped in ``{"state_dict"|"model": ...}``). Copied into the unified model:
@@ -174,4 +175,29 @@ def load_timm_into_backbone(backbone, path: str) -> list[str]:
             _copy(own[k], v, k, copied)
     if not copied:
         raise ValueError(f"image_pretrained {path}: no tensor matched the image tower")
+    return copied
+
+
+def apply_pretrained(model, cfg) -> list[str]:
+    """Copy the local pretrained files ``cfg`` (``ModelConfig``) names into ``model``
+    (``PretrainModel``): ``image_pretrained`` / ``text_pretrained`` as the module docstring says
+    for the unified backbone; for ``dual_encoder``, every matching tensor into its timm image
+    tower. Returns the names copied (none without pretrained files).
+
+    The dual encoder's BERT text tower still loads ``text_pretrained`` in its constructor
+    (``load_bert_into_bert``): ``BertModel.from_pretrained`` draws from the global RNG, so loading
+    it here, after the projections and the fusion head were drawn, would change their random
+    initialisation."""
+    bb = model.backbone
+    copied: list[str] = []
+    if cfg.arch == "unified":
+        if cfg.image_pretrained:
+            copied += load_timm_vit(bb, cfg.image_pretrained)
+        if cfg.text_pretrained:
+            copied += load_bert(bb, cfg.text_pretrained)
+        return copied
+    if cfg.image_pretrained:
+        if cfg.image_backbone == "small_cnn":
+            raise ValueError("model.image_pretrained needs a timm image_backbone, not small_cnn")
+        copied += load_timm_into_backbone(bb.image_tower.backbone, cfg.image_pretrained)
     return copied

@@ -78,14 +78,6 @@ class UnifiedTransformer(nn.Module):
             Lx.init_weights(self.fusion_blocks)
             Lx.init_weights(self.fusion_norm)
         self.grad_checkpointing = cfg.grad_checkpointing
-        if cfg.image_pretrained:
-            from mmpretrain.models.pretrained import load_timm_vit
-
-            load_timm_vit(self, cfg.image_pretrained)
-        if cfg.text_pretrained:
-            from mmpretrain.models.pretrained import load_bert
-
-            load_bert(self, cfg.text_pretrained)
 
     # ------------------------------------------------------------------ stack
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, routes: list[str], n_image: int = 0,
