@@ -55,6 +55,10 @@ def _vit_name(width: int, depth: int, heads: int) -> str:
     return known.get((width, depth, heads), "vit_base_patch16_224")
 
 
+HYBRID_VIT = "vit_tiny_r_s16_p8_224"  # model.image_stem='resnet': the stem, then a patch_size/4 projection
+HYBRID_FIRST_CONV = "patch_embed.backbone.conv"
+
+
 def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(timm model name, kwargs, state dict) of the unified model's image path."""
     c = backbone.cfg
@@ -76,8 +80,8 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
         "cls_token": sd[ie + "cls_token"],
         # the image modality-type embedding is added to every token: fold it into the positions
         "pos_embed": sd[ie + "pos_embed"] + sd[ie + "type_embed"],
-        "patch_embed.proj.weight": sd[ie + "patch_embed.proj.weight"],
-        "patch_embed.proj.bias": sd[ie + "patch_embed.proj.bias"],
+        # patch stem: proj.*; resnet stem: backbone.conv / backbone.norm / proj (timm's hybrid names)
+        **{k[len(ie):]: v for k, v in sd.items() if k.startswith(ie + "patch_embed.")},
         "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
         "head.weight": sd["image_proj.proj.weight"],
         "head.bias": torch.zeros(c.embed_dim),
@@ -88,6 +92,9 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
             _, i, rest = k.split(".", 2)
             if rest.startswith(timm_block):  # image expert = the timm names; text/vl experts skipped
                 out[f"blocks.{i}.{rest}"] = v
+    if getattr(c, "image_stem", "patch") == "resnet":
+        # timm's R+ViT hybrid with the ResNetV2 stem only (layers=()), our sizes given explicitly
+        return HYBRID_VIT, dict(kwargs, patch_size=c.patch_size // 4), out
     return _vit_name(c.width, c.depth, c.num_heads), kwargs, out
 
 
@@ -116,6 +123,8 @@ def _save_timm(model, directory: Path, name: str, kwargs: dict, preprocessing: d
     cfg_path = directory / "config.json"
     written = json.loads(cfg_path.read_text())
     wcfg = written["pretrained_cfg"]
+    if name == HYBRID_VIT:  # the registered cfg names a stem.conv our stem-only backbone does not have
+        wcfg["first_conv"] = HYBRID_FIRST_CONV
     model_args = {k: v for k, v in written.get("model_args", args).items() if k != "num_classes"}
     num_classes = int(model.num_classes)
     config = {"architecture": name, "num_classes": num_classes, "num_features": int(model.num_features),

@@ -42,6 +42,9 @@ def vilt_unsupported(backbone) -> str | None:
     if getattr(c, "fusion_source", "inputs") == "towers":
         return ("model.fusion_source='towers': the fused pass runs dedicated fusion blocks over the unimodal "
                 "outputs, not ViLT's one stack over the input embeddings; ITM needs load_pretrained(...).score_pairs")
+    if getattr(c, "image_stem", "patch") != "patch":
+        return (f"model.image_stem={c.image_stem!r}: ViLT embeds linear patches, not a convolutional stem; "
+                "ITM needs load_pretrained(...).score_pairs")
     if getattr(c, "itm_readout", "image_cls") != "text_cls":
         return (f"model.itm_readout={getattr(c, 'itm_readout', 'image_cls')!r}: ViLT reads the fused *text* [CLS]; "
                 "ITM needs load_pretrained(...).score_pairs")

@@ -43,6 +43,8 @@ CONFIGS = {
     "tiny": ("tiny", [], True, False),  # fusion over the towers: no ViLT form
     "tiny+inputs_fusion": ("tiny", ["model.fusion_source=inputs"], True, True),  # ViLT's layout
     "vlmo_tiny": ("vlmo_tiny", [], True, False),
+    # the convolutional stem: timm's R+ViT hybrid (no ViLT form: ViLT embeds linear patches)
+    "tiny+resnet_stem": ("tiny", ["model.image_stem=resnet"], True, False),
     "dual_encoder_tiny": ("dual_encoder_tiny", [], False, False),  # small_cnn: no timm form
     "siamese_triplet": ("siamese_triplet", [], False, False),
     # the dual encoder with timm image backbones: the tower projection folded into timm's head
