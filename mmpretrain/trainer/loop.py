@@ -409,9 +409,19 @@ def evaluate(run: Run) -> None:
 
 def fit(run: Run, stop: StopRequest) -> None:
     """The step loop. Raises ``TrainingError`` when too many steps in a row were bad."""
+    batches = run.loader.infinite()
+    try:
+        _steps(run, stop, batches)
+    finally:
+        # the DataLoader workers end here, not whenever the stream is garbage-collected: after
+        # the end-of-run evaluation a reference cycle kept it alive to interpreter exit, where
+        # multiprocessing joins the workers after a SIGTERM they ignore, and the rank hung
+        batches.close()
+
+
+def _steps(run: Run, stop: StopRequest, batches) -> None:
     cfg, tcfg, c = run.cfg, run.cfg.train, run.counters
     samples_per_step = cfg.data.batch_size * tcfg.grad_accum_steps
-    batches = run.loader.infinite()
     steps_here = 0
     run.model.train()
     while c.step < tcfg.max_steps:
