@@ -102,7 +102,8 @@ def timm_pretrained_cfg(preprocessing: dict, num_classes: int, classifier: str, 
                         fixed_input_size: bool = True) -> dict:
     """The run's eval preprocessing as a timm ``pretrained_cfg``: ``resolve_data_config`` +
     ``create_transform`` then give shorter side -> image_size (bicubic), center crop,
-    ``(x/255 - mean) / std`` — our pixels exactly for square images (see docs/evaluation.md)."""
+    ``(x/255 - mean) / std`` — our eval pixels exactly, square or not
+    (``mmpretrain.data.transforms.resize_center_crop`` is that geometry)."""
     s = int(preprocessing["image_size"])
     return {"input_size": [3, s, s], "fixed_input_size": bool(fixed_input_size), "interpolation": "bicubic", "crop_pct": 1.0,
             "crop_mode": "center", "mean": [float(x) for x in preprocessing["mean"]],
@@ -168,7 +169,7 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
         raise NoStandardForm(
             "model.image_backbone='small_cnn' is not a timm architecture (strided convs with biases + GroupNorm(1)): "
             "no image_encoder/ and no image route in the sentence-transformers model; embed_images needs "
-            "load_pretrained (a timm image_backbone exports fully)")
+            "load_pretrained (a timm image_backbone such as the shipped configs' test_efficientnet_gn exports fully)")
     src = backbone.image_tower.backbone
     name = c.image_backbone
     base = {"img_size": c.image_size} if ("vit" in name or "deit" in name) else {}

@@ -1,9 +1,14 @@
 """Dual encoder (seeds 000, 001, 003, 004) behind the unified model's interface.
 
-- image tower: ``small_cnn`` (4 strided convs, GroupNorm, GELU — no BatchNorm, so results do not
-  depend on how the batch is split across ranks) or any timm backbone
-  (``timm.create_model(name, pretrained=False, num_classes=0)``; its ``forward_features`` map
-  or tokens, projected to ``width``).
+- image tower: any timm backbone (``timm.create_model(name, pretrained=False, num_classes=0)``;
+  its ``forward_features`` map or tokens, projected to ``width``), or ``small_cnn`` (4 strided
+  convs, GroupNorm, GELU; kept for older checkpoints: it has no timm form, so it does not export
+  to timm). The shipped configs use timm's ``test_efficientnet_gn`` (a 0.1 M-parameter
+  EfficientNet with GroupNorm: 5 stages, depthwise/inverted-residual blocks with
+  squeeze-excitation, stride 32, 256 features): like ``small_cnn`` it has no BatchNorm, so results
+  do not depend on how the batch is split across ranks, and it exports to timm / TimmWrapper /
+  sentence-transformers exactly (``mmpretrain.export.towers``). A BatchNorm backbone (``resnet50``)
+  trains with per-rank batch statistics.
 - text tower: ``transformers.BertModel`` built from a ``BertConfig`` (width, depth, heads).
 - ``encode_image`` / ``encode_text`` -> ``(tokens, emb)``; image emb from mean-pooled tokens,
   text emb from the mean over non-padding tokens (``pool: cls``: the [CLS] token); both L2-normalised projections to ``embed_dim``.
