@@ -19,8 +19,8 @@ with ``deepspeed.utils.zero_to_fp32``. Writes::
                                 (dual encoder); last_hidden_state = encode_text tokens
     OUT/image_encoder/          timm directory whose pretrained_cfg is the run's preprocessing; loads with
                                 timm.create_model("local-dir:...") and transformers.AutoModel (TimmWrapper);
-                                F.normalize(model(x)) = the image embedding (the shipped dual-encoder configs
-                                use timm's test_efficientnet_gn; the older small_cnn has no timm form).
+                                F.normalize(model(x)) = the image embedding (not for the dual encoder's
+                                small_cnn, which has no timm form; a timm image_backbone exports).
     OUT/itm/                    ViltForImageAndTextRetrieval, sigmoid(logits) = score_pairs (unified
                                 without experts, model.itm_readout=text_cls, model.fusion_source=inputs)
 

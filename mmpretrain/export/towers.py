@@ -169,7 +169,7 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
         raise NoStandardForm(
             "model.image_backbone='small_cnn' is not a timm architecture (strided convs with biases + GroupNorm(1)): "
             "no image_encoder/ and no image route in the sentence-transformers model; embed_images needs "
-            "load_pretrained (a timm image_backbone such as the shipped configs' test_efficientnet_gn exports fully)")
+            "load_pretrained (a timm image_backbone such as test_efficientnet_gn exports fully)")
     src = backbone.image_tower.backbone
     name = c.image_backbone
     base = {"img_size": c.image_size} if ("vit" in name or "deit" in name) else {}

@@ -2,12 +2,12 @@
 
 - image tower: any timm backbone (``timm.create_model(name, pretrained=False, num_classes=0)``;
   its ``forward_features`` map or tokens, projected to ``width``), or ``small_cnn`` (4 strided
-  convs, GroupNorm, GELU; kept for older checkpoints: it has no timm form, so it does not export
-  to timm). The shipped configs use timm's ``test_efficientnet_gn`` (a 0.1 M-parameter
-  EfficientNet with GroupNorm: 5 stages, depthwise/inverted-residual blocks with
-  squeeze-excitation, stride 32, 256 features): like ``small_cnn`` it has no BatchNorm, so results
-  do not depend on how the batch is split across ranks, and it exports to timm / TimmWrapper /
-  sentence-transformers exactly (``mmpretrain.export.towers``). A BatchNorm backbone (``resnet50``)
+  convs, GroupNorm, GELU; the shipped configs' tower: it has no timm form, so it does not export
+  to timm). timm's ``test_efficientnet_gn`` (a 0.1 M-parameter EfficientNet with GroupNorm) is
+  the exportable alternative: like ``small_cnn`` it has no BatchNorm, so results do not depend on
+  how the batch is split across ranks, and it exports to timm / TimmWrapper /
+  sentence-transformers exactly (``mmpretrain.export.towers``), but it learned 29 points of mean
+  recall less at 300 steps (docs/BENCHMARKS.md). A BatchNorm backbone (``resnet50``)
   trains with per-rank batch statistics.
 - text tower: ``transformers.BertModel`` built from a ``BertConfig`` (width, depth, heads).
 - ``encode_image`` / ``encode_text`` -> ``(tokens, emb)``; image emb from mean-pooled tokens,
