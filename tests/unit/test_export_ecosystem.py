@@ -41,10 +41,13 @@ TEXTS = ["a red circle left of a blue square", "two green stars on a striped bac
 CONFIGS = {
     # case: (config file, extra overrides, expects image_encoder/, expects itm/)
     "tiny": ("tiny", [], True, False),  # fusion over the towers: no ViLT form
-    "tiny+inputs_fusion": ("tiny", ["model.fusion_source=inputs"], True, True),  # ViLT's layout
+    # ViLT's layout: fused over the inputs, linear patches
+    "tiny+inputs_fusion": ("tiny", ["model.fusion_source=inputs", "model.image_stem=patch"], True, True),
     "vlmo_tiny": ("vlmo_tiny", [], True, False),
-    # the convolutional stem: timm's R+ViT hybrid (no ViLT form: ViLT embeds linear patches)
-    "tiny+resnet_stem": ("tiny", ["model.image_stem=resnet"], True, False),
+    # the default's convolutional stem is timm's R+ViT hybrid; the linear patch stem a plain ViT
+    "tiny+patch_stem": ("tiny", ["model.image_stem=patch"], True, False),
+    # no ViLT form for the resnet stem even when fused over the inputs (ViLT embeds linear patches)
+    "tiny+inputs_fusion+resnet_stem": ("tiny", ["model.fusion_source=inputs"], True, False),
     # the shipped dual-encoder configs keep small_cnn (it learns much better than the timm towers
     # tried, docs/BENCHMARKS.md): no timm form, named in not_exported
     "dual_encoder_tiny": ("dual_encoder_tiny", [], False, False),
@@ -381,7 +384,7 @@ def test_without_sentence_transformers_the_rest_is_exported_and_the_gap_named(sh
     from mmpretrain.export import st
 
     monkeypatch.setattr(st, "sentence_transformers_available", lambda: "sentence-transformers is not installed")
-    ckpt = _checkpoint("tiny", tmp_path / "run", shards, ["model.fusion_source=inputs"])
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards, ["model.fusion_source=inputs", "model.image_stem=patch"])
     logged: list[str] = []
     out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
     config = json.loads((out / "config.json").read_text())
