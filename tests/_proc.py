@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 _LIVE: list[subprocess.Popen] = []
 
@@ -61,3 +65,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_env() -> dict:
+    """Environment for torchrun children: one torch thread, the checkout importable, and no
+    ``ACCELERATE_USE_CPU`` left over from the caller."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def torchrun(log_dir: Path) -> list[str]:
+    """torchrun for 2 local ranks; with ``--redirects 1`` each rank's stdout goes to its own
+    ``<log_dir>/<run id>/attempt_0/<rank>/stdout.log`` (stderr stays on the pipe for failures)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--log-dir", str(log_dir), "--redirects", "1"]

@@ -8,15 +8,13 @@ Each rank's output is read from its own file (a wrapper's per-rank JSON, torchru
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import _proc
-from _exportutil import REPO, make_checkpoint, make_shards
+from _exportutil import make_checkpoint, make_shards
 
 from mmpretrain.evaluation import cli
 
@@ -32,18 +30,7 @@ def run(tmp_path_factory):
     return shards, make_checkpoint(root / "run", shards)
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def _torchrun(log_dir: Path) -> list[str]:
-    """torchrun for 2 local ranks; with ``--redirects 1`` each rank's stdout goes to its own
-    ``<log_dir>/<run id>/attempt_0/<rank>/stdout.log`` (stderr stays on the pipe for failures)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "--log-dir", str(log_dir), "--redirects", "1"]
+_env, _torchrun = _proc.rank_env, _proc.torchrun
 
 
 def _rank_stdout(log_dir: Path) -> dict[int, str]:

@@ -8,28 +8,15 @@ Each rank's output is read from its own file (a per-rank JSON, torchrun's per-ra
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
 import _proc
-from _exportutil import REPO
 
 pytestmark = pytest.mark.distributed
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def _torchrun(log_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "--log-dir", str(log_dir), "--redirects", "1"]
+_env, _torchrun = _proc.rank_env, _proc.torchrun
 
 
 RUNTIME_WRAPPER = r'''
