@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -61,7 +62,36 @@ def _resolve(cls: type, f: dataclasses.Field) -> Any:
     return hints[f.name]
 
 
+# Leaf names people carry over from other trainers -> ours (matched before spelling distance,
+# which would send ``optim.learning_rate`` to ``optim.min_lr_ratio``).
+_SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay", "decay": "weight_decay",
+    "bs": "batch_size", "batchsize": "batch_size", "warmup": "warmup_steps", "steps": "max_steps",
+    "num_steps": "max_steps", "total_steps": "max_steps", "clip_grad": "grad_clip",
+    "max_grad_norm": "grad_clip", "grad_norm": "grad_clip",
+}
+
+
+def _by_words(key: str, candidates: list[str]) -> str | None:
+    """A candidate the key names by a known synonym or by the initials of its words
+    (``learning_rate`` -> ``lr``), preferring the key's own section."""
+    section, _, leaf = key.rpartition(".")
+    words = [w for w in re.split(r"[_\-]+", leaf.lower()) if w]
+    wanted = [_SYNONYMS.get(leaf.lower())]
+    if len(words) > 1:
+        wanted.append("".join(w[0] for w in words))
+    for name in filter(None, wanted):
+        hits = [c for c in candidates if c.rsplit(".", 1)[-1] == name]
+        same = [c for c in hits if c.rpartition(".")[0] == section]
+        if same or len(hits) == 1:
+            return (same or hits)[0]
+    return None
+
+
 def _suggest(key: str, candidates: list[str]) -> str:
+    named = _by_words(key, candidates)
+    if named:
+        return f"; did you mean '{named}'?"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # try matching the last component only (typo in the leaf)
         leaf = key.rsplit(".", 1)[-1]

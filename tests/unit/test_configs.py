@@ -35,6 +35,10 @@ def test_dotted_overrides_and_bare_leaf():
     [
         ("data.batch_sise=3", "did you mean 'data.batch_size'"),
         ("modle.width=3", "did you mean 'model.width'"),
+        ("optim.learning_rate=3e-4", "did you mean 'optim.lr'"),  # initials / synonym, not spelling
+        ("learning_rate=3e-4", "did you mean 'optim.lr'"),
+        ("optim.wd=0.1", "did you mean 'optim.weight_decay'"),
+        ("eval.bs=8", "did you mean 'eval.batch_size'"),
         ("optim.lr=fast", "optim.lr"),
         ("data.batch_size=2.5", "data.batch_size"),
         ("train.tensorboard=maybe", "train.tensorboard"),
