@@ -51,7 +51,8 @@ def default_out_dir(checkpoint: Path, step: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmpretrain eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or export directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, export directory, or a run "
+                   "directory (its newest complete checkpoints/step_N)")
     p.add_argument("--shards", default=None, help="held-out shards (default: the checkpoint's data.val_shards)")
     p.add_argument("--out", default=None, help="output directory for metrics.json and the report")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -60,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
     from mmpretrain.evaluation.evaluate import run_evaluation
     from mmpretrain.export import ExportError, load_checkpoint
+    from mmpretrain.export.format import checkpoint_of_run
 
     try:
+        ckpt, from_run = checkpoint_of_run(args.checkpoint)
+        if from_run:
+            print(f"mmpretrain eval: {args.checkpoint} is a run directory; evaluating its newest checkpoint {ckpt}",
+                  file=sys.stderr)
+            args.checkpoint = str(ckpt)  # the default --out and the report name the checkpoint itself
         loaded = load_checkpoint(args.checkpoint)
         overrides = list(args.overrides) + ([f"data.val_shards={args.shards}"] if args.shards else [])
         cfg = _apply_overrides(loaded.cfg, overrides)

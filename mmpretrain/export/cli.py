@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mmpretrain.export.format import CKPT_META, FORMAT, ExportError, load_checkpoint
+from mmpretrain.export.format import CKPT_META, FORMAT, ExportError, checkpoint_of_run, load_checkpoint
 from mmpretrain.export.towers import NoStandardForm, export_image_tower, export_text_tower
 
 PROBE_TEXTS = ["a red circle left of a blue square", "two green stars", "a small yellow triangle above a hexagon"]
@@ -189,12 +189,17 @@ def _publish(tmp: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmpretrain export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run directory "
+                   "OUTPUT_DIR (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, force=args.force,
+        ckpt, from_run = checkpoint_of_run(args.checkpoint)
+        if from_run:
+            print(f"mmpretrain export: {args.checkpoint} is a run directory; exporting its newest checkpoint {ckpt}",
+                  file=sys.stderr)
+        out = export_checkpoint(ckpt, args.out, force=args.force,
                                 log=lambda line: print(f"mmpretrain export: {line}", file=sys.stderr))
     except ExportError as e:
         print(f"mmpretrain export: error: {e}", file=sys.stderr)

@@ -74,6 +74,22 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_of_run(path: str | Path) -> tuple[Path, bool]:
+    """``(checkpoint, from_run)``: ``path`` itself, or, for a run directory (one holding
+    ``checkpoints/``, no ``mmpretrain.json`` or ``config.json`` of its own), its newest complete
+    ``checkpoints/step_N`` with ``from_run`` True. A run directory without a complete checkpoint
+    raises ``ExportError`` naming it."""
+    path = Path(path)
+    if not path.is_dir() or (path / META_FILE).is_file() or (path / "config.json").is_file() \
+            or not (path / "checkpoints").is_dir():
+        return path, False
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise ExportError(f"{path} is a run directory with no complete checkpoint under {path / 'checkpoints'} "
+                          f"(a step_N directory with {META_FILE})")
+    return latest, True
+
+
 def read_meta(path: str | Path, required: dict[str, type] = REQUIRED_KEYS) -> dict:
     """The checked ``mmpretrain.json`` of checkpoint ``path``. Raises ``CheckpointError("<file>:
     ...")`` when it is missing, unreadable, not JSON, of another format, or lacks a required key.

@@ -171,6 +171,21 @@ def test_eval_rejects_a_path_that_is_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_of_a_run_directory_uses_its_newest_checkpoint(run, tmp_path, capsys):
+    shards, ckpt = run
+    rc = cli.main(["--checkpoint", str(ckpt.parent.parent), "--shards", f"{shards}/val-*.tar",
+                   "--out", str(tmp_path / "o"), "eval.num_examples=1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"evaluating its newest checkpoint {ckpt}" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 3
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    rc = cli.main(["--checkpoint", str(empty), "--shards", "x-*.tar", "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "run directory with no complete checkpoint" in err
+
+
 def test_eval_keys_repeated_across_shards_is_one_line_error(run, tmp_path, capsys):
     """Two shards holding the same keys: exit 2 with one line naming a repeated key and both
     shards (not a RuntimeError traceback blaming the loader)."""

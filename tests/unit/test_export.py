@@ -197,6 +197,25 @@ def test_config_mismatch_and_truncated_weights(exported, tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tmp").exists()
 
 
+def test_a_run_directory_exports_its_newest_complete_checkpoint(exported, tmp_path, capsys):
+    import shutil
+
+    ckpt, _ = exported
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run)
+    (run / "checkpoints" / "step_00000009").mkdir()  # incomplete: no mmpretrain.json
+    rc, err = _run_cli(["--checkpoint", str(run), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert f"exporting its newest checkpoint {run / 'checkpoints' / ckpt.name}" in err
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["step"] == 3 and config["source_checkpoint"] == str(run / "checkpoints" / ckpt.name)
+    empty = tmp_path / "empty"
+    (empty / "checkpoints" / "step_00000001").mkdir(parents=True)
+    rc, err = _run_cli(["--checkpoint", str(empty), "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "run directory with no complete checkpoint" in err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_existing_export_is_never_clobbered(exported, tmp_path, capsys):
     ckpt, _ = exported
     out = tmp_path / "out"
