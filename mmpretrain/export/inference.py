@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmpretrain.export.format import read_export
+from mmpretrain.export.format import META_FILE, ExportError, read_export
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -22,7 +22,8 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.T
 class Pretrained:
     """Inference on an exported model: no trainer, optimizer or GPU needed.
 
-    - ``embed_images(images)``: PIL images (resized/cropped as in evaluation) or tensors
+    - ``embed_images(images)``: PIL images or image file paths (``str`` / ``pathlib.Path``;
+      resized/cropped as in evaluation) or tensors
       (uint8 ``[3, H, W]``/``[B, 3, H, W]`` at the model's size, or already-normalised floats)
       -> L2-normalised ``[B, E]``.
     - ``embed_texts(texts)`` -> L2-normalised ``[B, E]``.
@@ -49,6 +50,8 @@ class Pretrained:
                 if isinstance(im, torch.Tensor):
                     tensors.append(im)
                     continue
+                if isinstance(im, (str, Path)):
+                    im = _open_image(im)
                 im = im.convert("RGB")
                 tensors.append(T.to_uint8_chw(T.resize_center_crop(im, size)))  # the eval rule
             if tensors and all(t.is_floating_point() for t in tensors):
@@ -72,13 +75,40 @@ class Pretrained:
 
     @torch.no_grad()
     def score_pairs(self, images, texts: list[str]) -> torch.Tensor:
+        """ITM match probability of each pair (``images[i]``, ``texts[i]``): float ``[B]`` in [0, 1].
+
+        ``images`` takes what ``embed_images`` takes (PIL images, file paths or tensors) and must
+        hold as many images as ``texts`` holds captions; the pairs are scored one to one (zip), not
+        all against all — for a ranking, score each candidate text with its image repeated. The
+        score is the softmax "match" class of the model's ITM head over one fused image-text pass
+        (for the default model, fused over the towers; see docs/model.md), so it ranks only as
+        well as that head learned to (README, "Where ITM stands")."""
         px = self.pixels(images)
         if px.shape[0] != len(texts):
             raise ValueError(f"score_pairs: {px.shape[0]} images but {len(texts)} texts")
         return self.model.itm_logits(px, *self.tokens(texts)).float().softmax(dim=-1)[:, 1]
 
 
+def _open_image(path: str | Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (OSError, ValueError) as e:  # missing file, not an image (PIL.UnidentifiedImageError)
+        raise ValueError(f"embed_images: cannot read image {path}: {e}") from None
+
+
 def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
-    """Rebuild an export directory (``mmpretrain export``) for inference."""
+    """Rebuild an export directory (``mmpretrain export``) for inference.
+
+    A training checkpoint (or a run directory) is not an export: that is an ``ExportError`` that
+    names the ``mmpretrain export`` command to run first."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and ((path / META_FILE).is_file() or (path / "checkpoints").is_dir()):
+        kind = "a training checkpoint" if (path / META_FILE).is_file() else "a training run directory"
+        raise ExportError(f"{path} is {kind}, not an export; export it first with "
+                          f"`mmpretrain export --checkpoint {path} --out DIR`, then load_pretrained(DIR)")
     model, tokenizer, config, preprocessing = read_export(path, device)
     return Pretrained(model, tokenizer, config, preprocessing, device)

@@ -66,6 +66,26 @@ def test_round_trip_gives_identical_embeddings_and_itm(exported):
     assert p.embed_images([im]).shape == (1, 16)
 
 
+def test_embed_images_and_score_pairs_take_file_paths(exported, tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    _, out = exported
+    p = load_pretrained(out)
+    ims = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 30), (10, 10, 200))]
+    ims[0].save(tmp_path / "a.png")
+    ims[1].save(tmp_path / "b.png")
+    want = p.embed_images(ims)
+    assert torch.equal(p.embed_images([str(tmp_path / "a.png"), Path(tmp_path / "b.png")]), want)
+    assert torch.equal(p.score_pairs([tmp_path / "a.png"], ["a red circle"]), p.score_pairs(ims[:1], ["a red circle"]))
+    with pytest.raises(ValueError, match="cannot read image"):
+        p.embed_images([tmp_path / "missing.jpg"])
+    from mmpretrain.export.inference import Pretrained
+
+    assert Pretrained.score_pairs.__doc__ and "probability" in Pretrained.score_pairs.__doc__
+
+
 def test_text_tower_loads_with_automodel_and_matches(exported):
     from transformers import AutoModel, AutoTokenizer
 
@@ -241,6 +261,15 @@ def test_existing_export_is_never_clobbered(exported, tmp_path, capsys):
 def test_loading_an_export_dir_that_is_not_one(tmp_path):
     with pytest.raises(ExportError):
         load_pretrained(tmp_path)
+
+
+def test_load_pretrained_of_a_checkpoint_names_the_export_command(exported):
+    ckpt, _ = exported
+    for path in (ckpt, ckpt.parent.parent):  # a checkpoint, its run directory
+        with pytest.raises(ExportError) as e:
+            load_pretrained(path)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"mmpretrain export --checkpoint {path} --out" in msg
 
 
 @pytest.mark.parametrize("damage", ["no_preprocessing", "preprocessing_lacks_std", "config_not_json"])
