@@ -177,3 +177,16 @@ def start_runtime(cfg: Config) -> runtime.Runtime:
 def zero_stage(accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return int(plugin.zero_stage) if plugin is not None else 0
+
+
+_MODE_NAMES = {"NO": "single process", "MULTI_CPU": "DDP", "MULTI_GPU": "DDP", "MULTI_XPU": "DDP",
+               "MULTI_NPU": "DDP", "MULTI_MLU": "DDP", "MULTI_HPU": "DDP", "FSDP": "FSDP", "XLA": "XLA"}
+
+
+def launch_mode(distributed_type: str, zero: int, world: int) -> str:
+    """The start-up line's words for a launch: ``single process``, ``DDP, 2 processes``,
+    ``DeepSpeed ZeRO-2, 8 processes`` (not Accelerate's enum names ``NO`` / ``MULTI_CPU`` /
+    ``DEEPSPEED``, which checkpoints record)."""
+    name = f"DeepSpeed ZeRO-{zero}" if distributed_type == "DEEPSPEED" else _MODE_NAMES.get(
+        distributed_type, distributed_type)
+    return name if world == 1 and name == "single process" else f"{name}, {world} process{'es' if world != 1 else ''}"

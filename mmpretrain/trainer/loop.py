@@ -387,10 +387,9 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
                       loss_scaling=tcfg.mixed_precision == "fp16",
                       loss_hook=fault_injection(tcfg, counters, last_rank=rank == world - 1))
     input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
-    logger.info(f"mmpretrain train: {accel.distributed_type_name(accelerator)}"
-                + (f" ZeRO-{accel.zero_stage(accelerator)}" if use_ds else "")
-                + f", {world} process(es), global batch {cfg.data.batch_size} x {tcfg.grad_accum_steps} "
-                f"accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
+    mode = accel.launch_mode(accel.distributed_type_name(accelerator), accel.zero_stage(accelerator), world)
+    logger.info(f"mmpretrain train: {mode} on {accelerator.device.type}, global batch {cfg.data.batch_size} x "
+                f"{tcfg.grad_accum_steps} accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
                 + (f", resumed from {ckpt.resume_from}" if ckpt.resume_from else ""))
     return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                loader=loader, tokenizer=tokenizer, vocab_size=vocab_size, counters=counters, ckpt=ckpt, logger=logger,

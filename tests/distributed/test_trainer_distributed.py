@@ -104,7 +104,7 @@ def test_zero2_with_accumulation_and_feature_cache_matches_one_process(tiny, tmp
     run, ref = tmp_path / "zero2", tmp_path / "ref"
     proc = launch("zero2", tiny, run, *accum)
     check_finished(proc, run, 6)
-    assert "DEEPSPEED ZeRO-2, 2 process(es), global batch 4 x 2 accumulation" in proc.stdout
+    assert "DeepSpeed ZeRO-2, 2 processes on cpu, global batch 4 x 2 accumulation" in proc.stdout
     assert run_train(tiny, ref, *accum, "train.emulate_world_size=2") == 0
     recs = metrics(run)
     assert [recs[s]["skipped"] for s in range(1, 7)] == [0, 0, 1, 0, 1, 0]
@@ -123,7 +123,7 @@ def test_zero3_stop_and_resume_matches_one_process(tiny, reference, tmp_path):
     nan = f"train.inject_nan_steps=[{NAN_STEP}]"
     proc = launch("zero3", tiny, run, nan, "train.stop_after_steps=3")
     check_finished(proc, run, 3)
-    assert "DEEPSPEED ZeRO-3, 2 process(es)" in proc.stdout
+    assert "DeepSpeed ZeRO-3, 2 processes" in proc.stdout
     proc = launch("zero3", tiny, run, nan, "train.resume=latest")
     check_finished(proc, run, 6)
     assert "resumed from" in proc.stdout

@@ -174,6 +174,20 @@ def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, mess
     assert not run.exists()
 
 
+def test_start_up_line_names_the_launch_in_words(tiny, tmp_path, capsys):
+    from mmpretrain.trainer.accel import launch_mode
+
+    assert launch_mode("NO", 0, 1) == "single process"
+    assert launch_mode("MULTI_CPU", 0, 2) == "DDP, 2 processes"
+    assert launch_mode("MULTI_GPU", 0, 8) == "DDP, 8 processes"
+    assert launch_mode("DEEPSPEED", 2, 2) == "DeepSpeed ZeRO-2, 2 processes"
+    assert launch_mode("DEEPSPEED", 3, 1) == "DeepSpeed ZeRO-3, 1 process"
+    assert run_train(tiny, tmp_path / "run", "train.max_steps=1", "train.eval_at_end=false") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "global batch" in ln)
+    assert line.startswith("mmpretrain train: single process on cpu, global batch "), line
+    assert "NO" not in line.split(",")[0]
+
+
 def test_launch_checks():
     from types import SimpleNamespace
 
