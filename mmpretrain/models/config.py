@@ -15,7 +15,7 @@ class ModelConfig:
     image_stem: str = "patch"
     """unified: how pixels become tokens. 'patch': a linear projection of each patch (ViT).
     'resnet': timm's R+ViT hybrid stem (7x7 stride-2 conv, GroupNorm, ReLU, stride-2 max-pool,
-    then a patch_size/4 strided conv; the same token grid), whose convolutions see shapes across
+    then a patch_size/4 strided conv; the same token grid), whose convolutions see across
     patch borders; exported as timm ``vit_tiny_r_s16_p8_224`` with the run's sizes."""
     width: int = 128
     depth: int = 4
