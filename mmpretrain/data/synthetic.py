@@ -12,7 +12,9 @@ from a different seed stream than the train split.
 
 Output (docs/ARCHITECTURE.md): ``DIR/train-NNNNNN.tar`` (1 caption per image),
 ``DIR/val-NNNNNN.tar`` (2 differently worded captions per image, two samples sharing
-``image_id``), ``DIR/manifest.json`` and ``DIR/tokenizer/`` trained on the train captions.
+``image_id``), ``DIR/manifest.json`` and ``DIR/tokenizer/`` trained on the train captions; with
+``num_classify`` also ``DIR/classify/`` (one object per image, labelled by shape and colour, for
+zero-shot classification; its own manifest and seed stream, see ``write_classify_split``).
 
 Sample json: ``image_id``, ``source``, ``width``, ``height``, ``caption_index``, the scene
 (``background``, ``texture``, ``objects``: shape, colour, size, grid ``row``/``col``, position
@@ -496,6 +498,95 @@ def make_sample(seed: int, split: str, index: int, image_size: int, num_captions
     return make_sample_plans(seed, split, index, image_size, num_captions)[:3]
 
 
+# ---------------------------------------------------------------------------------- classify split
+# A labelled split for zero-shot classification (mmpretrain.evaluation.classify): each image holds
+# ONE object; ``label`` is its shape (8 classes) and ``color`` its colour (10 classes). Image ``i``
+# draws shape ``i % 8`` and colour ``(i // 8) % 10`` (so 800 images hold every (shape, colour)
+# pair 10 times: both labellings are balanced) and everything else (background, texture, size,
+# cell, caption wording) from its own seed stream ``(seed, "classify", i)``: the train and val
+# draws are untouched, and the split lives in its own directory with its own manifest, so the
+# train/val shards and DIR/manifest.json are the same bytes with or without it.
+CLASSIFY_DIR = "classify"
+CLASSIFY_SPLIT = "classify"
+CLASSIFY_TEMPLATES: dict[str, list[str]] = {
+    # worded as the captions name one object ("A small red disc in the top left corner on a ...")
+    "label": ["a {}.", "an image of a {}.", "there is a {}.", "a {} on a plain background."],
+    # the colour of an object whatever its shape: one prompt per shape, averaged
+    "color": [f"a {{}} {shape}." for shape in SHAPES],
+}
+
+
+def make_classify_sample(seed: int, index: int, image_size: int):
+    """(JPEG bytes, metadata without image_id/source, caption, caption plan) of image ``index``
+    of the classify split; pure function. ``meta["label"]`` is the shape, ``meta["color"]`` the
+    colour of its one object."""
+    rng = sample_rng(seed, CLASSIFY_SPLIT, index)
+    shape = list(SHAPES)[index % len(SHAPES)]
+    color = list(COLORS)[(index // len(SHAPES)) % len(COLORS)]
+    rgb = COLORS[color][0]
+    backgrounds = [b for b, (bg, _) in BACKGROUNDS.items() if _distance(rgb, bg) >= MIN_CONTRAST]
+    background = rng.choice(backgrounds)
+    cell = image_size / 3.0
+    size = rng.choice(list(SIZES))
+    radius = SIZES[size][0] * cell / 2.0
+    slack = cell / 2.0 - radius
+    row, col = divmod(rng.randrange(9), 3)
+    cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+    cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+    scene = Scene(background, rng.choice(list(TEXTURES)), rng.randrange(2),
+                  [SceneObject(shape, color, size, row, col, cx, cy, radius)])
+    image = draw_scene(scene, image_size)
+    caption, plan = make_caption_plan(scene, rng)
+    meta = {"width": image_size, "height": image_size, "label": shape, "color": color,
+            "background": scene.background, "texture": scene.texture,
+            "objects": [o.to_json() for o in scene.objects]}
+    return encode_jpeg(image), meta, caption, plan
+
+
+def write_classify_split(out_dir: str | Path, num_images: int, seed: int = 0, image_size: int = 64,
+                         samples_per_shard: int = 512) -> dict | None:
+    """Write ``out_dir/classify/classify-NNNNNN.tar`` and ``out_dir/classify/manifest.json``
+    (its own manifest: ``splits.classify`` plus ``classify.labels`` = ``{field: {"classes",
+    "templates"}}``); returns that manifest. ``num_images`` 0 removes an earlier split."""
+    if num_images < 0:
+        raise ShardsError(f"--num-classify: must be >= 0 (got {num_images})")
+    out = Path(out_dir) / CLASSIFY_DIR
+    if num_images == 0:
+        if out.is_dir():
+            remove_stale_shards(out, CLASSIFY_SPLIT, set())
+            (out / "manifest.json").unlink(missing_ok=True)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(f"mmpretrain shards synthetic --num-classify {num_images} --seed {seed} "
+                            f"--samples-per-shard {samples_per_shard} --image-size {image_size}")
+    manifest["synthetic"] = {"seed": seed, "image_size": image_size, "jpeg_quality": JPEG_QUALITY}
+    manifest["classify"] = {"labels": {
+        "label": {"classes": list(SHAPES), "templates": CLASSIFY_TEMPLATES["label"], "what": "shape"},
+        "color": {"classes": list(COLORS), "templates": CLASSIFY_TEMPLATES["color"], "what": "colour"},
+    }}
+    entry = {"shards": [], "num_samples": 0, "num_images": num_images, "captions_per_image": 1, "skipped": {}}
+    manifest["splits"][CLASSIFY_SPLIT] = entry
+    shard: TarShard | None = None
+    with progress_bar(num_images, f"synthetic {CLASSIFY_SPLIT}", unit="image") as bar:
+        for i in range(num_images):
+            jpeg, meta, caption, plan = make_classify_sample(seed, i, image_size)
+            key = f"{CLASSIFY_SPLIT}-{i:08d}"
+            meta = {"image_id": key, "source": "synthetic", **meta, "caption_index": 0,
+                    "caption_plan": plan.to_json()}
+            if shard is None:
+                shard = TarShard(out / shard_name(CLASSIFY_SPLIT, len(entry["shards"])))
+            shard.add(key, sample_fields(jpeg, "jpg", caption, meta))
+            if shard.num_samples == samples_per_shard:
+                _close(shard, entry, out, manifest)
+                shard = None
+            bar.update(1)
+    if shard is not None:
+        _close(shard, entry, out, manifest)
+    remove_stale_shards(out, CLASSIFY_SPLIT, {s["file"] for s in entry["shards"]})
+    write_manifest(out, manifest)
+    return manifest
+
+
 # ---------------------------------------------------------------------------------- writing
 def _write_split(out: Path, split: str, num_images: int, num_captions: int, seed: int,
                  image_size: int, samples_per_shard: int, manifest: dict) -> list[str]:
@@ -538,11 +629,14 @@ def _close(shard: TarShard, entry: dict, out: Path, manifest: dict) -> None:
 
 def generate(out_dir: str, num_samples: int, num_val: int = 1000, seed: int = 0,
              samples_per_shard: int = 512, image_size: int = 64, vocab_size: int = 4096,
-             train_tokenizer: bool = True) -> dict:
+             train_tokenizer: bool = True, num_classify: int = 0) -> dict:
     """Write the synthetic train/val shards (+ tokenizer) into ``out_dir``; returns the manifest.
 
     ``num_samples`` train images with 1 caption each; ``num_val`` held-out images with 2
-    captions each (2 * num_val val samples).
+    captions each (2 * num_val val samples); ``num_classify`` > 0 also writes the labelled
+    one-object split ``out_dir/classify/`` (``write_classify_split``; the command line's
+    default is 800, this function's 0). The train/val shards and ``manifest.json`` do not
+    depend on ``num_classify``.
     """
     for flag, value, low in (("--num-samples", num_samples, 1), ("--num-val", num_val, 0),
                              ("--samples-per-shard", samples_per_shard, 1), ("--image-size", image_size, 16)):
@@ -568,4 +662,7 @@ def generate(out_dir: str, num_samples: int, num_val: int = 1000, seed: int = 0,
         from mmpretrain.data.tokenizer import train_tokenizer as train_wordpiece
 
         train_wordpiece(train_captions, str(out / "tokenizer"), vocab_size)
+    if num_classify > 0 or (out / CLASSIFY_DIR).is_dir():
+        write_classify_split(out, num_classify, seed=seed, image_size=image_size,
+                             samples_per_shard=samples_per_shard)
     return manifest

@@ -11,7 +11,12 @@ wrapping: every rank holds the full model) and ends it.
 Overrides apply to the checkpoint's own config (``eval.*``, ``data.batch_size``,
 ``data.num_workers``, ...). Writes ``metrics.json``, ``report.html`` and ``report.png`` into
 ``--out`` (default: ``RUN/eval/step_N`` beside the run's checkpoints) and prints the metrics
-JSON as its last line. The compositional test and the ITM accuracy on hard negatives
+JSON as its last line. ``--classify DIR`` adds zero-shot classification (an ImageFolder tree
+or shards whose sample json names the class in ``label``; ``mmpretrain shards synthetic``
+writes ``DIR/classify/``): top-1/top-5/per-class accuracy, contrastive and ITM re-scored,
+printed as a table, written to ``zero_shot.json`` and under ``"zero_shot"`` in
+``metrics.json`` (keyed by label field), and shown in the report; ``--classify-only`` skips the
+retrieval evaluation. The compositional test and the ITM accuracy on hard negatives
 (``eval.compositional``, ``eval.itm_hard_negatives``) are part of it; when one is skipped (no
 scene metadata in the shards, no trained ITM head) a one-line note goes to stderr. Bad input
 prints one line and exits 2.
@@ -54,8 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, export directory, or a run "
                    "directory (its newest complete checkpoints/step_N)")
     p.add_argument("--shards", default=None, help="held-out shards (default: the checkpoint's data.val_shards)")
-    p.add_argument("--out", default=None, help="output directory for metrics.json and the report")
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    p.add_argument("--out", default=None, help="output directory for metrics.json and the report "
+                   "(default: RUN/eval/step_N beside the checkpoints, PATH-eval for an export)")
+    p.add_argument("--classify", default=None, metavar="DIR",
+                   help="zero-shot classification set: an ImageFolder tree (one folder per class, "
+                   "underscores read as spaces) or labelled WebDataset shards (a directory, glob or brace "
+                   "pattern; e.g. shards/synthetic/classify) (default: eval.classify from the config, empty: none)")
+    p.add_argument("--label-field", default=None, metavar="F[,F...]",
+                   help="shards: sample-json field(s) holding the class name, comma-separated for several "
+                   "labellings (default: eval.classify_label_field, 'label'; the synthetic split also has 'color')")
+    p.add_argument("--templates", action="append", default=None, metavar="T",
+                   help="prompt template with {} for the class name, or a file of templates (one per line); "
+                   "repeat for several (default: eval.classify_templates, else the dataset manifest's templates, "
+                   "else 'a photo of a {}.', 'a picture of a {}.', 'an image of a {}.', 'a {}.')")
+    p.add_argument("--classify-only", action="store_true",
+                   help="only the zero-shot classification, no retrieval evaluation (default: both)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value; zero-shot settings: "
+                   "eval.classify_itm_k (default 5: ITM re-scores the top 5 classes; 0: off), "
+                   "eval.classify_itm_prompts (default mean: mean ITM log-odds over the templates; best: the "
+                   "prompt closest to the image), eval.classify_max_images (default 0: all), and "
+                   "eval.itm_rerank_score (default itm+itc), the combination rule shared with retrieval")
     args = p.parse_args(argv)
 
     from mmpretrain.config import ConfigError
@@ -72,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_checkpoint(args.checkpoint)
         overrides = list(args.overrides) + ([f"data.val_shards={args.shards}"] if args.shards else [])
         cfg = _apply_overrides(loaded.cfg, overrides)
+        if args.classify_only and not (args.classify or cfg.eval.classify):
+            raise ConfigError("--classify-only needs --classify DIR (or eval.classify)")
     except (ExportError, ConfigError) as e:
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
@@ -93,19 +118,70 @@ def _evaluate(args, cfg, loaded, runtime, run_evaluation) -> int:
     world = runtime.world_size
     if cfg.data.batch_size % world:
         cfg.data.batch_size += world - cfg.data.batch_size % world
+    from mmpretrain.evaluation import classify as classify_mod
+    from mmpretrain.evaluation import report as report_mod
+
+    path = args.classify or cfg.eval.classify
+    zero_shot = None
     try:
-        metrics = run_evaluation(model, cfg, runtime.accelerator, loaded.tokenizer, loaded.step, out,
-                                 checkpoint=args.checkpoint)
-    except ValueError as e:  # e.g. no shards match the pattern, a sample key in two shards
+        if path:  # first: bad input fails before the (longer) retrieval evaluation
+            zero_shot = _zero_shot(args, cfg, model, loaded.tokenizer, runtime, path, classify_mod)
+        if runtime.is_main:
+            sidecar = out / report_mod.ZERO_SHOT_FILE
+            if zero_shot is not None:  # the report written by run_evaluation shows it
+                out.mkdir(parents=True, exist_ok=True)
+                sidecar.write_text(json.dumps({"step": int(loaded.step), "checkpoint": str(args.checkpoint),
+                                               "zero_shot": zero_shot}, indent=2) + "\n")
+            elif sidecar.is_file():  # an earlier run's result is not this evaluation's
+                sidecar.unlink()
+        if args.classify_only:
+            metrics = {"step": int(loaded.step), "zero_shot": zero_shot, "world_size": world}
+        else:
+            metrics = run_evaluation(model, cfg, runtime.accelerator, loaded.tokenizer, loaded.step, out,
+                                     checkpoint=args.checkpoint)
+    except ValueError as e:  # e.g. no shards match the pattern, a sample key in two shards, a bad --classify
         print(f"mmpretrain eval: error: {e}", file=sys.stderr)
         return 2
+    if zero_shot is not None:
+        metrics["zero_shot"] = zero_shot
     if runtime.is_main:
+        if zero_shot is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            if args.classify_only and cfg.eval.report:
+                from mmpretrain.evaluation.evaluate import find_history
+
+                source = find_history(cfg, out, args.checkpoint)
+                report_mod.write_report(out, metrics, report_mod.read_history(source), {}, source)
+            for result in zero_shot.values():
+                print(classify_mod.format_table(result))
+                if "skipped" in result.get("itm", {}):
+                    print(f"mmpretrain eval: note: zero-shot ITM re-scoring skipped: {result['itm']['skipped']}",
+                          file=sys.stderr)
         for name in ("compositional", "itm_hard_negatives"):
             if isinstance(metrics.get(name), dict) and "skipped" in metrics[name]:
                 print(f"mmpretrain eval: note: {name} skipped: {metrics[name]['skipped']}", file=sys.stderr)
-        print(f"wrote {out / 'metrics.json'}" + (f", {out / 'report.html'}, {out / 'report.png'}" if cfg.eval.report else ""))
+        written = [out / "metrics.json"] + ([out / report_mod.ZERO_SHOT_FILE] if zero_shot is not None else [])
+        if cfg.eval.report:
+            written += [out / "report.html", out / "report.png"]
+        print("wrote " + ", ".join(str(w) for w in written))
         print(json.dumps(metrics))
     return 0
+
+
+def _zero_shot(args, cfg, model, tokenizer, runtime, path: str, classify_mod) -> dict:
+    """``{label field (or 'folder' for an ImageFolder tree): classify.zero_shot result}``."""
+    fields = [f.strip() for f in (args.label_field or cfg.eval.classify_label_field).split(",") if f.strip()]
+    templates, where = classify_mod.resolve_templates(cfg, args.templates)
+    results: dict = {}
+    for field in fields or [classify_mod.LABEL_FIELD]:
+        data = classify_mod.load_classify_set(path, field, int(cfg.eval.classify_max_images))
+        key = field if data.format == "shards" else "folder"
+        if key in results:
+            continue
+        results[key] = classify_mod.zero_shot(model, cfg, runtime.accelerator, tokenizer, data,
+                                              templates=templates, templates_from=where or "config")
+    return results
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,27 @@ class EvalConfig:
     """Images the compositional test uses, the first in key order (0: all)."""
     itm_hard_negatives: bool = True
     """ITM accuracy on positives and mined hard negatives of the held-out set."""
+    classify: str = ""
+    """Zero-shot classification set evaluated by ``mmpretrain eval`` (an ImageFolder tree or
+    labelled shards, see docs/evaluation.md; ``--classify DIR`` sets it; empty: none)."""
+    classify_label_field: str = "label"
+    """Sample-json field holding the class name in labelled shards (the synthetic split also
+    has ``color``)."""
+    classify_templates: list[str] = field(default_factory=list)
+    """Prompt templates (``{}`` = the class name; an entry may be a file of templates, one per
+    line). Empty: the dataset's own (its manifest), else the default set
+    (``classify.DEFAULT_TEMPLATES``)."""
+    classify_itm_k: int = 5
+    """Re-score the top-k classes of each image with the ITM head (0 disables); combined as
+    ``itm_rerank_score`` says."""
+    classify_itm_prompts: str = "mean"
+    """ITM log-odds of a class: 'mean' over its templates' prompts, or 'best' (the one prompt
+    closest to the image by cosine)."""
+    classify_max_images: int = 0
+    """Images classified, the first in key order (0: all)."""
 
     def __post_init__(self):
         if self.itm_rerank_score not in ("itm", "itm+itc"):
             raise ValueError(f"eval.itm_rerank_score: {self.itm_rerank_score!r} is not 'itm' or 'itm+itc'")
+        if self.classify_itm_prompts not in ("mean", "best"):
+            raise ValueError(f"eval.classify_itm_prompts: {self.classify_itm_prompts!r} is not 'mean' or 'best'")

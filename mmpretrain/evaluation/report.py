@@ -5,7 +5,10 @@ Both show the same things, in the order a person asks for them:
 2. the recall table (contrastive and ITM re-ranked),
    (HTML only) the compositional test per change kind (cosine and ITM accuracy beside the 50 %
    chance level, one example per kind) and the ITM accuracy on held-out hard negatives, or
-   a one-line note when they were skipped,
+   a one-line note when they were skipped, and (HTML only) the zero-shot classification
+   (top-1/top-5, mean per-class and chance, contrastive and ITM re-scored, then per class)
+   when ``metrics["zero_shot"]`` (or ``zero_shot.json`` beside the report, as
+   ``mmpretrain eval --classify`` writes it before the retrieval evaluation) holds it,
 3. example queries: caption -> top-5 images (right ones framed green, wrong ones red) and
    image -> top-5 captions (right ones green).
 
@@ -45,6 +48,19 @@ def read_history(path: str | Path | None) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def read_zero_shot(out_dir: str | Path, step) -> dict | None:
+    """The ``zero_shot`` results of ``out_dir/zero_shot.json`` when it was written for ``step``."""
+    path = Path(out_dir) / ZERO_SHOT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or (step is not None and data.get("step") != step):
+        return None
+    zs = data.get("zero_shot")
+    return zs if isinstance(zs, dict) else None
 
 
 def _curves(history: list[dict]) -> tuple[dict[str, tuple[list, list]], tuple[list, list]]:
@@ -173,6 +189,58 @@ def _quality_html(metrics: dict) -> list[str]:
     return parts
 
 
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+def zero_shot_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one labelling's zero-shot summary (accuracies in %)."""
+    header = ["scores", "top-1 (%)", "top-5 (%)", "mean per-class top-1 (%)"]
+    rows = [["contrastive (cosine to the class embedding)", _pct1(result.get("top1")), _pct1(result.get("top5")),
+             _pct1(result.get("mean_per_class"))]]
+    itm = result.get("itm") or {}
+    if "top1" in itm:
+        rows.append([f"ITM re-scored top {itm.get('k')} ({itm.get('score')}, {itm.get('prompts')} prompt)",
+                     _pct1(itm["top1"]), _pct1(itm.get("top5")), _pct1(itm.get("mean_per_class"))])
+    rows.append(["chance (uniform guess)", _pct1(result.get("chance_top1")), _pct1(result.get("chance_top5")),
+                 _pct1(result.get("chance_top1"))])
+    return header, rows
+
+
+def _pct1(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _zero_shot_html(metrics: dict) -> list[str]:
+    e = html.escape
+    zs = metrics.get("zero_shot")
+    if not isinstance(zs, dict) or not zs:
+        return []
+    parts = ["<h2 id='zero-shot'>Zero-shot classification</h2>",
+             "<p>Each class name is put into every prompt template; the class embedding is the "
+             "normalised mean of the template embeddings, and an image's class is the one whose "
+             "embedding is closest (ties count against the image). ITM re-scoring ranks the top k "
+             "classes by the fused ITM head's log-odds of the image with the class's prompts.</p>"]
+    for field, r in zs.items():
+        if not isinstance(r, dict) or "top1" not in r:
+            continue
+        parts.append(f"<h3>{e(str(field))}: {r.get('num_classes')} classes, {r.get('num_images')} images "
+                     f"({e(str(r.get('source')))})</h3>")
+        header, rows = zero_shot_rows(r)
+        parts.append(_html_table(header, rows))
+        itm = r.get("itm") or {}
+        if "skipped" in itm:
+            parts.append(f"<p class='note'>ITM re-scoring not run: {e(str(itm['skipped']))}.</p>")
+        parts.append(f"<p>Templates ({e(str(r.get('templates_from')))}): "
+                     + ", ".join(f"<code>{e(t)}</code>" for t in r.get("templates", [])) + "</p>")
+        per = r.get("per_class") or {}
+        ipc = itm.get("per_class") or {}
+        head = ["class", "images", "top-1 (%)", "top-5 (%)"] + (["ITM top-1 (%)"] if ipc else [])
+        body = [[c, str(v.get("n")), _pct1(v.get("top1")), _pct1(v.get("top5"))]
+                + ([_pct1(ipc.get(c, {}).get("top1"))] if ipc else []) for c, v in per.items()]
+        parts.append(_html_table(head, body))
+    return parts
+
+
 def _subtitle(metrics: dict) -> str:
     return (f"step {metrics.get('step', '?')} · {metrics.get('num_images', '?')} images, "
             f"{metrics.get('num_captions', '?')} captions · {metrics.get('world_size', 1)} process(es)")
@@ -298,6 +366,7 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         "<p>Ties count against the query: rank = number of wrong candidates scoring at least as high "
         "as the best right one. An image query is right if any of its captions is retrieved.</p>",
         *_quality_html(metrics),
+        *_zero_shot_html(metrics),
     ]
     if png_path is not None and Path(png_path).is_file():
         b64 = base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
@@ -325,6 +394,10 @@ def write_report(out_dir: str | Path, metrics: dict, history: list[dict], exampl
     """Write ``report.png`` then ``report.html`` (which embeds the PNG) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if "zero_shot" not in metrics:
+        zero_shot = read_zero_shot(out, metrics.get("step"))
+        if zero_shot:
+            metrics = {**metrics, "zero_shot": zero_shot}
     png, page = out / "report.png", out / "report.html"
     render_png(png, metrics, history, examples)
     steps = sum(1 for row in history if "loss" in row)
