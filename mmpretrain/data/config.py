@@ -39,10 +39,30 @@ class DataConfig:
     the whole image (every object and where it is), so a small crop makes them false."""
     resample: bool = False
     """Sample shards with replacement (infinite stream) instead of epochs."""
+    num_samples: int = 0
+    """Samples in the remote (http(s), s3, fsspec, pipe:) train shards that no manifest.json
+    lists, all sources together; the plan gives each such shard an even share instead of
+    counting it, which reads every one of them in full at start-up on every rank (0: count)."""
+    remote_retries: int = 5
+    """Retries of a failed remote shard read (connection drop, timeout, HTTP 5xx/429, a short
+    body), in a row without progress; each resumes at the byte offset reached. Then the rest of
+    the piece is skipped (counted as remote_read_failed, with a warning naming the URL)."""
+    remote_backoff_s: float = 1.0
+    """Wait before the first retry of a remote read; doubled for each further one in a row."""
+    remote_timeout_s: float = 30.0
+    """Socket timeout of remote reads, per operation (connect, each read)."""
 
     def __post_init__(self):
         scale = list(self.train_crop_scale)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
+        if self.num_samples < 0:
+            raise ValueError(f"data.num_samples must be >= 0, got {self.num_samples}")
+        if self.remote_retries < 0:
+            raise ValueError(f"data.remote_retries must be >= 0, got {self.remote_retries}")
+        if self.remote_backoff_s < 0:
+            raise ValueError(f"data.remote_backoff_s must be >= 0, got {self.remote_backoff_s}")
+        if not self.remote_timeout_s > 0:
+            raise ValueError(f"data.remote_timeout_s must be > 0, got {self.remote_timeout_s}")
         if self.train_crop not in ("random_resized", "center"):
             raise ValueError(f"data.train_crop: {self.train_crop!r} is not 'random_resized' or 'center'")

@@ -2,7 +2,8 @@
 
 Pipeline (see docs/data.md for the design and the numbers)::
 
-    sources --expand_sources--> shard URLs (+ per-shard sample counts: manifest or counted)  [shardio]
+    sources --expand_sources--> shard URLs (+ per-shard sample counts: manifest, the
+      data.num_samples hint (remote shards), or counted)                                    [shardio]
       --plan(seed, epoch)--> pieces of shards assigned to (rank, worker) slots, equal quotas  [plan]
       --worker: tar -> samples (raw checks, header + pixel guard) -> shuffle buffer (seeded)  [stream]
       --> decode + crop (uint8) -> tokenize -> batch (in the worker)
@@ -17,12 +18,17 @@ Balance: every rank gets ``floor(N / global_batch)`` batches per epoch, split ov
 what is left (< one global batch) is dropped and reported (``dropped_per_epoch``).
 
 Bad samples (corrupt or oversized image, missing/empty caption, missing image, bad json,
-duplicate key, truncated tar) are skipped, counted by reason and warned about at most once per
-reason per 30 s per process. A worker whose pieces run short (skips) re-reads its own pieces
+duplicate key, truncated tar, a remote read that failed for good) are skipped, counted by
+reason and warned about at most once per reason per 30 s per process. A worker whose pieces run short (skips) re-reads its own pieces
 (a *refill* pass) until it has its planned number of batches, so batch counts stay exact.
 
 Eval (``train=False``): no shuffle, center crop, last partial batch kept, each sample exactly
 once over all ranks and workers (ranks may differ in batch count).
+
+Remote shards (http(s), ``s3://`` and other fsspec URLs) are read by ``remote.RemoteFile``:
+a transient failure is retried with backoff and resumed at the byte offset reached, so the
+stream is exactly that of an uninterrupted read; retries are counted (``remote_retries``). A
+read whose retries are exhausted ends its piece like a truncated tar (``remote_read_failed``).
 
 Resume: ``state_dict()`` holds ``(epoch, batches consumed)`` plus, per worker, how many
 shuffle-buffer outputs it consumed, and the skip / refill counters up to the cursor; a resumed
@@ -41,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from mmpretrain.data.config import DataConfig
 from mmpretrain.data.plan import Plan, epoch_pieces, make_plan
+from mmpretrain.data.remote import IOStats, RemoteOptions
 from mmpretrain.data.shardio import UNREADABLE, expand_sources, shard_counts
 from mmpretrain.data.stream import EpochDataset, EpochSpec, ignore_stop_signals, unpack_batch
 
@@ -96,7 +103,15 @@ class ShardLoader:
             if not urls:
                 raise ValueError(f"{name}: no shards match {spec!r}")
         self.weights = weights
-        self.source_counts = [shard_counts(urls) for urls in self.source_urls]
+        self.remote = RemoteOptions.from_config(cfg)
+        self._io = IOStats()  # retries of the start-up reads (manifests, counting) in this process
+        flat = [u for urls in self.source_urls for u in urls]
+        counts = shard_counts(flat, remote=self.remote, stats=self._io, name=name, warn=rank == 0,
+                              num_samples=int(cfg.num_samples) if train else 0)
+        self.source_counts = []
+        for urls in self.source_urls:
+            self.source_counts.append(counts[:len(urls)])
+            counts = counts[len(urls):]
         self.unreadable_shards = {u: UNREADABLE[u] for urls in self.source_urls for u in urls if u in UNREADABLE}
         """Shards that are not readable tars (0 bytes, not a tar): no sample is read from them."""
         for url, why in self.unreadable_shards.items():
@@ -112,6 +127,8 @@ class ShardLoader:
         self._skipped_epoch: dict[int, dict] = {}
         self._refilled_past = 0
         self._refilled_epoch: dict[int, int] = {}
+        self._retries_past = 0
+        self._retries_epoch: dict[int, int] = {}
         self._plans: dict[int, Plan] = {}
         if self.train and self.batches_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the {self.num_samples} samples "
@@ -162,7 +179,7 @@ class ShardLoader:
         return {"epoch": self.epoch, "batches": self.batches_done, "seed": self.seed,
                 "world_size": self.world_size, "num_workers": self.slots_per_rank, "rank": self.rank,
                 "worker_raw": list(self._worker_raw) if self._worker_raw is not None else None,
-                "skipped": self.skipped, "refilled": self.refilled}
+                "skipped": self.skipped, "refilled": self.refilled, "remote_retries": self.remote_retries}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -185,6 +202,8 @@ class ShardLoader:
             self._skipped_epoch = {}
             self._refilled_past = int(state.get("refilled") or 0)
             self._refilled_epoch = {}
+            self._retries_past = int(state.get("remote_retries") or 0)
+            self._retries_epoch = {}
 
     # -- counters
     def _fold_skipped(self) -> None:
@@ -193,11 +212,19 @@ class ShardLoader:
         self._skipped_epoch = {}
         self._refilled_past += sum(self._refilled_epoch.values())
         self._refilled_epoch = {}
+        self._retries_past += sum(self._retries_epoch.values())
+        self._retries_epoch = {}
 
     @property
     def refilled(self) -> int:
         """Samples re-read (refill passes) to make up for skipped ones, all epochs so far."""
         return self._refilled_past + sum(self._refilled_epoch.values())
+
+    @property
+    def remote_retries(self) -> int:
+        """Remote reads retried on this rank (start-up reads and every worker, all epochs so far;
+        each one a network event: a replayed part of a resumed epoch counts its own)."""
+        return self._io.retries + self._retries_past + sum(self._retries_epoch.values())
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -222,7 +249,7 @@ class ShardLoader:
             max_pixels=cfg.max_image_pixels, train_crop=cfg.train_crop,
             train_crop_scale=tuple(cfg.train_crop_scale), shuffle_buffer=cfg.shuffle_buffer,
             skip_batches=skip_batches, skip_raw=skip_raw, rotate=done % k,
-            finished=frozenset(self._finished)))
+            finished=frozenset(self._finished), remote=self.remote))
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (from the cursor); then (train) the cursor moves to the next."""
@@ -248,6 +275,7 @@ class ShardLoader:
             self._worker_raw[w] = max(self._worker_raw[w], report.raw)
             epoch_skipped[w] = report.skipped
             self._refilled_epoch[w] = report.refilled
+            self._retries_epoch[w] = report.retries
             if report.end:
                 self._finished.add(w)
             if report.final:

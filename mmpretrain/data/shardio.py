@@ -3,12 +3,15 @@
 Everything here reads bytes; nothing decodes an image or knows about ranks, workers or batches.
 
 - ``expand_sources``: brace patterns, globs, directories, ``pipe:`` commands, fsspec URLs -> URLs;
-  ``open_url`` opens one.
+  ``open_url`` opens one (http(s) and fsspec URLs through ``remote.RemoteFile``: retried with
+  backoff, resumed at the byte offset reached).
 - ``iter_tar_members`` (a strict, fast reader for uncompressed tar streams) and
   ``iter_shard_samples``: one tar -> ``(index, sample dict)`` grouped by key as webdataset does,
   problems reported in-band (``"__bad__": reason``).
-- ``shard_counts``: samples per shard from ``manifest.json`` beside the shards, else counted from
-  the tar headers (``count_samples``; unreadable local shards are recorded in ``UNREADABLE``).
+- ``shard_counts``: samples per shard from ``manifest.json`` beside the shards, else (remote
+  shards) an even share of a ``num_samples`` hint, else counted from the tar headers
+  (``count_samples``: a full read of a remote shard; unreadable local shards are recorded in
+  ``UNREADABLE``).
 - ``stable_hash``: the 63-bit image-id hash that is the same in every process and run.
 """
 
@@ -23,6 +26,8 @@ import tarfile
 from typing import Any, Iterator
 from urllib.parse import urlparse
 from zlib import adler32
+
+from mmpretrain.data.remote import IOStats, RemoteFile, RemoteOptions, RemoteReadError, read_remote
 
 log = logging.getLogger("mmpretrain.data")
 
@@ -72,18 +77,17 @@ def expand_sources(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def open_url(url: str):
-    """A readable binary stream: webdataset's opener (local, ``pipe:``, http) or fsspec."""
+def open_url(url: str, remote: RemoteOptions | None = None, stats: IOStats | None = None):
+    """A readable binary stream: a local file, webdataset's opener for ``pipe:`` commands, or a
+    ``RemoteFile`` (http(s) and fsspec URLs: retries counted in ``stats``)."""
     scheme = urlparse(url).scheme
     if not url.startswith("pipe:") and (len(scheme) <= 1 or scheme == "file"):
         return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
-    if url.startswith("pipe:") or scheme in ("http", "https"):
+    if url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
+    return RemoteFile(url, remote, stats)
 
 
 def _split_name(name: str) -> tuple[str | None, str | None]:
@@ -185,17 +189,17 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
 _READ_BUFFER = 1 << 20  # local shards: 1 MiB reads instead of Python's default 8 KiB
 
 
-def _open_tar_stream(url: str):
+def _open_tar_stream(url: str, remote: RemoteOptions | None = None, stats: IOStats | None = None):
     if url.endswith((".gz", ".tgz")):
         import gzip
 
-        stream = open_url(url)
+        stream = open_url(url, remote, stats)
         return gzip.GzipFile(fileobj=stream, mode="rb"), stream
     scheme = urlparse(url).scheme
     if not url.startswith("pipe:") and (len(scheme) <= 1 or scheme == "file"):
         stream = open(url[len("file://"):] if url.startswith("file://") else url, "rb", buffering=_READ_BUFFER)
         return stream, stream
-    stream = open_url(url)
+    stream = open_url(url, remote, stats)
     return stream, stream
 
 
@@ -213,20 +217,28 @@ def _member_key(name: str) -> tuple[str | None, str | None]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int, dict]]:
+def iter_shard_samples(url: str, stop: int | None = None, *, remote: RemoteOptions | None = None,
+                       stats: IOStats | None = None) -> Iterator[tuple[int, dict]]:
     """(index, sample) for the samples of one tar, index = position of the key group.
 
     A sample is a dict ``{"__key__": key, ext: bytes, ...}``. Problems are reported in-band:
     a sample with ``"__bad__": reason`` (``duplicate_key``) and, when the tar ends early,
     a final ``(-1, {"__bad__": "truncated_tar"})``; the sample cut by the truncation is dropped.
+    A remote read that fails for good (``remote``'s retries exhausted) ends the shard the same
+    way with reason ``remote_read_failed``; retries are counted in ``stats``.
     Reading stops after index ``stop - 1`` when ``stop`` is given.
     """
-    f, raw = _open_tar_stream(url)
     seen: set[str] = set()
     cur: dict | None = None
     cur_key = None
     idx = -1
     truncated = False
+    reason = "truncated_tar"
+    try:
+        f, raw = _open_tar_stream(url, remote, stats)
+    except RemoteReadError:  # e.g. gzip's first read; warned about by RemoteFile
+        yield -1, {"__bad__": "remote_read_failed", "__key__": "", "__url__": url}
+        return
     try:
         try:
             for name, data in iter_tar_members(f):
@@ -249,17 +261,19 @@ def iter_shard_samples(url: str, stop: int | None = None) -> Iterator[tuple[int,
                 cur[ext] = data
         except (TruncatedTar, EOFError, OSError, ValueError) as e:
             truncated = True
-            log.debug("truncated tar %s: %s", url, e)
+            if isinstance(e, RemoteReadError):
+                reason = "remote_read_failed"  # the rest of the shard is skipped, as a truncated tar
+            log.debug("%s %s: %s", reason, url, e)
             # the members read so far are whole (a cut member is never yielded): the last sample
             # is kept when it has its image and caption (the cut fell after it), else it is the
-            # one sample the cut took, counted once as truncated_tar
+            # one sample the cut took, counted once as truncated_tar (remote_read_failed)
             if cur is not None and not ("txt" in cur and any(x in cur for x in IMAGE_EXTS)):
-                cur["__bad__"] = "truncated_tar"
+                cur["__bad__"] = reason
                 truncated = False
         if cur is not None:
             yield idx, cur
         if truncated:
-            yield -1, {"__bad__": "truncated_tar", "__key__": "", "__url__": url}
+            yield -1, {"__bad__": reason, "__key__": "", "__url__": url}
     finally:
         for obj in (f, raw) if f is not raw else (raw,):
             try:
@@ -273,9 +287,10 @@ UNREADABLE: dict[str, str] = {}
 about them and reports them as ``ShardLoader.unreadable_shards``)."""
 
 
-def count_samples(url: str) -> int:
+def count_samples(url: str, remote: RemoteOptions | None = None, stats: IOStats | None = None) -> int:
     """Number of samples (key groups) in one shard, read from its headers. A local file that is
-    not a readable tar counts 0 and is recorded in ``UNREADABLE``."""
+    not a readable tar counts 0 and is recorded in ``UNREADABLE``. A remote shard (or a
+    ``pipe:`` command) is read in full: a tar stream has no index."""
     n = 0
     if not is_remote(url):
         last = None
@@ -296,7 +311,7 @@ def count_samples(url: str) -> int:
             if n == 0:
                 UNREADABLE[url] = f"not a readable tar archive ({type(e).__name__}: {e})"
         return n
-    for idx, _ in iter_shard_samples(url):
+    for idx, _ in iter_shard_samples(url, remote=remote, stats=stats):
         n = max(n, idx + 1)
     return n
 
@@ -322,36 +337,66 @@ def shards_with_key(urls: list[str], key: str, limit: int = 2) -> list[str]:
 _MANIFEST_CACHE: dict[str, dict[str, int] | None] = {}
 
 
-def _manifest_counts(dir_url: str) -> dict[str, int] | None:
+def _manifest_counts(dir_url: str, remote: RemoteOptions | None = None,
+                     stats: IOStats | None = None) -> dict[str, int] | None:
+    """Samples per shard file name from ``DIR/manifest.json`` (a remote one is fetched with the
+    retry policy; one that does not exist is not retried), None without a usable manifest."""
     if dir_url not in _MANIFEST_CACHE:
         counts = None
+        path = os.path.join(dir_url, "manifest.json") if not is_remote(dir_url) else dir_url + "/manifest.json"
         try:
-            path = os.path.join(dir_url, "manifest.json") if not is_remote(dir_url) else dir_url + "/manifest.json"
-            if is_remote(path) or os.path.exists(path):
-                with open_url(path) as f:
-                    manifest = json.loads(f.read().decode("utf-8"))
+            if is_remote(path):
+                text = read_remote(path, remote, stats)
+            elif os.path.exists(path):
+                with open(path, "rb") as f:
+                    text = f.read()
+            else:
+                text = None
+            if text is not None:
+                manifest = json.loads(text.decode("utf-8"))
                 counts = {}
                 for split in manifest.get("splits", {}).values():
                     for shard in split.get("shards", []):
                         counts[os.path.basename(shard["file"])] = int(shard["num_samples"])
-        except Exception:  # noqa: BLE001 - no manifest: count the shards instead
+        except RemoteReadError as e:
+            log.warning("could not fetch %s (%s); the shards beside it are counted instead", path, e.cause)
+            counts = None
+        except Exception:  # noqa: BLE001 - no usable manifest: count the shards instead
             counts = None
         _MANIFEST_CACHE[dir_url] = counts
     return _MANIFEST_CACHE[dir_url]
 
 
-def shard_counts(urls: list[str]) -> list[int]:
-    """Samples per shard: ``manifest.json`` beside the shard when it lists it, else counted."""
-    out = []
-    for url in urls:
-        n = None
-        if not url.startswith("pipe:"):
-            d, base = url.rsplit("/", 1) if "/" in url else (".", url)
-            counts = _manifest_counts(d)
-            if counts is not None:
-                n = counts.get(base)
-        out.append(count_samples(url) if n is None else n)
-    return out
+def manifest_count(url: str, remote: RemoteOptions | None = None, stats: IOStats | None = None) -> int | None:
+    """The shard's sample count in ``manifest.json`` beside it, None when no manifest lists it."""
+    if url.startswith("pipe:"):
+        return None
+    d, base = url.rsplit("/", 1) if "/" in url else (".", url)
+    counts = _manifest_counts(d, remote, stats)
+    return None if counts is None else counts.get(base)
+
+
+def shard_counts(urls: list[str], *, remote: RemoteOptions | None = None, stats: IOStats | None = None,
+                 num_samples: int = 0, name: str = "shards", warn: bool = True) -> list[int]:
+    """Samples per shard: ``manifest.json`` beside the shard when it lists it; else, for remote
+    shards and ``pipe:`` commands, an even share of ``num_samples`` when it is given (the first
+    ``num_samples % k`` of the ``k`` such shards one more), else counted (``count_samples``:
+    remote shards are read in full, once, here)."""
+    out: list[int | None] = [manifest_count(u, remote, stats) for u in urls]
+    unlisted = [i for i, (u, n) in enumerate(zip(urls, out)) if n is None and is_remote(u)]
+    if unlisted and num_samples > 0:
+        k = len(unlisted)
+        for j, i in enumerate(unlisted):
+            out[i] = num_samples // k + (1 if j < num_samples % k else 0)
+        if warn:
+            log.info("%s: %d remote shards are in no manifest.json; planned with data.num_samples=%d "
+                     "(%d to %d per shard), not counted", name, k, num_samples, num_samples // k,
+                     -(-num_samples // k))
+    elif unlisted and warn:
+        log.warning("%s: %d remote shards are in no manifest.json; counting their samples reads each one "
+                    "in full, once, now (on every rank); set data.num_samples (or serve a manifest.json "
+                    "beside them) to plan without that pass", name, len(unlisted))
+    return [count_samples(u, remote, stats) if n is None else n for u, n in zip(urls, out)]
 
 
 def stable_hash(value: Any) -> int:

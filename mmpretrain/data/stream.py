@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.plan import Piece, Plan
+from mmpretrain.data.remote import IOStats, RemoteOptions
 from mmpretrain.data.shardio import IMAGE_EXTS, hash_text, iter_shard_samples, stable_hash
 from mmpretrain.data.tokenizer import tokenize_np
 from mmpretrain.data.transforms import BadSample, decode_and_crop_hwc
@@ -150,6 +151,8 @@ class EpochSpec:
     """Resume in the same process: the slots whose stream end was consumed (a report with
     ``end``). They yield only an empty final report: replaying them would count the skips read
     after their last batch (eval: the tail of the last shard) a second time."""
+    remote: RemoteOptions = RemoteOptions()
+    """Retry policy of remote shard reads (http(s), fsspec)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +172,9 @@ class WorkerReport:
     end: bool = False
     """The worker's stream was read to its end before this item (its final item; an eval
     worker's last, partial batch): the counters include the skips read after ``raw``."""
+    retries: int = 0
+    """Remote reads retried so far this epoch by this worker (every retry, a replayed part too:
+    they are network events, not properties of the data)."""
 
 
 class StreamItem(NamedTuple):
@@ -191,6 +197,7 @@ class _Worker:
         self.good = 0
         self.refilled = 0
         self.raw_pos = 0
+        self.io = IOStats()  # remote read retries of this worker
         # True while a resumed worker replays what was consumed before the checkpoint: those
         # skips and refills are already in the loader's restored counters (state_dict)
         self.replaying = False
@@ -233,7 +240,7 @@ class _Worker:
         """The samples of the pieces that pass ``check_sample``, in shard order."""
         spec = self.spec
         for piece in pieces:
-            for idx, sample in iter_shard_samples(piece.url, stop=piece.stop):
+            for idx, sample in iter_shard_samples(piece.url, stop=piece.stop, remote=spec.remote, stats=self.io):
                 if idx >= 0 and idx not in piece:
                     continue
                 try:
@@ -342,7 +349,8 @@ class _Worker:
             yield self._collate(buf, pixels[:len(buf)].copy(), end=True)
 
     def _report(self, final: bool = False, end: bool = False) -> WorkerReport:
-        return WorkerReport(self.wid, self.raw_pos, dict(self.skipped), self.refilled, final, end or final)
+        return WorkerReport(self.wid, self.raw_pos, dict(self.skipped), self.refilled, final, end or final,
+                            self.io.retries)
 
     def _final(self) -> StreamItem:
         return StreamItem(None, self._report(final=True))

@@ -1,0 +1,285 @@
+"""Remote shards against real servers on 127.0.0.1: an HTTP server with Range support and
+injected faults, and moto's standalone S3 server; plus ``pipe:`` commands.
+
+A read that a retry recovers must give exactly the stream of local files (same samples, same
+order, same pixels); retries are counted; exhausted retries skip the rest of the piece with a
+count and a warning naming the URL, and the batch count per rank stays exact.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import re
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+from _shardutil import caption_for, write_test_shards
+from mmpretrain.data import remote as remote_mod
+from mmpretrain.data import shardio
+from mmpretrain.data.config import DataConfig
+from mmpretrain.data.loader import ShardLoader
+from mmpretrain.data.tokenizer import train_tokenizer
+
+NUM_SHARDS, PER_SHARD = 4, 12  # 48 samples, 6 global batches of 8
+
+
+class FaultyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.root`` with ``Range: bytes=A-`` support. ``server.faults[name]`` is a list
+    of actions consumed one per GET of that file: ``("503",)``, ``("drop", n)`` (send the headers
+    of the full body, then ``n`` bytes, then reset the connection), ``("truncate", n)`` (the same,
+    closed cleanly), ``("slow", seconds)`` (wait before answering)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        name = self.path.lstrip("/")
+        rng = self.headers.get("Range")
+        with srv.lock:
+            srv.log.append((name, rng))
+            actions = srv.faults.get(name)
+            action = actions.pop(0) if actions else None
+        if action and action[0] == "slow":
+            time.sleep(action[1])
+        path = os.path.join(srv.root, name)
+        if not os.path.isfile(path):
+            self._reply(404, b"not found")
+            return
+        if action and action[0] == "503":
+            self._reply(503, b"busy")
+            return
+        data = open(path, "rb").read()
+        start = 0
+        if rng:
+            m = re.fullmatch(r"bytes=(\d+)-", rng)
+            start = int(m.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        if action and action[0] in ("drop", "truncate"):
+            self.wfile.write(body[:action[1]])
+            self.wfile.flush()
+            if action[0] == "drop":  # RST instead of FIN, once the client has had the bytes
+                time.sleep(0.1)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.shutdown(socket.SHUT_RDWR) if action[0] == "truncate" else None
+            self.connection.close()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def _reply(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class FaultyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root):
+        super().__init__(("127.0.0.1", 0), FaultyHandler)
+        self.root, self.faults, self.log, self.lock = root, {}, [], threading.Lock()
+
+    def handle_error(self, request, client_address):  # a client that gave up (timeouts): quiet
+        pass
+
+    def url(self, name=""):
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("remote_shards"))
+    write_test_shards(d, NUM_SHARDS, PER_SHARD)  # with manifest.json
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer([caption_for(i) for i in range(100)], str(tmp_path_factory.mktemp("tok")), 120)
+
+
+@pytest.fixture()
+def server(shard_dir):
+    srv = FaultyServer(shard_dir)
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    shardio._MANIFEST_CACHE.clear()
+    remote_mod._last_warning.clear()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def cfg_for(shards, **kw):
+    base = dict(train_shards=[shards] if isinstance(shards, str) else shards, batch_size=8, num_workers=0,
+                image_size=12, shuffle_buffer=8, max_length=12, remote_retries=3, remote_backoff_s=0.01,
+                remote_timeout_s=2.0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def epoch(cfg, tok, rank=0, world=1):
+    ld = ShardLoader(cfg, tok, rank=rank, world_size=world, seed=7)
+    return ld, list(ld)
+
+
+def same_stream(a, b):
+    assert [x["keys"] for x in a] == [y["keys"] for y in b]
+    assert all(torch.equal(x["pixels"], y["pixels"]) and torch.equal(x["input_ids"], y["input_ids"])
+               for x, y in zip(a, b))
+
+
+PATTERN = "train-{000000..%06d}.tar" % (NUM_SHARDS - 1)
+
+
+@pytest.fixture(scope="module")
+def local_ref(shard_dir, tok):
+    return {w: epoch(cfg_for(os.path.join(shard_dir, PATTERN), num_workers=w), tok)[1] for w in (0, 2)}
+
+
+def test_http_and_pipe_streams_equal_local(server, shard_dir, tok, local_ref):
+    ld, got = epoch(cfg_for(server.url(PATTERN), num_workers=2), tok)
+    assert len(got) == 6
+    same_stream(got, local_ref[2])
+    assert ld.remote_retries == 0 and ld.skipped == {}
+    # the counts came from the served manifest: one request for it, none to count the shards
+    assert [n for n, _ in server.log].count("manifest.json") == 1
+    pipes = [f"pipe:cat {os.path.join(shard_dir, f'train-{i:06d}.tar')}" for i in range(NUM_SHARDS)]
+    same_stream(epoch(cfg_for(pipes), tok)[1], local_ref[0])
+
+
+@pytest.mark.parametrize("fault", ["drop", "truncate"])
+def test_a_recovered_mid_shard_failure_gives_exactly_the_local_stream(server, tok, local_ref, fault):
+    server.faults["train-000001.tar"] = [(fault, 5000)]
+    ld, got = epoch(cfg_for(server.url(PATTERN)), tok)
+    same_stream(got, local_ref[0])
+    assert ld.remote_retries == 1 and ld.skipped == {}
+    # the retry asked for the rest only, from the byte offset reached
+    ranges = [r for n, r in server.log if n == "train-000001.tar" and r]
+    assert len(ranges) == 1 and 0 < int(ranges[0][len("bytes="):-1]) <= 5000, ranges
+
+
+def test_503_twice_then_ok_counts_two_retries(server, tok, local_ref):
+    server.faults["train-000002.tar"] = [("503",), ("503",)]
+    ld, got = epoch(cfg_for(server.url(PATTERN), num_workers=2), tok)
+    same_stream(got, local_ref[2])
+    assert ld.remote_retries == 2 and ld.skipped == {}
+    assert ld.state_dict()["remote_retries"] == 2
+
+
+def test_exhausted_retries_skip_the_piece_with_a_warning_and_a_count(server, tok, caplog):
+    """Every read of one shard breaks right after the headers: after its retries, the rest of it is
+    skipped and counted; both ranks still get the same, planned number of batches (refill)."""
+    name = "train-000003.tar"
+    server.faults[name] = [("drop", 0)] * 100
+    cfg = cfg_for(server.url(PATTERN), remote_retries=2)
+    with caplog.at_level(logging.WARNING, logger="mmpretrain.data"):
+        results = [epoch(cfg, tok, rank=r, world=2) for r in range(2)]
+    counts = [len(b) for _, b in results]
+    assert counts == [results[0][0].batches_per_epoch] * 2 == [6, 6]
+    keys = [k for _, bs in results for b in bs for k in b["keys"]]
+    assert not {f"{n:09d}" for n in range(3 * PER_SHARD, 4 * PER_SHARD)} & set(keys)  # the failing shard's
+    skipped = sum(ld.skipped.get("remote_read_failed", 0) for ld, _ in results)
+    assert skipped >= 1
+    assert sum(ld.refilled for ld, _ in results) > 0
+    # one rank read the failing shard's pieces: 3 attempts per read (1 + 2 retries)
+    assert sum(ld.remote_retries for ld, _ in results) >= 2
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert server.url(name) in text and "after 3 attempts" in text, text
+
+
+def test_a_stalled_server_times_out_instead_of_hanging(server, tok, caplog):
+    name = "train-000000.tar"
+    server.faults[name] = [("slow", 3.0)] * 2
+    cfg = cfg_for(server.url(PATTERN), remote_retries=1, remote_timeout_s=0.3)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mmpretrain.data"):
+        ld, got = epoch(cfg, tok)
+    assert time.monotonic() - t0 < 2.5
+    assert len(got) == ld.batches_per_epoch == 6
+    assert ld.skipped == {"remote_read_failed": 1} and ld.remote_retries == 1
+    assert server.url(name) in caplog.text and "TimeoutError" in caplog.text
+
+
+def test_counts_without_a_manifest_and_the_num_samples_hint(server, shard_dir, tok, tmp_path, caplog):
+    """No manifest: counting reads every shard in full (warned); data.num_samples plans without
+    any request."""
+    os.rename(os.path.join(shard_dir, "manifest.json"), str(tmp_path / "m.json"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mmpretrain.data"):
+            ld = ShardLoader(cfg_for(server.url(PATTERN)), tok, rank=0, world_size=1, seed=7)
+        assert ld.source_counts == [[PER_SHARD] * NUM_SHARDS]
+        assert "reads each one in full" in caplog.text and "data.num_samples" in caplog.text
+        assert sum(n.endswith(".tar") for n, _ in server.log) == NUM_SHARDS
+        server.log.clear()
+        shardio._MANIFEST_CACHE.clear()
+        ld = ShardLoader(cfg_for(server.url(PATTERN), num_samples=46), tok, rank=0, world_size=1, seed=7)
+        assert ld.source_counts == [[12, 12, 11, 11]] and ld.batches_per_epoch == 5
+        assert not any(n.endswith(".tar") for n, _ in server.log)  # only manifest.json was asked for
+        assert len(list(ld)) == 5
+    finally:
+        os.rename(str(tmp_path / "m.json"), os.path.join(shard_dir, "manifest.json"))
+
+
+def test_a_missing_remote_shard_is_skipped_without_retries(server, tok):
+    f = remote_mod.RemoteFile(server.url("nope.tar"), remote_mod.RemoteOptions(retries=3, backoff_s=0.01))
+    with pytest.raises(remote_mod.NotFound, match="HTTP 404"):
+        f.read()
+    assert f.stats.retries == 0
+    assert remote_mod.read_remote(server.url("nope.json")) is None
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(shard_dir):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="shards")
+        for name in sorted(os.listdir(shard_dir)):
+            s3.upload_file(os.path.join(shard_dir, name), "shards", f"train/{name}")
+        yield "s3://shards/train"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()
+
+
+def test_s3_stream_equals_local(s3_bucket, tok, local_ref):
+    shardio._MANIFEST_CACHE.clear()
+    ld, got = epoch(cfg_for(f"{s3_bucket}/{PATTERN}", num_workers=2), tok)
+    same_stream(got, local_ref[2])
+    assert ld.source_counts == [[PER_SHARD] * NUM_SHARDS]  # from the manifest in the bucket
+    assert ld.remote_retries == 0 and ld.skipped == {}
+    assert shardio.expand_sources(f"{s3_bucket}/train-*.tar") == [f"{s3_bucket}/train-{i:06d}.tar"
+                                                                  for i in range(NUM_SHARDS)]
