@@ -21,12 +21,18 @@ def _parser() -> argparse.ArgumentParser:
         "synthetic",
         help="procedurally drawn image-caption pairs (train + val splits) and their tokenizer",
         description="Write DIR/train-NNNNNN.tar (1 caption per image), DIR/val-NNNNNN.tar (2 captions "
-        "per image), DIR/manifest.json and DIR/tokenizer/ (WordPiece trained on the train captions).",
+        "per image), DIR/manifest.json, DIR/tokenizer/ (WordPiece trained on the train captions) and "
+        "DIR/classify/ (one object per image, json 'label' = its shape, 'color' = its colour: the zero-shot "
+        "classification set of `mmpretrain eval --classify DIR/classify`; its own manifest and seed stream, "
+        "so the train/val shards do not depend on it).",
     )
     syn.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/synthetic")
     syn.add_argument("--num-samples", type=int, required=True, metavar="N", help="train images (1 caption each)")
     syn.add_argument("--num-val", type=int, default=1000, metavar="N",
                      help="held-out images, 2 captions each (default: 1000; 0: no val split)")
+    syn.add_argument("--num-classify", type=int, default=800, metavar="N",
+                     help="images of the labelled one-object split DIR/classify/ (default: 800, every "
+                     "(shape, colour) pair 10 times; 0: none)")
     syn.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default: 0)")
     syn.add_argument("--samples-per-shard", type=int, default=512, metavar="K", help="default: 512")
     syn.add_argument("--image-size", type=int, default=64, metavar="PX", help="square image side (default: 64)")
@@ -98,8 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, args.num_samples, num_val=args.num_val, seed=args.seed,
                 samples_per_shard=args.samples_per_shard, image_size=args.image_size,
                 vocab_size=args.vocab_size, train_tokenizer=not args.no_tokenizer,
+                num_classify=args.num_classify,
             )
             print(_summary(manifest, args.out, [s for s in ("train", "val") if s in manifest["splits"]]))
+            if args.num_classify > 0:
+                from mmpretrain.data.shardwriter import read_manifest
+                from mmpretrain.data.synthetic import CLASSIFY_DIR
+
+                classify_dir = f"{args.out.rstrip('/')}/{CLASSIFY_DIR}"
+                print(_summary(read_manifest(classify_dir), classify_dir, ["classify"]))
         else:
             from mmpretrain.data.build import BuildOptions, build
 

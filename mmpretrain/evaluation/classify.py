@@ -35,9 +35,9 @@ the per-class top-1 accuracies, CLIP_benchmark's "mean per-class recall"), ``per
 
 **ITM re-scoring** (unified arch or any model with a trained ITM head): the top
 ``eval.classify_itm_k`` classes of each image by cosine are re-scored with the fused ITM head,
-log-odds ``logit[match] - logit[no match]`` of the image with the class's prompts: the mean
-over all templates (``eval.classify_itm_prompts: mean``, the default) or of the one template
-whose prompt embedding is closest to the image (``best``). The combination rule is the
+log-odds ``logit[match] - logit[no match]`` of the image with the class's prompt whose
+embedding is closest to the image (``eval.classify_itm_prompts: best``, the default: k fused
+passes per image), or the mean over all its templates' prompts (``mean``: k x templates passes). The combination rule is the
 retrieval re-ranking's ``eval.itm_rerank_score``: ``itm+itc`` adds the contrastive logit
 (``logit_scale`` x the class cosine), ``itm`` uses the log-odds alone (and a model trained with
 ``model.itm_contrastive_prior`` falls back to ``itm``, as in the retrieval evaluation). The

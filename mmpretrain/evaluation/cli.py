@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the zero-shot classification, no retrieval evaluation (default: both)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value; zero-shot settings: "
                    "eval.classify_itm_k (default 5: ITM re-scores the top 5 classes; 0: off), "
-                   "eval.classify_itm_prompts (default mean: mean ITM log-odds over the templates; best: the "
-                   "prompt closest to the image), eval.classify_max_images (default 0: all), and "
+                   "eval.classify_itm_prompts (default best: the ITM log-odds of the class prompt closest to "
+                   "the image; mean: their mean over the templates), eval.classify_max_images (default 0: all), and "
                    "eval.itm_rerank_score (default itm+itc), the combination rule shared with retrieval")
     args = p.parse_args(argv)
 

@@ -42,9 +42,10 @@ class EvalConfig:
     classify_itm_k: int = 5
     """Re-score the top-k classes of each image with the ITM head (0 disables); combined as
     ``itm_rerank_score`` says."""
-    classify_itm_prompts: str = "mean"
-    """ITM log-odds of a class: 'mean' over its templates' prompts, or 'best' (the one prompt
-    closest to the image by cosine)."""
+    classify_itm_prompts: str = "best"
+    """ITM log-odds of a class: 'best', of the one prompt of the class closest to the image by
+    cosine (k fused passes per image), or 'mean' over all its templates' prompts (k x templates
+    passes)."""
     classify_max_images: int = 0
     """Images classified, the first in key order (0: all)."""
 
