@@ -208,6 +208,57 @@ def expand_key(key: str) -> str:
     raise ConfigError(f"unknown config key '{key}'" + _suggest(key, keys))
 
 
+def _split_top_level(text: str) -> list[str]:
+    """``a, b-{0,1}, 'c'`` -> the items at brace/bracket depth 0 (quotes kept whole)."""
+    items, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur))
+    return [i.strip() for i in items]
+
+
+def _override_value(raw: str) -> Any:
+    """An override's value: YAML, except where YAML reads brace patterns as flow collections
+    (``{000000..000003}``, ``[http://h/x-{0..3}.tar]``): a plain string, or a list of items split
+    at top-level commas, each item YAML or, when YAML fails on it, the plain string."""
+    if raw.strip() == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = None
+        failed = True
+    else:
+        failed = False
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]") and (failed or "{" in text):
+        out = []
+        for item in _split_top_level(text[1:-1]):
+            if item == "":
+                continue
+            try:
+                out.append(yaml.safe_load(item) if "{" not in item else item)
+            except yaml.YAMLError:
+                out.append(item)
+        return [v[1:-1] if isinstance(v, str) and len(v) > 1 and v[0] == v[-1] and v[0] in "'\"" else v
+                for v in out]
+    if failed or (isinstance(value, dict) and "{" in text and ":" not in text):
+        return text  # a brace pattern, not a mapping (``{a,b}.tar``, ``x-{0..3}.tar``)
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
@@ -215,8 +266,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         key = expand_key(key.strip())
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-        out.append((key, value))
+        out.append((key, _override_value(raw)))
     return out
 
 

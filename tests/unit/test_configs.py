@@ -50,6 +50,19 @@ def test_bad_overrides_name_the_key(override, expected):
         load_config(None, [override])
 
 
+def test_brace_patterns_with_urls_in_overrides():
+    """Unquoted brace patterns (a flow collection to YAML) are shard patterns, alone or in a list."""
+    url = "http://127.0.0.1:8000/train-{000000..000003}.tar"
+    cfg = load_config(None, [f"data.train_shards=[{url}]", "data.val_shards=s3://b/val-{0,1}.tar",
+                             "data.num_samples=4000"])
+    assert cfg.data.train_shards == [url] and cfg.data.val_shards == "s3://b/val-{0,1}.tar"
+    assert load_config(None, [f"data.train_shards={url}"]).data.train_shards == [url]
+    cfg = load_config(None, ["data.train_shards=[a/x-{000..003}.tar, 'pipe:curl -s http://h/y-{0..1}.tar', b/*.tar]",
+                             "data.val_shards={000000..000002}.tar", "data.train_crop_scale=[0.8, 1.0]"])
+    assert cfg.data.train_shards == ["a/x-{000..003}.tar", "pipe:curl -s http://h/y-{0..1}.tar", "b/*.tar"]
+    assert cfg.data.val_shards == "{000000..000002}.tar" and cfg.data.train_crop_scale == [0.8, 1.0]
+
+
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data:\n  batch_size: 4\n  shufle_buffer: 3\n")
