@@ -353,6 +353,7 @@ def _encode_images(model, cfg, accelerator, pixels: list[torch.Tensor]) -> torch
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+@torch.no_grad()
 def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, templates: list[str] | None = None,
               templates_from: str = "config") -> dict:
     """The zero-shot result of ``model`` on ``data`` (see the module docstring); every rank
