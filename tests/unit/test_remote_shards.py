@@ -28,6 +28,7 @@ from mmpretrain.data.loader import ShardLoader
 from mmpretrain.data.tokenizer import train_tokenizer
 
 NUM_SHARDS, PER_SHARD = 4, 12  # 48 samples, 6 global batches of 8
+pytestmark = pytest.mark.timeout(120)  # a hang fails here, not at the suite's 15-minute limit
 
 
 class FaultyHandler(http.server.BaseHTTPRequestHandler):
@@ -172,9 +173,14 @@ def test_a_recovered_mid_shard_failure_gives_exactly_the_local_stream(server, to
     ld, got = epoch(cfg_for(server.url(PATTERN)), tok)
     same_stream(got, local_ref[0])
     assert ld.remote_retries == 1 and ld.skipped == {}
-    # the retry asked for the rest only, from the byte offset reached
-    ranges = [r for n, r in server.log if n == "train-000001.tar" and r]
-    assert len(ranges) == 1 and 0 < int(ranges[0][len("bytes="):-1]) <= 5000, ranges
+    # the retry asked for the rest only, from the byte offset reached (after a reset, bytes that
+    # arrived but were not read yet are lost: the offset may be lower, 0 under heavy load)
+    gets = [r for n, r in server.log if n == "train-000001.tar"]
+    assert len(gets) == 2 and gets[0] is None, gets
+    if fault == "truncate":
+        assert gets[1] == "bytes=5000-", gets
+    else:
+        assert gets[1] is None or 0 < int(gets[1][len("bytes="):-1]) <= 5000, gets
 
 
 def test_503_twice_then_ok_counts_two_retries(server, tok, local_ref):
@@ -237,6 +243,31 @@ def test_counts_without_a_manifest_and_the_num_samples_hint(server, shard_dir, t
         assert len(list(ld)) == 5
     finally:
         os.rename(str(tmp_path / "m.json"), os.path.join(shard_dir, "manifest.json"))
+
+
+def test_exact_resume_on_http_shards_two_ranks_two_workers(server, tok):
+    """Stopped after 3 batches and resumed from the (JSON) state on each of 2 ranks x 2 workers,
+    with a connection cut mid-shard in every shard during the resumed read: the same batches as
+    an uninterrupted run."""
+    import json
+
+    cfg = cfg_for(server.url(PATTERN), num_workers=2, batch_size=4)
+    for rank in range(2):
+        full = list(ShardLoader(cfg, tok, rank=rank, world_size=2, seed=7))
+        assert len(full) == 12
+        first = ShardLoader(cfg, tok, rank=rank, world_size=2, seed=7)
+        it = iter(first)
+        head = [next(it) for _ in range(3)]
+        state = json.loads(json.dumps(first.state_dict()))
+        it.close()
+        for i in range(NUM_SHARDS):
+            server.faults[f"train-{i:06d}.tar"] = [("truncate", 3000)]
+        resumed = ShardLoader(cfg, tok, rank=rank, world_size=2, seed=7)
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+        server.faults.clear()
+        same_stream(head + rest, full)
+        assert resumed.remote_retries >= state["remote_retries"] + 1 and resumed.skipped == {}
 
 
 def test_a_missing_remote_shard_is_skipped_without_retries(server, tok):
