@@ -169,6 +169,10 @@ def start_runtime(cfg: Config) -> runtime.Runtime:
             gradient_clipping=float(cfg.optim.grad_clip), zero_stage=ds["zero_optimization"]["stage"])
         # DeepSpeed 0.19 calls collectives torch 2.14 deprecates, with a warning on every call
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if cfg.train.report_to:  # Accelerate's trackers, started by trackers.start once the run directory exists
+        from mmpretrain.trainer import trackers
+
+        kwargs["log_with"] = trackers.build(cfg)
     if not info.use_deepspeed and info.world_size > 1 and may_leave_parameters_unused(cfg):
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     return runtime.start_accelerator(info, **kwargs)  # adds the CPU/gloo settings, checks the launch

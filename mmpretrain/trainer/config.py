@@ -60,7 +60,23 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive bad steps (non-finite loss, or non-finite gradient norm without fp16 loss
     scaling) tolerated before the run stops. fp16 loss-scale overflows are not bad steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, through Accelerate's: any of 'tensorboard' (OUTPUT_DIR/tensorboard),
+    'wandb' (respects WANDB_MODE, e.g. offline; runs under OUTPUT_DIR/wandb unless WANDB_DIR is
+    set) and 'mlflow' (respects MLFLOW_TRACKING_URI); [] or 'none' for none. Each gets the
+    scalars of metrics.jsonl (train/<key>, val/<part>, eval/<metric>) at the same steps, and the
+    config as hyperparameters; only the main process logs. 'wandb,mlflow' works as a list."""
+    tracker_project: str = "mmpretrain"
+    """The W&B project and the MLflow experiment (MLFLOW_EXPERIMENT_NAME takes precedence, as in
+    Accelerate)."""
+    run_name: str = ""
+    """The trackers' run name; '' gives the output directory's name."""
     tensorboard: bool = True
+    """false drops 'tensorboard' from train.report_to (the older switch, kept)."""
+    val_batches: int = 4
+    """With eval_every > 0: the validation loss (the training loss parts, no gradient) on the first
+    N full global batches (data.batch_size) of data.val_shards, every eval_every steps and at the
+    last step, as val/loss and val/<part>; the same value for any world size. 0: off."""
     progress_bar: bool = True
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 guesses it from the GPU name (no MFU on CPU)."""
@@ -85,3 +101,31 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0 or self.stop_after_steps < 0 or self.emulate_world_size < 0:
             raise ValueError("train.eval_every, train.stop_after_steps and train.emulate_world_size must be >= 0")
+        if self.val_batches < 0:
+            raise ValueError(f"train.val_batches must be >= 0, got {self.val_batches}")
+        self.report_to = normalize_report_to(self.report_to, self.tensorboard)
+
+
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
+
+
+def normalize_report_to(value, tensorboard: bool = True) -> list[str]:
+    """``train.report_to`` as a list of known tracker names, in order, without repeats: a
+    comma-separated string is split, 'none' (or '', or an empty list) means no tracker, and
+    ``train.tensorboard=false`` removes 'tensorboard'."""
+    items = [value] if isinstance(value, str) or value is None else list(value)
+    names: list[str] = []
+    for item in items:
+        for name in str(item if item is not None else "none").split(","):
+            name = name.strip().lower()
+            if name and name not in names:
+                names.append(name)
+    if "none" in names:
+        if len(names) > 1:
+            raise ValueError(f"train.report_to: 'none' cannot be combined with trackers ({names})")
+        return []
+    unknown = [n for n in names if n not in TRACKER_NAMES]
+    if unknown:
+        raise ValueError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from {list(TRACKER_NAMES)} "
+                         "or 'none'")
+    return [n for n in names if tensorboard or n != "tensorboard"]

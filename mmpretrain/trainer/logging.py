@@ -1,5 +1,7 @@
 """Rank-aware run logging: one dense console line every N steps, every step's metrics to
-``metrics.jsonl`` and TensorBoard, a progress bar — all on the main process only.
+``metrics.jsonl`` and to the experiment trackers (``train.report_to``: TensorBoard, W&B, MLflow,
+through Accelerate; ``trainer/trackers.py``), a progress bar — all on the main process only.
+``metrics.jsonl`` is the record; the trackers get the same scalars at the same steps.
 
 The console line reads::
 
@@ -20,8 +22,11 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from mmpretrain.trainer.trackers import eval_scalars, train_scalars
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is 0.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
@@ -73,11 +78,15 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class RunLogger:
-    """Every method is a no-op on non-main ranks."""
+    """Every method is a no-op on non-main ranks.
+
+    ``tracker_log(scalars, step)``: where the trackers' scalars go (``accelerator.log``), or
+    None without trackers."""
 
     def __init__(self, out_dir: str | Path, *, is_main: bool, total_steps: int, start_step: int,
-                 log_every: int, tensorboard: bool, progress_bar: bool, flops_per_sample: float = 0.0,
-                 peak_tflops: float = 0.0, world_size: int = 1):
+                 log_every: int, progress_bar: bool, flops_per_sample: float = 0.0,
+                 peak_tflops: float = 0.0, world_size: int = 1,
+                 tracker_log: Callable[[dict, int], None] | None = None):
         self.is_main = is_main
         self.total_steps = total_steps
         self.log_every = log_every
@@ -89,7 +98,11 @@ class RunLogger:
         self.steps_timed = 0
         self.time_timed = 0.0
         self.metrics_file = None
-        self.tb = None
+        self.tracker_log = tracker_log if is_main else None
+        self.last_record: dict = {}
+        """The newest training record (the end-of-run summary reads it)."""
+        self.last_val: dict = {}
+        self.last_eval: dict = {}
         self.bar = None
         if not is_main:
             return
@@ -97,13 +110,6 @@ class RunLogger:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", start_step)
         self.metrics_file = open(out / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard is a dependency, but logging must never kill a run
-                print("tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         if progress_bar and sys.stderr.isatty():  # no bar in batch-job logs
             from tqdm import tqdm
 
@@ -120,7 +126,8 @@ class RunLogger:
 
     def log_step(self, step: int, metrics: dict, *, step_seconds: float, data_seconds: float,
                  samples: int) -> None:
-        """Record one optimizer step (``metrics``: losses, lr, counters; already global means)."""
+        """Record one optimizer step (``metrics``: losses, lr, counters, and at evaluation steps the
+        validation loss as ``val/<part>``; already global means)."""
         if not self.is_main:
             return
         # the first timed step includes start-up (compilation, allocator warm-up): leave it out of rates
@@ -134,10 +141,13 @@ class RunLogger:
             record["mfu"] = self.flops_per_sample * record["samples_per_s"] / self.peak_flops
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+        if self.tracker_log is not None:
+            self.tracker_log(train_scalars(record), step)
+        self.last_record = record
+        val = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+        if val:
+            self.last_val = dict(val, step=step)
+            self.info(f"val @ step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
@@ -176,10 +186,9 @@ class RunLogger:
         record = {"step": step, "eval": results, "time": time.time()}
         self.metrics_file.write(json.dumps(record, default=float) + "\n")
         self.metrics_file.flush()
-        if self.tb is not None:
-            for key, value in results.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"eval/{key}", value, step)
+        if self.tracker_log is not None:
+            self.tracker_log(eval_scalars(results), step)
+        self.last_eval = dict(results, step=step)
         headline = [k for k in results if k.endswith("R@1") or k.endswith("mean_recall")]
         self.info(f"eval @ step {step}: " + ", ".join(f"{k} {float(results[k]):.2f}" for k in headline)
                   + " (all metrics: metrics.jsonl, eval/)")
@@ -189,7 +198,5 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
         if self.metrics_file is not None:
             self.metrics_file.close()

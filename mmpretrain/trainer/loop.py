@@ -2,8 +2,10 @@
 
 Order of one iteration: fetch ``grad_accum_steps`` micro-batches (timed: the data wait) ->
 ``train_step`` (feature pass, grad passes, one all-reduce of flags and losses, optimizer step or
-skip) -> schedule -> log -> evaluate (every ``eval_every``) -> ``CheckpointManager.save`` (every
-``save_every``, at the last step and on a stop request) -> stop checks. Every rank runs the same collectives in the same order;
+skip) -> schedule -> validation loss (every ``eval_every`` and at the last step; its ``val/*``
+values join the step's record) -> log -> evaluate (every ``eval_every``) ->
+``CheckpointManager.save`` (every ``save_every``, at the last step and on a stop request) -> stop
+checks. ``train`` ends with a summary on the main process (``summary``). Every rank runs the same collectives in the same order;
 decisions that end or skip work (a stop signal, a non-finite loss) are all-reduced first so all
 ranks agree.
 
@@ -32,6 +34,7 @@ from mmpretrain.trainer import accel
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.faults import fault_injection
+from mmpretrain.trainer import trackers
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
 from mmpretrain.word_negatives import WordNegativeError, build_table, load_word_sets
@@ -265,16 +268,25 @@ def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
 
 # ----------------------------------------------------------------------------- set-up checks
 
-def check_data(cfg: Config, need_val: bool) -> None:
-    """Fail before any work when a shard pattern matches nothing (names the pattern)."""
+def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None:
+    """Fail before any work when a shard pattern matches nothing (names the pattern, and the
+    settings that would train without the held-out shards)."""
     from mmpretrain.data.shardio import expand_sources
 
     for spec in cfg.data.train_shards:
         if not expand_sources(spec):
             raise FileNotFoundError(f"data.train_shards: no shards match {spec!r}")
-    if need_val and not expand_sources(cfg.data.val_shards):
-        raise FileNotFoundError(f"data.val_shards: no shards match {cfg.data.val_shards!r} (evaluation "
-                                "runs at the end; set train.eval_at_end=false to train without it)")
+    if (need_val or need_val_loss) and not expand_sources(cfg.data.val_shards):
+        tcfg = cfg.train
+        uses, fix = [], []
+        if tcfg.eval_at_end and need_val:
+            uses.append("evaluation at the end")
+            fix.append("train.eval_at_end=false")
+        if tcfg.eval_every > 0:
+            uses.append(f"evaluation every {tcfg.eval_every} steps")
+            fix.append("train.eval_every=0")
+        raise FileNotFoundError(f"data.val_shards: no shards match {cfg.data.val_shards!r} ({' and '.join(uses)} "
+                                f"read them; set {' '.join(fix)} to train without them)")
 
 
 def maybe_evaluation():
@@ -318,6 +330,7 @@ class Run:
     input_dtype: torch.dtype
     out_dir: Path
     run_eval: object = None
+    val_note_shown: bool = False
 
 
 def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointManager, run_eval) -> Run:
@@ -378,10 +391,15 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
                 describe=describe, tokenizer=tokenizer)
     ckpt.restore()  # every rank: weights, optimizer, RNG, counters, schedule, data cursor
 
+    trackers.start(accelerator, cfg, counters.step)  # accelerator.init_trackers (train.report_to)
+
+    def tracker_log(values: dict, step: int) -> None:
+        accelerator.log(values, step=step)
+
     logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
-                       start_step=counters.step, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
-                       progress_bar=tcfg.progress_bar, flops_per_sample=flops, peak_tflops=tcfg.peak_tflops,
-                       world_size=world)
+                       start_step=counters.step, log_every=tcfg.log_every, progress_bar=tcfg.progress_bar,
+                       flops_per_sample=flops, peak_tflops=tcfg.peak_tflops, world_size=world,
+                       tracker_log=tracker_log if tcfg.report_to else None)
     ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=uses_feature_cache(cfg),
                       gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip,
                       loss_scaling=tcfg.mixed_precision == "fp16",
@@ -404,6 +422,77 @@ def evaluate(run: Run) -> None:
         results = run.run_eval(run.model, run.cfg, run.accelerator, run.tokenizer, step,
                                run.out_dir / "eval" / step_dir_name(step))
     run.logger.log_eval(step, results)
+
+
+VAL_BATCH_NOTE = ("validation loss: data.val_shards holds no full batch of data.batch_size={} samples; "
+                  "no val/loss (lower data.batch_size or add held-out samples)")
+
+
+def is_val_part(key: str) -> bool:
+    """The outputs the validation loss reports: the loss, its parts and the accuracies (not the
+    step-dependent or parameter readings such as logit_scale, itm_uniform_share)."""
+    return key == "loss" or key.startswith("loss_") or key.endswith("_acc")
+
+
+def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: torch.dtype,
+                    max_batches: int) -> tuple[dict[str, float], int]:
+    """The training loss parts on ``data.val_shards``, no gradient, in eval mode: ``({"val/loss":
+    ..., "val/loss_itc": ..., ...}, batches)`` over the first ``max_batches`` *full* global batches
+    (``data.batch_size`` samples) of the held-out shards in their fixed order.
+
+    Every rank reads those same global batches and runs its slice (rows ``rank * b ...``), so the
+    model sees the batches one process would: with ``loss.gather`` the value is the same for any
+    world size (the parts are global means, averaged over batches). Each rank decodes every
+    sample of the global batch, O(global batch x max_batches) per evaluation, hence the small
+    bound. Ranks agree on every batch before its forward (one flag all-reduce), so all run the
+    same number of forwards (ZeRO-3). Neither the training RNG nor the model's sampler counters
+    move (eval-mode forwards use step 0 of the seeded samplers, as evaluation does).
+    """
+    from mmpretrain.data.loader import ShardLoader
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    full = cfg.data.batch_size
+    b = full // world
+    device = accelerator.device
+    sums: dict[str, torch.Tensor] = {}
+    done = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            loader = ShardLoader(cfg.data, tokenizer, rank=0, world_size=1, seed=cfg.seed, train=False)
+            batches = iter(loader)
+            try:
+                while done < max_batches:
+                    batch = next((x for x in batches if x["pixels"].shape[0] == full), None)
+                    have = torch.tensor(float(batch is not None), device=device)
+                    if float(distributed.global_mean(have)) < 1:  # all ranks stop at the same batch
+                        break
+                    local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items() if torch.is_tensor(v)}
+                    out = model(**model_inputs(local, device, cfg.data, input_dtype))
+                    for key, value in out.items():
+                        if torch.is_tensor(value) and value.numel() == 1 and is_val_part(key):
+                            sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(())
+                    done += 1
+            finally:
+                batches.close()  # the loader's workers end here
+    finally:
+        if was_training:
+            model.train()
+    if not done:
+        return {}, 0
+    keys = sorted(sums, key=lambda k: (k != "loss", not k.startswith("loss"), k))  # loss, its parts, accuracies
+    reduced = distributed.global_mean(torch.stack([sums[k] / done for k in keys])).tolist()
+    return {f"val/{k}": v for k, v in zip(keys, reduced)}, done
+
+
+def validation(run: Run) -> dict[str, float]:
+    values, done = validation_loss(run.model, run.cfg, run.accelerator, run.tokenizer, run.input_dtype,
+                                   run.cfg.train.val_batches)
+    if not done and not run.val_note_shown:
+        run.val_note_shown = True
+        run.logger.info(VAL_BATCH_NOTE.format(run.cfg.data.batch_size))
+    return values
 
 
 def fit(run: Run, stop: StopRequest) -> None:
@@ -447,10 +536,13 @@ def _steps(run: Run, stop: StopRequest, batches) -> None:
                               overflow=int(result.overflow), overflow_skips=c.overflow_skips,
                               epoch=run.loader.epoch)
         if c.step % tcfg.log_every == 0 or c.step >= tcfg.max_steps:  # every rank: a collective
-            # skipped samples by reason, all ranks, as they grow (metrics.jsonl and TensorBoard)
+            # skipped samples by reason, all ranks, as they grow (metrics.jsonl and the trackers)
             for reason, n in distributed.sum_counters(run.loader.skipped).items():
                 result.metrics[f"skipped_samples/{reason}"] = n
-        run.logger.log_step(c.step, result.metrics, step_seconds=time.perf_counter() - t0, data_seconds=t_data,
+        step_seconds = time.perf_counter() - t0  # the validation below is not part of the step's time
+        if tcfg.eval_every and tcfg.val_batches and (c.step % tcfg.eval_every == 0 or c.step >= tcfg.max_steps):
+            result.metrics.update(validation(run))
+        run.logger.log_step(c.step, result.metrics, step_seconds=step_seconds, data_seconds=t_data,
                             samples=samples_per_step)
         if result.skipped:
             run.logger.info(f"step {c.step}: {result.reason}, step skipped ({c.bad_steps_in_a_row} in a row, "
@@ -477,6 +569,64 @@ def _steps(run: Run, stop: StopRequest, batches) -> None:
                     + f"skipped samples {run.loader.skipped or 'none'}")
 
 
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summary(run: Run, tracker_lines: list[str], stopped: str = "") -> str:
+    """The end-of-run summary (main process): final metrics, the last checkpoint, the report, the
+    trackers and the next commands (eval / export / resume), paths as the run was given them."""
+    import shlex
+
+    from mmpretrain.export.format import find_latest_checkpoint
+
+    cfg, c, log = run.cfg, run.counters, run.logger
+    out = Path(cfg.train.output_dir)
+    finished = c.step >= cfg.train.max_steps
+    lines = [f"summary: {c.step}/{cfg.train.max_steps} steps, {c.samples_seen} samples"
+             + (f" ({stopped})" if stopped else "")]
+    rec = log.last_record
+    if rec:
+        parts = [f"{k} {_fmt(rec[k])}" for k in ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc")
+                 if k in rec]
+        lines.append(f"  train (step {rec['step']}): " + ", ".join(parts))
+    if log.last_val:
+        val = dict(log.last_val)
+        at = val.pop("step")
+        lines.append(f"  val (step {at}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in val.items()))
+    report = None
+    if log.last_eval:
+        ev = log.last_eval
+        keys = [k for k in ("mean_recall", "i2t_R@1", "t2i_R@1", "itm_mean_recall") if k in ev]
+        lines.append(f"  eval (step {ev['step']}): " + ", ".join(f"{k} {float(ev[k]):.2f}" for k in keys))
+        html = out / "eval" / step_dir_name(int(ev["step"])) / "report.html"
+        report = html if html.is_file() else None
+    ckpt = find_latest_checkpoint(out)
+    lines.append(f"  checkpoint: {ckpt if ckpt else 'none written'}")
+    lines.append(f"  metrics: {out / 'metrics.jsonl'}")
+    lines.append(f"  report: {report}" if report else
+                 "  report: none (no end-of-run evaluation with eval.report); the eval command below writes one")
+    lines += [f"  tracker: {line}" for line in tracker_lines]
+    q = shlex.quote
+    if ckpt:
+        lines.append("next:")
+        lines.append(f"  eval:   mmpretrain eval --checkpoint {q(str(ckpt))}")
+        lines.append(f"  export: mmpretrain export --checkpoint {q(str(ckpt))} --out {q(str(out / 'export'))}")
+        resume = f"--config {q(str(out / 'config.yaml'))} train.resume=latest"
+        if cfg.train.overwrite:
+            resume += " train.overwrite=false"
+        if finished:
+            resume += f" train.max_steps={2 * cfg.train.max_steps}"
+            what = "train on (the schedule then runs to the new train.max_steps)"
+        else:
+            what = "resume"
+        if run.accelerator.num_processes > 1:
+            lines.append(f"  {what}: the same launch command with -m mmpretrain.train {resume}")
+        else:
+            lines.append(f"  {what}: mmpretrain train {resume}")
+    return "\n".join(lines)
+
+
 def train(cfg: Config) -> int:
     """Train from ``cfg``; returns the process exit code (0 also after a stop request).
 
@@ -487,7 +637,9 @@ def train(cfg: Config) -> int:
     tcfg = cfg.train
     run_eval = maybe_evaluation()
     with setting_up():  # start-up validation, before any process group or model exists
-        check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0))
+        trackers.check_installed(tcfg.report_to)
+        check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
+                   need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
         if uses_feature_cache(cfg) and cfg.loss.itc_word_negatives > 0:
             raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
                               "train.feature_cache=false or loss.itc_word_negatives=0")
@@ -502,6 +654,7 @@ def train(cfg: Config) -> int:
     stop = StopRequest()
     exit_code = EXIT_OK
     run = None
+    end_note = None
     # the one teardown (mmpretrain.runtime): after a clean exit every rank waits for the others,
     # then the process group ends and Accelerate's state is reset, so train() can run again
     with runtime:
@@ -512,12 +665,23 @@ def train(cfg: Config) -> int:
                 run = setup(cfg, accelerator, info, ckpt, run_eval)
             stop.install()
             fit(run, stop)
+            if run.counters.step < tcfg.max_steps:
+                end_note = "stopped: " + (stop.signal_name or "train.stop_after_steps")
+            else:
+                end_note = ""
         except TrainingError as e:  # every rank raises it together (the decision was all-reduced)
             if runtime.is_main:
                 print(f"mmpretrain train: {e}", file=sys.stderr, flush=True)
             exit_code = EXIT_BAD_STEPS
+            end_note = "stopped: too many bad steps"
         finally:
             stop.uninstall()
             if run is not None:
                 run.logger.close()
+        text = None
+        if end_note is not None and runtime.is_main:
+            text = summary(run, trackers.where(accelerator), end_note)
+    # printed after the runtime's end_training(): the trackers' own closing lines come before it
+    if text:
+        print(text, flush=True)
     return exit_code
