@@ -19,8 +19,9 @@ what is left (< one global batch) is dropped and reported (``dropped_per_epoch``
 
 Bad samples (corrupt or oversized image, missing/empty caption, missing image, bad json,
 duplicate key, truncated tar, a remote read that failed for good) are skipped, counted by
-reason and warned about at most once per reason per 30 s per process. A worker whose pieces run short (skips) re-reads its own pieces
-(a *refill* pass) until it has its planned number of batches, so batch counts stay exact.
+reason and warned about at most once per reason per 30 s per process. A worker whose pieces run
+short (skips) re-reads its own pieces (a *refill* pass) until it has its planned number of
+batches, so batch counts stay exact.
 
 Eval (``train=False``): no shuffle, center crop, last partial batch kept, each sample exactly
 once over all ranks and workers (ranks may differ in batch count).

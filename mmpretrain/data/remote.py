@@ -289,7 +289,7 @@ class RemoteFile:
 
     def _fail(self, err: RemoteReadError) -> None:
         self.stats.failed_reads += 1
-        if self.warn and not isinstance(err, NotFound):
+        if self.warn:
             _warn_failed(err)
         raise err
 

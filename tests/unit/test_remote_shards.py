@@ -270,12 +270,15 @@ def test_exact_resume_on_http_shards_two_ranks_two_workers(server, tok):
         assert resumed.remote_retries >= state["remote_retries"] + 1 and resumed.skipped == {}
 
 
-def test_a_missing_remote_shard_is_skipped_without_retries(server, tok):
+def test_a_missing_remote_shard_is_skipped_without_retries(server, tok, caplog):
     f = remote_mod.RemoteFile(server.url("nope.tar"), remote_mod.RemoteOptions(retries=3, backoff_s=0.01))
-    with pytest.raises(remote_mod.NotFound, match="HTTP 404"):
+    with caplog.at_level(logging.WARNING, logger="mmpretrain.data"), \
+            pytest.raises(remote_mod.NotFound, match="HTTP 404"):
         f.read()
-    assert f.stats.retries == 0
+    assert f.stats.retries == 0 and server.url("nope.tar") in caplog.text
     assert remote_mod.read_remote(server.url("nope.json")) is None
+    got = list(shardio.iter_shard_samples(server.url("nope.tar")))
+    assert [s["__bad__"] for _, s in got] == ["remote_read_failed"]
 
 
 @pytest.fixture(scope="module")
