@@ -174,6 +174,40 @@ def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, mess
     assert not run.exists()
 
 
+def test_report_to_names_and_a_missing_tracker_package_fail_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """train.report_to: lists, comma lists, 'none' and [] parse; unknown names and a tracker whose
+    package is missing stop the run before any work with one line naming train.report_to and the
+    pip command; the held-out shards are required as soon as eval_every is set, with a hint that
+    works."""
+    from mmpretrain.config import ConfigError, load_config
+    from mmpretrain.trainer import trackers
+
+    parse = lambda *o: load_config(None, list(o)).train.report_to  # noqa: E731
+    assert parse() == ["tensorboard"]
+    assert parse("train.report_to=none") == parse("train.report_to=[]") == parse("train.report_to=") == []
+    assert parse("train.report_to=wandb,mlflow") == parse("train.report_to=[wandb, mlflow, wandb]") == ["wandb",
+                                                                                                       "mlflow"]
+    assert parse("train.report_to=[tensorboard,wandb]", "train.tensorboard=false") == ["wandb"]
+    for bad, message in (("comet", "unknown tracker 'comet'"), ("[none,wandb]", "'none' cannot be combined")):
+        with pytest.raises(ConfigError, match=message):
+            parse(f"train.report_to={bad}")
+    assert trackers.mlflow_key("eval/i2t_R@1") == "eval/i2t_R_at_1"
+
+    monkeypatch.setitem(trackers.PACKAGES, "wandb", ("mmpretrain_no_such_package", "wandb"))
+    run = tmp_path / "run"
+    assert run_train(tiny, run, "train.report_to=[tensorboard,wandb]") == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mmpretrain train: train.report_to includes 'wandb'") and "pip install wandb" in lines[0]
+    assert not run.exists()
+
+    assert run_train(tiny, run, "data.val_shards=/nonexistent/val-*.tar", "train.eval_every=2",
+                     "train.eval_at_end=false") == 2
+    err = capsys.readouterr().err
+    assert "no shards match '/nonexistent/val-*.tar'" in err and "set train.eval_every=0 to train without" in err
+
+
 def test_start_up_line_names_the_launch_in_words(tiny, tmp_path, capsys):
     from mmpretrain.trainer.accel import launch_mode
 
