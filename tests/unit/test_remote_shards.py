@@ -42,9 +42,20 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
+    def do_HEAD(self):  # what s3fs asks first (the object's size); no faults
+        path = os.path.join(self.server.root, self.path.lstrip("/").split("?")[0])
+        if not os.path.isfile(path):
+            self._reply(404, b"")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(os.path.getsize(path)))
+        self.send_header("ETag", '"v1"')
+        self.send_header("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT")
+        self.end_headers()
+
     def do_GET(self):
         srv = self.server
-        name = self.path.lstrip("/")
+        name = self.path.lstrip("/").split("?")[0]
         rng = self.headers.get("Range")
         with srv.lock:
             srv.log.append((name, rng))
@@ -62,10 +73,11 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         data = open(path, "rb").read()
         start = 0
         if rng:
-            m = re.fullmatch(r"bytes=(\d+)-", rng)
-            start = int(m.group(1))
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)  # s3fs asks for bytes=A-B
+            start, stop = int(m.group(1)), int(m.group(2) or len(data) - 1) + 1
+            data = data[:stop]
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{os.path.getsize(path)}")
         else:
             self.send_response(200)
         body = data[start:]
@@ -281,6 +293,34 @@ def test_a_missing_remote_shard_is_skipped_without_retries(server, tok, caplog):
     assert [s["__bad__"] for _, s in got] == ["remote_read_failed"]
 
 
+def test_s3_faults_are_retried_counted_and_exact(shard_dir, tok, local_ref, tmp_path, monkeypatch):
+    """s3:// through s3fs, with the fault-injecting server as the S3 endpoint (path-style
+    ``/bucket/key``): a 503 and a cut body are retried by us (s3fs's and botocore's own retries
+    are off), counted, and the stream is exactly the local one."""
+    s3fs = pytest.importorskip("s3fs")
+    os.symlink(shard_dir, str(tmp_path / "bkt"))
+    srv = FaultyServer(str(tmp_path))
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": srv.url().rstrip("/")}.items():
+        monkeypatch.setenv(k, v)
+    remote_mod._FS_CACHE.clear()
+    s3fs.S3FileSystem.clear_instance_cache()
+    shardio._MANIFEST_CACHE.clear()
+    try:
+        srv.faults["bkt/train-000002.tar"] = [("503",), ("truncate", 3000)]
+        ld, got = epoch(cfg_for(f"s3://bkt/{PATTERN}"), tok)
+        same_stream(got, local_ref[0])
+        assert ld.remote_retries == 2 and ld.skipped == {}
+        assert [n for n, _ in srv.log].count("bkt/train-000002.tar") == 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        remote_mod._FS_CACHE.clear()
+        s3fs.S3FileSystem.clear_instance_cache()
+        shardio._MANIFEST_CACHE.clear()
+
+
 @pytest.fixture(scope="module")
 def s3_bucket(shard_dir):
     pytest.importorskip("s3fs")
@@ -311,6 +351,7 @@ def s3_bucket(shard_dir):
 
 def test_s3_stream_equals_local(s3_bucket, tok, local_ref):
     shardio._MANIFEST_CACHE.clear()
+    remote_mod._FS_CACHE.clear()
     ld, got = epoch(cfg_for(f"{s3_bucket}/{PATTERN}", num_workers=2), tok)
     same_stream(got, local_ref[2])
     assert ld.source_counts == [[PER_SHARD] * NUM_SHARDS]  # from the manifest in the bucket
