@@ -112,7 +112,8 @@ def loader_rate(shards: list[str], tok, *, workers: int, batches: int, batch_siz
     out = {"startup_s": round(t_first - t_start, 3), "samples_per_s": rate,
            "samples_per_s_per_worker": rate / max(1, workers), "batches": batches,
            "epochs_touched": len({e for e, _ in samples}), "samples": samples, "seed": seed,
-           "main_cpu_s_per_sample": (main1 - main0) / n, "worker_cpu_s_per_sample": None}
+           "main_cpu_s_per_sample": (main1 - main0) / n, "worker_cpu_s_per_sample": None,
+           "remote_retries": loader.remote_retries}
     if workers > 0 and kids0 is not None and kids1 is not None:
         out["worker_cpu_s_per_sample"] = (kids1 - kids0) / n
     elif workers == 0:
@@ -123,7 +124,8 @@ def loader_rate(shards: list[str], tok, *, workers: int, batches: int, batch_siz
 def main(argv: list[str] | None = None) -> int:
     d = DataConfig()
     p = argparse.ArgumentParser(prog="mmpretrain bench loader", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", required=True, nargs="+", help="shard pattern(s), directory or URL")
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="shard pattern(s), directory or URL (http(s)://, s3://, pipe:)")
     p.add_argument("--workers", type=int, default=d.num_workers)
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                       "main_cpu_us_per_sample": round(full["main_cpu_s_per_sample"] * 1e6, 1),
                       "raw_cpu_us_per_sample": round(raw["cpu_s_per_sample"] * 1e6, 1),
                       "cpu_ratio": round(cpu_ratio, 3) if cpu_ratio else None,
-                      "startup_s": full["startup_s"], "loadavg_1m": [load_before, load_after],
+                      "startup_s": full["startup_s"], "remote_retries": full["remote_retries"],
+                      "loadavg_1m": [load_before, load_after],
                       "cpus": os.cpu_count()}))
     return 0
 
