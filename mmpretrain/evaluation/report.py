@@ -242,6 +242,8 @@ def _zero_shot_html(metrics: dict) -> list[str]:
 
 
 def _subtitle(metrics: dict) -> str:
+    if "num_images" not in metrics and "zero_shot" in metrics:  # mmpretrain eval --classify-only
+        return f"step {metrics.get('step', '?')} · zero-shot classification only · {metrics.get('world_size', 1)} process(es)"
     return (f"step {metrics.get('step', '?')} · {metrics.get('num_images', '?')} images, "
             f"{metrics.get('num_captions', '?')} captions · {metrics.get('world_size', 1)} process(es)")
 
@@ -294,7 +296,8 @@ def render_png(path: str | Path, metrics: dict, history: list[dict], examples: d
         table.auto_set_font_size(False)
         table.set_fontsize(10)
         table.scale(1.0, 1.6)
-    ax.set_title("zero-shot retrieval (recall %, pessimistic ties)")
+    ax.set_title("zero-shot retrieval (recall %, pessimistic ties)" if rows
+                 else "no retrieval evaluation (zero-shot classification only: see report.html)")
 
     r = 2
     for q in tq:
@@ -362,9 +365,9 @@ def render_html(path: str | Path, metrics: dict, png_path: str | Path | None, ex
         "<h1>mmpretrain retrieval report</h1>",
         f"<p>{e(_subtitle(metrics))}</p>",
         f"<p class='history'>{e(history_note)}</p>" if history_note else "",
-        "<h2>Recall (%)</h2>", table,
-        "<p>Ties count against the query: rank = number of wrong candidates scoring at least as high "
-        "as the best right one. An image query is right if any of its captions is retrieved.</p>",
+        *(["<h2>Recall (%)</h2>", table,
+           "<p>Ties count against the query: rank = number of wrong candidates scoring at least as high "
+           "as the best right one. An image query is right if any of its captions is retrieved.</p>"] if rows else []),
         *_quality_html(metrics),
         *_zero_shot_html(metrics),
     ]
