@@ -501,8 +501,9 @@ def make_sample(seed: int, split: str, index: int, image_size: int, num_captions
 # ---------------------------------------------------------------------------------- classify split
 # A labelled split for zero-shot classification (mmpretrain.evaluation.classify): each image holds
 # ONE object; ``label`` is its shape (8 classes) and ``color`` its colour (10 classes). Image ``i``
-# draws shape ``i % 8`` and colour ``(i // 8) % 10`` (so 800 images hold every (shape, colour)
-# pair 10 times: both labellings are balanced) and everything else (background, texture, size,
+# has colour ``i % 10`` and shape ``(i + i // 40) % 8``: both labellings are balanced in every
+# prefix, and every 80 consecutive images hold each (shape, colour) pair once (800: 10 times).
+# Everything else (background, texture, size,
 # cell, caption wording) from its own seed stream ``(seed, "classify", i)``: the train and val
 # draws are untouched, and the split lives in its own directory with its own manifest, so the
 # train/val shards and DIR/manifest.json are the same bytes with or without it.
@@ -521,8 +522,8 @@ def make_classify_sample(seed: int, index: int, image_size: int):
     of the classify split; pure function. ``meta["label"]`` is the shape, ``meta["color"]`` the
     colour of its one object."""
     rng = sample_rng(seed, CLASSIFY_SPLIT, index)
-    shape = list(SHAPES)[index % len(SHAPES)]
-    color = list(COLORS)[(index // len(SHAPES)) % len(COLORS)]
+    shape = list(SHAPES)[(index + index // 40) % len(SHAPES)]
+    color = list(COLORS)[index % len(COLORS)]
     rgb = COLORS[color][0]
     backgrounds = [b for b, (bg, _) in BACKGROUNDS.items() if _distance(rgb, bg) >= MIN_CONTRAST]
     background = rng.choice(backgrounds)

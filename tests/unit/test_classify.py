@@ -308,9 +308,12 @@ def test_synthetic_split_is_deterministic_and_leaves_train_val_unchanged(tmp_pat
     samples = [synthetic.make_classify_sample(0, i, 32) for i in range(24)]
     for i, (_, meta, caption, _) in enumerate(samples):
         (obj,) = meta["objects"]
-        assert meta["label"] == obj["shape"] == list(synthetic.SHAPES)[i % 8]
-        assert meta["color"] == obj["color"] == list(synthetic.COLORS)[(i // 8) % 10]
+        assert meta["label"] == obj["shape"] == list(synthetic.SHAPES)[(i + i // 40) % 8]
+        assert meta["color"] == obj["color"] == list(synthetic.COLORS)[i % 10]
         assert any(w in caption.lower() for w in synthetic.SHAPES[obj["shape"]])
+    # every 80 consecutive images hold each (shape, colour) pair once
+    labels = [synthetic.make_classify_sample(0, i, 16)[1] for i in range(80)]
+    assert len({(m["label"], m["color"]) for m in labels}) == 80
     # its own seed stream: not the train images of the same index
     train = [synthetic.make_sample(0, "train", i, 32, 1)[0] for i in range(24)]
     assert all(s[0] != t for s, t in zip(samples, train))
