@@ -103,6 +103,8 @@ class RunLogger:
         """The newest training record (the end-of-run summary reads it)."""
         self.last_val: dict = {}
         self.last_eval: dict = {}
+        self.tracker_failures: dict[str, int] = {}
+        """Failed tracker logging calls by tracker (the loop's ``tracker_log`` counts them)."""
         self.bar = None
         if not is_main:
             return

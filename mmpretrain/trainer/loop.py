@@ -394,7 +394,19 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
     trackers.start(accelerator, cfg, counters.step)  # accelerator.init_trackers (train.report_to)
 
     def tracker_log(values: dict, step: int) -> None:
-        accelerator.log(values, step=step)
+        """What ``accelerator.log`` does (main process), one tracker at a time: a tracker that fails
+        (its server down) costs neither the run nor the other trackers; metrics.jsonl has it all."""
+        for tracker in accelerator.trackers:
+            try:
+                tracker.log(values, step=step)
+            except Exception as e:  # noqa: BLE001 - logging never ends a run
+                name = getattr(tracker, "name", type(tracker).__name__)
+                failures = logger.tracker_failures
+                failures[name] = failures.get(name, 0) + 1
+                if failures[name] == 1:
+                    logger.info(f"mmpretrain train: tracker {name} failed to log step {step} ({type(e).__name__}: "
+                                f"{str(e).strip()[:200]}); metrics.jsonl keeps every value, later failures are "
+                                "counted in the summary")
 
     logger = RunLogger(out_dir, is_main=accelerator.is_main_process, total_steps=tcfg.max_steps,
                        start_step=counters.step, log_every=tcfg.log_every, progress_bar=tcfg.progress_bar,
@@ -607,6 +619,8 @@ def summary(run: Run, tracker_lines: list[str], stopped: str = "") -> str:
     lines.append(f"  report: {report}" if report else
                  "  report: none (no end-of-run evaluation with eval.report); the eval command below writes one")
     lines += [f"  tracker: {line}" for line in tracker_lines]
+    lines += [f"  tracker {name}: {n} logging calls failed (metrics.jsonl has every value)"
+              for name, n in log.tracker_failures.items()]
     q = shlex.quote
     if ckpt:
         lines.append("next:")

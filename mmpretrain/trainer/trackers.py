@@ -178,6 +178,13 @@ def start(accelerator, cfg, start_step: int) -> None:
             failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     flag = torch.tensor(float(bool(failed)), device=accelerator.device)
     if float(distributed.global_mean(flag)) > 0:
+        # end what did start; end_training() (the runtime's teardown) then has nothing half-started
+        for tracker in list(accelerator.trackers):
+            try:
+                tracker.finish()
+            except Exception:  # noqa: BLE001 - the tracker that failed to start has nothing to finish
+                pass
+        accelerator.trackers.clear()
         raise TrackerError(f"train.report_to={list(cfg.train.report_to)}: a tracker failed to start"
                            + (f" ({failed})" if failed else " on the main process"))
 

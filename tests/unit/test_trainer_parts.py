@@ -174,11 +174,11 @@ def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, override, mess
     assert not run.exists()
 
 
-def test_report_to_names_and_a_missing_tracker_package_fail_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+def test_report_to_names_and_tracker_start_up_errors_are_one_line(tiny, tmp_path, capsys, monkeypatch):
     """train.report_to: lists, comma lists, 'none' and [] parse; unknown names and a tracker whose
     package is missing stop the run before any work with one line naming train.report_to and the
-    pip command; the held-out shards are required as soon as eval_every is set, with a hint that
-    works."""
+    pip command; a tracker that fails to start is one line too; the held-out shards are required
+    as soon as eval_every is set, with a hint that works."""
     from mmpretrain.config import ConfigError, load_config
     from mmpretrain.trainer import trackers
 
@@ -201,6 +201,14 @@ def test_report_to_names_and_a_missing_tracker_package_fail_in_one_line(tiny, tm
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("mmpretrain train: train.report_to includes 'wandb'") and "pip install wandb" in lines[0]
     assert not run.exists()
+
+    # a tracker that fails to start (an MLflow file store that is a file): one line, nothing half-started
+    (tmp_path / "not_a_dir").write_text("x")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'not_a_dir'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the trainer would set, undone after the test
+    assert run_train(tiny, tmp_path / "mlflow_run", "train.report_to=mlflow") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "train.report_to=['mlflow']: a tracker failed to start (" in err, err
 
     assert run_train(tiny, run, "data.val_shards=/nonexistent/val-*.tar", "train.eval_every=2",
                      "train.eval_at_end=false") == 2
