@@ -15,7 +15,10 @@
   ``mmpretrain shards synthetic``), else the sorted label values found.
 
 Images go through the evaluation transform of the held-out set (``data.image_size``, resize +
-centre crop, ``data.mean``/``data.std``). Unreadable images are skipped and counted.
+centre crop, ``data.mean``/``data.std``), a chunk of ``8 x eval.batch_size`` at a time (ImageFolder
+files are read when their chunk comes; shard samples are held as encoded bytes). Unreadable
+images are skipped and counted (``skipped_images``, with the shard samples lacking an image or
+the label field).
 
 **Class embeddings** (CLIP's prompt ensembling): each class name is put into every prompt
 template (``{}`` marks the name; "a {}" becomes "an {}" before a vowel), each prompt is
@@ -79,17 +82,22 @@ class ClassifyError(ValueError):
 
 @dataclass
 class ClassifySet:
-    """The labelled images: ``images[i]`` (encoded bytes) has class ``labels[i]`` of ``classes``."""
+    """The labelled images: ``images[i]`` (encoded bytes, or the file holding them: an
+    ImageFolder is read lazily) has class ``labels[i]`` of ``classes``."""
     source: str
     format: str  # "imagefolder" | "shards"
     label_field: str | None
     classes: list[str]
-    images: list[bytes]
+    images: list[bytes | Path]
     labels: list[int]
     keys: list[str]
     templates: list[str] | None = None  # the dataset's own templates, if it names them
     skipped: int = 0
     extra: dict = field(default_factory=dict)
+
+    def image_bytes(self, i: int) -> bytes:
+        im = self.images[i]
+        return im.read_bytes() if isinstance(im, Path) else im
 
 
 # ----------------------------------------------------------------------------- input
@@ -110,7 +118,7 @@ def _load_imagefolder(root: Path, max_images: int) -> ClassifySet:
             raise ClassifyError(f"{folder}: class folder holds no image ({', '.join(IMAGE_EXTS)})")
         classes.append(_folder_name(folder.name))
         for f in files:
-            images.append(f.read_bytes())
+            images.append(f)
             labels.append(c)
             keys.append(str(f.relative_to(root)))
     if len(set(classes)) != len(classes):
@@ -323,11 +331,13 @@ def chance(num_classes: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- model passes
 
-def _pixels(data: bytes, cfg) -> torch.Tensor | None:
+def _pixels(data: ClassifySet, i: int, cfg) -> torch.Tensor | None:
+    """uint8 ``[3, S, S]`` of image ``i`` (the held-out eval transform), None if unreadable."""
     from mmpretrain.data.transforms import eval_transform
 
     try:
-        return eval_transform(data, int(cfg.data.image_size), int(getattr(cfg.data, "max_pixels", 50_000_000)))
+        return eval_transform(data.image_bytes(i), int(cfg.data.image_size),
+                              int(getattr(cfg.data, "max_pixels", 50_000_000)))
     except Exception:  # noqa: BLE001 - a corrupt or oversized image is skipped and counted
         return None
 
@@ -353,6 +363,38 @@ def _encode_images(model, cfg, accelerator, pixels: list[torch.Tensor]) -> torch
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def _itm_rescore(model, cfg, accelerator, pix, img_emb, cos, prompt_unit, tok, k, T, how, scale, itm_logodds):
+    """Scores ``[n, C]`` of one chunk with its top-``k`` classes re-scored by ITM (``how``:
+    'best' prompt or 'mean' over the templates; plus ``scale`` x cosine). Every rank calls it
+    (``itm_logodds`` pads the model calls), with no image too."""
+    if not pix:
+        itm_logodds(model, cfg, accelerator, [], tok["input_ids"][:0], tok["attention_mask"][:0])
+        return torch.zeros(0, cos.shape[1], dtype=torch.float64)
+    prompt_cos = img_emb @ prompt_unit.t()  # [n, C*T]
+
+    def score_fn(cand: torch.Tensor) -> torch.Tensor:
+        pairs = []  # (image in chunk, class, template)
+        for r in range(cand.shape[0]):
+            for c in cand[r].tolist():
+                if how == "best":
+                    pairs.append((r, c, int(torch.argmax(prompt_cos[r, c * T:(c + 1) * T]))))
+                else:
+                    pairs += [(r, c, t) for t in range(T)]
+        rows = torch.tensor([c * T + t for _, c, t in pairs], dtype=torch.long)
+        lo = itm_logodds(model, cfg, accelerator, [pix[r] for r, _, _ in pairs],
+                         tok["input_ids"][rows], tok["attention_mask"][rows])
+        acc: dict[tuple[int, int], list[float]] = {}
+        for (r, c, _), v in zip(pairs, lo):
+            acc.setdefault((r, c), []).append(v)
+        new = torch.tensor([[sum(acc[(r, c)]) / len(acc[(r, c)]) for c in cand[r].tolist()]
+                            for r in range(cand.shape[0])], dtype=torch.float64).view(cand.shape)
+        if scale:
+            new = new + scale * cos.double().gather(1, cand.long())
+        return new
+
+    return rescore_topk(cos, k, score_fn)[0]
+
+
 @torch.no_grad()
 def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, templates: list[str] | None = None,
               templates_from: str = "config") -> dict:
@@ -361,7 +403,7 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
     else ``DEFAULT_TEMPLATES``)."""
     from mmpretrain.data.tokenizer import tokenize
     from mmpretrain.evaluation.evaluate import (
-        _gather_objects, _logit_scale, _unwrap, _world, encode_texts, itm_logodds)
+        _gather_objects, _logit_scale, _padded_calls, _unwrap, _world, encode_texts, itm_logodds)
 
     if templates is None:
         templates, templates_from = (list(data.templates), "dataset") if data.templates else \
@@ -378,59 +420,51 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
         tok = tokenize(tokenizer, prompts, int(cfg.data.max_length))
         prompt_emb = encode_texts(model, cfg, accelerator, tok["input_ids"], tok["attention_mask"])  # [C*T, E]
         class_emb = class_embeddings(prompt_emb, C, T).float()
-        mine = list(range(rank, len(data.images), world))
-        decoded = [(i, _pixels(data.images[i], cfg)) for i in mine]
-        bad = sum(px is None for _, px in decoded)
-        decoded = [(i, px) for i, px in decoded if px is not None]
-        idx = [i for i, _ in decoded]
-        pix = [px for _, px in decoded]
-        img_emb = _encode_images(model, cfg, accelerator, pix)
-        cos = img_emb @ class_emb.t() if pix else torch.zeros(0, C)  # [n_local, C]
-        contrastive_seconds = time.perf_counter() - t0
-
+        t_text = time.perf_counter() - t0
         # ITM re-scoring of the top-k classes (every rank runs it: padded calls inside)
         k = min(int(cfg.eval.classify_itm_k), C)
         itm_ok = float(cfg.loss.itm_weight) > 0 and hasattr(core, "itm_logits")
         itm_note = None if (k > 0 and itm_ok) else (
             "eval.classify_itm_k=0" if k <= 0 else "the model has no trained ITM head (loss.itm_weight=0)")
-        itm_local = None
         mode = cfg.eval.itm_rerank_score
         how = cfg.eval.classify_itm_prompts
+        scale = 0.0
         if itm_note is None:
-            t1 = time.perf_counter()
             if mode == "itm+itc" and getattr(core.model_cfg, "itm_contrastive_prior", False):
                 warnings.warn("eval.itm_rerank_score=itm+itc with model.itm_contrastive_prior: re-scoring by "
                               "'itm' (the prior already adds the contrastive logit)", stacklevel=2)
                 mode = "itm"
             scale = _logit_scale(core) if mode == "itm+itc" else 0.0
-            prompt_cos = img_emb @ torch.nn.functional.normalize(prompt_emb, dim=-1).t() if pix else None
+        prompt_unit = torch.nn.functional.normalize(prompt_emb, dim=-1)
 
-            def score_fn(cand: torch.Tensor) -> torch.Tensor:
-                pairs = []  # (local image, class, template)
-                for r in range(cand.shape[0]):
-                    for c in cand[r].tolist():
-                        if how == "best":
-                            t = int(torch.argmax(prompt_cos[r, c * T:(c + 1) * T]))
-                            pairs.append((r, c, t))
-                        else:
-                            pairs += [(r, c, t) for t in range(T)]
-                rows = torch.tensor([c * T + t for _, c, t in pairs], dtype=torch.long)
-                lo = itm_logodds(model, cfg, accelerator, [pix[r] for r, _, _ in pairs],
-                                 tok["input_ids"][rows], tok["attention_mask"][rows])
-                acc: dict[tuple[int, int], list[float]] = {}
-                for (r, c, _), v in zip(pairs, lo):
-                    acc.setdefault((r, c), []).append(v)
-                new = torch.tensor([[sum(acc[(r, c)]) / len(acc[(r, c)]) for c in cand[r].tolist()]
-                                    for r in range(cand.shape[0])], dtype=torch.float64).view(cand.shape)
-                if scale:
-                    new = new + scale * cos.double().gather(1, cand.long())
-                return new
-
-            if pix:
-                itm_local, _ = rescore_topk(cos, k, score_fn)
-            else:  # no image on this rank: still make the padded ITM calls
-                itm_logodds(model, cfg, accelerator, [], tok["input_ids"][:0], tok["attention_mask"][:0])
-            itm_seconds = time.perf_counter() - t1
+        # This rank's images, a chunk at a time (decoded pixels are dropped after their chunk,
+        # so memory does not grow with the set); every rank makes the same number of chunks.
+        mine = list(range(rank, len(data.images), world))
+        chunk = max(int(cfg.eval.batch_size), 1) * 8
+        idx: list[int] = []
+        cos_parts: list[torch.Tensor] = []
+        itm_parts: list[torch.Tensor] = []
+        bad = 0
+        contrastive_seconds = itm_seconds = 0.0
+        for c in range(_padded_calls(accelerator, len(mine), chunk)):
+            t1 = time.perf_counter()
+            decoded = [(i, _pixels(data, i, cfg)) for i in mine[c * chunk:(c + 1) * chunk]]
+            bad += sum(px is None for _, px in decoded)
+            decoded = [(i, px) for i, px in decoded if px is not None]
+            pix = [px for _, px in decoded]
+            img_emb = _encode_images(model, cfg, accelerator, pix)
+            cos = img_emb @ class_emb.t() if pix else torch.zeros(0, C)  # [n, C]
+            idx += [i for i, _ in decoded]
+            cos_parts.append(cos)
+            t2 = time.perf_counter()
+            contrastive_seconds += t2 - t1
+            if itm_note is None:
+                itm_parts.append(_itm_rescore(model, cfg, accelerator, pix, img_emb, cos, prompt_unit, tok, k, T,
+                                              how, scale, itm_logodds))
+                itm_seconds += time.perf_counter() - t2
+        cos = torch.cat(cos_parts) if cos_parts else torch.zeros(0, C)
+        itm_local = torch.cat(itm_parts) if itm_parts else None
+        contrastive_seconds += t_text
     finally:
         if was_training:
             model.train()

@@ -203,7 +203,7 @@ def test_stub_itm_plus_itc_and_best_prompt_on_shards(tmp_path, tokenizer):
 
     d = tmp_path / "wds"
     d.mkdir()
-    colours = ["red", "green", "blue", "red", "blue", "green", "green"]
+    colours = ["red", "green", "blue", "red", "blue", "green", "green", "red", "blue", "green"]
     with wds.TarWriter(str(d / "set-000000.tar")) as w:
         for i, c in enumerate(colours):
             w.write({"__key__": f"s{i:03d}", "jpg": _jpeg(RGB[c]), "txt": "x",
@@ -211,14 +211,15 @@ def test_stub_itm_plus_itc_and_best_prompt_on_shards(tmp_path, tokenizer):
     data = C.load_classify_set(d)
     assert data.format == "shards" and data.classes == ["blue", "green", "red"] and data.templates is None
     templates = ["a {} circle."]
-    small = C.zero_shot(StubModel(tokenizer, prefer=0.5), _cfg(["eval.classify_itm_k=3"]), None, tokenizer, data,
-                        templates=templates)
+    # eval.batch_size=1: chunks of 8 images, so the 10 images take two
+    small = C.zero_shot(StubModel(tokenizer, prefer=0.5), _cfg(["eval.classify_itm_k=3", "eval.batch_size=1"]),
+                        None, tokenizer, data, templates=templates)
     assert small["top1"] == 100.0 and small["itm"]["top1"] == 100.0 and small["itm"]["score"] == "itm+itc"
     model = StubModel(tokenizer, prefer=1e4)
     big = C.zero_shot(model, _cfg(["eval.classify_itm_k=3", "eval.classify_itm_prompts=best"]), None, tokenizer,
                       data, templates=templates + ["an image of a {}."])
     assert model.itm_calls == len(colours) * 3  # best prompt: one pass per candidate
-    assert big["itm"]["top1"] == pytest.approx(100 * 2 / 7)  # k = every class: blue always wins
+    assert big["itm"]["top1"] == pytest.approx(30.0)  # k = every class: blue (3 of 10) always wins
     assert big["itm"]["per_class"]["blue"]["top1"] == 100.0
     # the default template set when neither the config nor the dataset names one
     plain = C.zero_shot(StubModel(tokenizer), _cfg(["eval.classify_itm_k=0"]), None, tokenizer, data)
