@@ -73,6 +73,8 @@ def test_main_command_runs(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["num_images"] == 40 and metrics["num_captions"] == 80
+    # the zero-shot classification of the labelled split (--num-val caps it at 40 images)
+    assert set(metrics["zero_shot"]) == {"label", "color"} and metrics["zero_shot"]["color"]["num_images"] == 40
     assert (workdir / "runs/pipeline/export/config.json").is_file()
 
     # the README's "Using an exported model" snippet, on that export
