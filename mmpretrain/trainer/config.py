@@ -29,7 +29,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/."""
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/ (and wandb/
+    with train.report_to=wandb)."""
     max_steps: int = 200
     """Optimizer steps (the cosine schedule ends here)."""
     resume: str = ""
@@ -54,7 +55,8 @@ class TrainConfig:
     keep_last: int = 3
     """Complete checkpoints kept (older ones are deleted)."""
     eval_every: int = 0
-    """0: evaluate only at the end."""
+    """Every N steps: the retrieval evaluation (as at the end) and the validation loss (also at
+    the last step; train.val_batches). 0: evaluate only at the end, no validation loss."""
     eval_at_end: bool = True
     """Evaluate on data.val_shards when training finishes (not after a stop request)."""
     max_bad_steps: int = 5
