@@ -194,8 +194,9 @@ def _load_shards(spec: str, urls: list[str], label_field: str, max_images: int) 
             names.append(label)
             keys.append(key)
     if not images:
+        hint = f"; the labelled split is {Path(spec) / 'classify'}" if (Path(spec) / "classify").is_dir() else ""
         raise ClassifyError(f"{spec}: no sample has an image and a json field {label_field!r} "
-                            "(the class name; --label-field names another field)")
+                            f"(the class name; --label-field names another field){hint}")
     info = _shard_manifest_info(urls, label_field)
     classes = [str(c) for c in info.get("classes", [])] or sorted(set(names))
     unknown = sorted(set(names) - set(classes))

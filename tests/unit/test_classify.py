@@ -276,6 +276,11 @@ def test_bad_input_is_one_line_naming_the_path(tmp_path, shards, make, field, me
     assert message in text and str(path) in text and "\n" not in text
 
 
+def test_the_synthetic_root_points_at_its_labelled_split(shards):
+    with pytest.raises(C.ClassifyError, match="the labelled split is .*classify"):
+        C.load_classify_set(shards)
+
+
 def test_non_string_label_and_single_labelled_class(tmp_path):
     import webdataset as wds
 
