@@ -30,11 +30,10 @@ import torch
 
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
-from mmpretrain.trainer import accel
+from mmpretrain.trainer import accel, trackers
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from mmpretrain.trainer.data import build_train_loader
 from mmpretrain.trainer.faults import fault_injection
-from mmpretrain.trainer import trackers
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
 from mmpretrain.word_negatives import WordNegativeError, build_table, load_word_sets
@@ -617,7 +616,7 @@ def summary(run: Run, tracker_lines: list[str], stopped: str = "") -> str:
     lines.append(f"  checkpoint: {ckpt if ckpt else 'none written'}")
     lines.append(f"  metrics: {out / 'metrics.jsonl'}")
     lines.append(f"  report: {report}" if report else
-                 "  report: none (no end-of-run evaluation with eval.report); the eval command below writes one")
+                 "  report: none (no evaluation wrote one); the eval command below writes one")
     lines += [f"  tracker: {line}" for line in tracker_lines]
     lines += [f"  tracker {name}: {n} logging calls failed (metrics.jsonl has every value)"
               for name, n in log.tracker_failures.items()]
