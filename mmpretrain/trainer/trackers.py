@@ -97,9 +97,13 @@ def build(cfg) -> list:
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     class MLflow(MLflowTracker):
-        """Accelerate's MLflow tracker with metric names MLflow accepts."""
+        """Accelerate's MLflow tracker with metric names MLflow accepts, logging asynchronously
+        (a tracking server's round trip stays off the step; ``end_run`` waits for the queue)
+        unless MLFLOW_ENABLE_ASYNC_LOGGING says otherwise."""
 
         def log(self, values: dict, step=None, **kwargs):
+            if "MLFLOW_ENABLE_ASYNC_LOGGING" not in os.environ:
+                kwargs.setdefault("synchronous", False)
             super().log({mlflow_key(k): v for k, v in values.items()}, step=step, **kwargs)
 
     out = Path(tcfg.output_dir)
