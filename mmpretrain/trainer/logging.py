@@ -80,7 +80,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 class RunLogger:
     """Every method is a no-op on non-main ranks.
 
-    ``tracker_log(scalars, step)``: where the trackers' scalars go (``accelerator.log``), or
+    ``tracker_log(scalars, step)``: where the trackers' scalars go (the trackers of ``accelerator.trackers``), or
     None without trackers."""
 
     def __init__(self, out_dir: str | Path, *, is_main: bool, total_steps: int, start_step: int,

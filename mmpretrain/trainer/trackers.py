@@ -9,8 +9,10 @@ JSON). Only the main process logs (Accelerate's trackers run there).
 
 The life cycle is Accelerate's: ``build`` makes the tracker objects that go into
 ``Accelerator(log_with=...)`` (``trainer.accel.start_runtime``), ``start`` runs
-``accelerator.init_trackers`` once the run directory is ready, ``RunLogger`` calls
-``accelerator.log``, and the runtime's ``accelerator.end_training()`` finishes them.
+``accelerator.init_trackers`` once the run directory is ready, ``RunLogger`` logs to
+``accelerator.trackers`` (what ``accelerator.log`` does, one tracker at a time, so that a failing
+one costs neither the run nor the others: the loop's ``tracker_log``), and the runtime's
+``accelerator.end_training()`` finishes them.
 
 Where each writes:
 
