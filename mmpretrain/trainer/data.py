@@ -47,6 +47,10 @@ class RankConcatLoader:
             total.update(loader.skipped)
         return dict(total)
 
+    @property
+    def remote_retries(self) -> int:
+        return sum(loader.remote_retries for loader in self.loaders)
+
     def state_dict(self) -> dict:
         return {"emulated_ranks": [loader.state_dict() for loader in self.loaders]}
 

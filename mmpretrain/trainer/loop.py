@@ -550,6 +550,10 @@ def _steps(run: Run, stop: StopRequest, batches) -> None:
             # skipped samples by reason, all ranks, as they grow (metrics.jsonl and the trackers)
             for reason, n in distributed.sum_counters(run.loader.skipped).items():
                 result.metrics[f"skipped_samples/{reason}"] = n
+            # remote shard reads retried (all ranks, all epochs; 0 for local files): a network
+            # event, not a skipped sample, so it is not part of skipped_samples
+            result.metrics["remote_retries"] = distributed.sum_counters(
+                {"n": run.loader.remote_retries}).get("n", 0)
         step_seconds = time.perf_counter() - t0  # the validation below is not part of the step's time
         if tcfg.eval_every and tcfg.val_batches and (c.step % tcfg.eval_every == 0 or c.step >= tcfg.max_steps):
             result.metrics.update(validation(run))

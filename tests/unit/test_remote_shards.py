@@ -358,3 +358,24 @@ def test_s3_stream_equals_local(s3_bucket, tok, local_ref):
     assert ld.remote_retries == 0 and ld.skipped == {}
     assert shardio.expand_sources(f"{s3_bucket}/train-*.tar") == [f"{s3_bucket}/train-{i:06d}.tar"
                                                                   for i in range(NUM_SHARDS)]
+
+
+def test_training_from_http_shards_logs_the_retries_and_keeps_the_losses(server, tmp_path):
+    """The trainer on http shards whose every shard answers 503 twice first: metrics.jsonl counts
+    2 remote retries per shard opened and the losses equal those of the same run on local files."""
+    from _trainutil import losses, make_config, make_shards, metrics, run_train
+
+    shards = make_shards(tmp_path)
+    server.root = str(shards)
+    names = sorted(p.name for p in shards.glob("train-*.tar"))
+    pattern = f"train-{{000000..{len(names) - 1:06d}}}.tar"
+    for name in names:
+        server.faults[name] = [("503",), ("503",)]
+    common = ["train.max_steps=2", "train.log_every=2", "train.save_every=2", "data.remote_backoff_s=0.01"]
+    assert run_train(make_config(tmp_path), tmp_path / "local", *common) == 0
+    assert run_train(make_config(tmp_path), tmp_path / "http", f"data.train_shards=[{server.url(pattern)}]",
+                     *common) == 0
+    assert losses(tmp_path / "http") == losses(tmp_path / "local")
+    opened = {name for name, _ in server.log if name in names}
+    assert opened and metrics(tmp_path / "http")[2]["remote_retries"] == 2 * len(opened)
+    assert metrics(tmp_path / "local")[2]["remote_retries"] == 0
