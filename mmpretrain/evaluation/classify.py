@@ -47,6 +47,15 @@ retrieval re-ranking's ``eval.itm_rerank_score``: ``itm+itc`` adds the contrasti
 re-scored classes rank above all others (``retrieval.rerank_scores``). Skipped with a reason
 when ``classify_itm_k`` is 0 or the model has no trained ITM head (``loss.itm_weight=0``).
 
+**Linear probe** (``eval.classify_linear_probe``, on by default; CLIP_benchmark's other
+protocol): what the image tower encodes, whether or not the text side names it. A multinomial
+logistic regression on the L2-normalised image embeddings (standardised per feature, L2 penalty
+``1e-3 x |W|^2``, float64 L-BFGS) is fitted on 3 of 4 folds (the images in key order dealt to
+folds by a fixed-seed permutation) and scored on the fourth; ``linear_probe.top1`` is the mean held-out
+top-1 over the 4 folds. A zero-shot figure near chance with a high probe figure means the
+alignment with the class words is missing; both near chance means the image tower does not see
+the property. Deterministic; no text pass.
+
 Processes: one, or every rank of a launch, each embedding a strided share of the images; model
 calls are padded to the same count on every rank (ZeRO-3) and the per-image results gathered,
 so every rank returns the same dict.
@@ -326,6 +335,42 @@ def rescore_topk(scores: torch.Tensor, k: int, score_fn: Callable[[torch.Tensor]
     return rerank_scores(scores, cand, score_fn(cand).double()), cand
 
 
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int = 4,
+                 l2: float = 1e-3, max_iter: int = 100) -> dict:
+    """Mean held-out top-1 (percent) of a multinomial logistic regression over ``folds`` folds
+    (rows dealt to folds by a fixed-seed permutation, so periodic label orders cannot empty a
+    class from a training split); see the module docstring. Needs every class in
+    each training split to be meaningful; folds with fewer than 2 training classes are skipped."""
+    x = features.detach().double()
+    y = labels.long()
+    n = x.shape[0]
+    accs: list[float] = []
+    fold_of = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % folds
+    for f in range(folds):
+        test = fold_of == f
+        train = ~test
+        if int(test.sum()) == 0 or len(torch.unique(y[train])) < 2:
+            continue
+        mu, sd = x[train].mean(0), x[train].std(0).clamp(min=1e-8)
+        xt, xv = (x[train] - mu) / sd, (x[test] - mu) / sd
+        w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xt @ w + b, y[train]) + l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            accs.append(100.0 * float(((xv @ w + b).argmax(1) == y[test]).double().mean()))
+    return {"top1": sum(accs) / len(accs) if accs else None, "folds": len(accs), "l2": l2,
+            "features": "image embedding (L2-normalised, standardised)"}
+
+
 def chance(num_classes: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     return {f"chance_top{k}": 100.0 * min(k, num_classes) / num_classes for k in ks}
 
@@ -444,6 +489,7 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
         chunk = max(int(cfg.eval.batch_size), 1) * 8
         idx: list[int] = []
         cos_parts: list[torch.Tensor] = []
+        emb_parts: list[torch.Tensor] = []
         itm_parts: list[torch.Tensor] = []
         bad = 0
         contrastive_seconds = itm_seconds = 0.0
@@ -457,6 +503,7 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
             cos = img_emb @ class_emb.t() if pix else torch.zeros(0, C)  # [n, C]
             idx += [i for i, _ in decoded]
             cos_parts.append(cos)
+            emb_parts.append(img_emb.float() if pix else torch.zeros(0, class_emb.shape[1]))
             t2 = time.perf_counter()
             contrastive_seconds += t2 - t1
             if itm_note is None:
@@ -464,13 +511,16 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
                                               how, scale, itm_logodds))
                 itm_seconds += time.perf_counter() - t2
         cos = torch.cat(cos_parts) if cos_parts else torch.zeros(0, C)
+        emb = torch.cat(emb_parts) if emb_parts else torch.zeros(0, class_emb.shape[1])
         itm_local = torch.cat(itm_parts) if itm_parts else None
         contrastive_seconds += t_text
     finally:
         if was_training:
             model.train()
 
-    parts = _gather_objects({"idx": idx, "cos": cos, "itm": itm_local, "bad": bad}, accelerator)
+    probe = bool(getattr(cfg.eval, "classify_linear_probe", True))
+    parts = _gather_objects({"idx": idx, "cos": cos, "itm": itm_local, "bad": bad,
+                             "emb": emb if probe else None}, accelerator)
     order = sorted((i, p, j) for p, part in enumerate(parts) for j, i in enumerate(part["idx"]))
     if not order:
         raise ClassifyError(f"{data.source}: no image could be decoded")
@@ -485,6 +535,10 @@ def zero_shot(model, cfg, accelerator, tokenizer, data: ClassifySet, *, template
     result.update(chance(C))
     result.update(accuracy_metrics(scores, labels, data.classes))
     result["seconds"] = contrastive_seconds
+    if probe:
+        t3 = time.perf_counter()
+        feats = torch.stack([parts[p]["emb"][j] for _, p, j in order])
+        result["linear_probe"] = {**linear_probe(feats, labels, C), "seconds": time.perf_counter() - t3}
     if itm_note is not None:
         result["itm"] = {"skipped": itm_note}
     else:
@@ -526,10 +580,13 @@ def format_table(result: dict, max_classes: int = 20) -> str:
     itm = result.get("itm") or {}
     if "top1" in itm:
         rows.append((f"ITM top-{itm['k']} ({itm['score']}, {itm['prompts']})", itm))
-    w = max(len(n) for n, _ in rows + [("chance", None)])
+    w = max(len(n) for n, _ in rows + [("chance", None), ("linear probe (4-fold)", None)])
     lines.append(f"{'':{w}}  {'top-1':>6}  {'top-5':>6}  {'mean per-class':>14}")
     for name, r in rows:
         lines.append(f"{name:{w}}  {_fmt(r['top1']):>6}  {_fmt(r['top5']):>6}  {_fmt(r['mean_per_class']):>14}")
+    lp = result.get("linear_probe") or {}
+    if lp.get("top1") is not None:
+        lines.append(f"{'linear probe (' + str(lp['folds']) + '-fold)':{w}}  {_fmt(lp['top1']):>6}  {'':>6}  {'':>14}")
     lines.append(f"{'chance':{w}}  {_fmt(result['chance_top1']):>6}  {_fmt(result['chance_top5']):>6}  "
                  f"{_fmt(result['chance_top1']):>14}")
     if "skipped" in itm:

@@ -48,6 +48,9 @@ class EvalConfig:
     passes)."""
     classify_max_images: int = 0
     """Images classified, the first in key order (0: all)."""
+    classify_linear_probe: bool = True
+    """Also fit a logistic-regression probe on the image embeddings (4-fold, held-out top-1):
+    what the image tower encodes, beside what the zero-shot prompts find (classify.py)."""
 
     def __post_init__(self):
         if self.itm_rerank_score not in ("itm", "itm+itc"):

@@ -165,6 +165,9 @@ def test_stub_model_on_an_image_folder_gives_the_known_accuracy(tmp_path, tokeni
     assert r["per_class"]["green"]["top1"] == 100.0 and r["per_class"]["blue"]["top1"] == 100.0
     assert r["mean_per_class"] == pytest.approx((200 / 3 + 100 + 100) / 3)
     assert r["top5"] == 100.0
+    # the probe on the stub's embeddings (4 folds of 6 images) is reported and printed
+    assert r["linear_probe"]["folds"] >= 1 and r["linear_probe"]["top1"] is not None
+    assert "linear probe" in C.format_table(r)
     # ITM (alone) prefers "blue" among each image's top 2: blue wins wherever it is a candidate
     itm = r["itm"]
     assert itm["k"] == 2 and itm["score"] == "itm" and itm["prompts"] == "mean"
@@ -177,6 +180,21 @@ def test_stub_model_on_an_image_folder_gives_the_known_accuracy(tmp_path, tokeni
     assert itm["top1"] == pytest.approx(100 / 6) and itm["top5"] == 100.0
     s = _stub_scores(tokenizer, ["a {} circle."])  # rows: blue, green, red images
     assert torch.topk(s, 2).indices.sort(dim=1).values.tolist() == [[0, 1], [0, 1], [0, 2]]
+
+
+def test_linear_probe_separates_what_the_features_hold_and_not_what_they_do_not():
+    g = torch.Generator().manual_seed(0)
+    n, c = 400, 4
+    labels = torch.arange(n) % c
+    centres = torch.randn(c, 16, generator=g) * 3
+    feats = centres[labels] + torch.randn(n, 16, generator=g) * 0.5  # the class is in the features
+    seen = C.linear_probe(feats, labels, c)
+    assert seen["folds"] == 4 and seen["top1"] == 100.0
+    noise = torch.randn(n, 16, generator=g)  # nothing about the class
+    blind = C.linear_probe(noise, labels, c)
+    assert 10.0 < blind["top1"] < 45.0  # chance 25 %
+    assert C.linear_probe(feats, labels, c) == seen  # deterministic
+    assert C.linear_probe(feats[:3], torch.tensor([0, 0, 0]), 1)["top1"] is None  # no fold with 2 classes
 
 
 def _stub_scores(tokenizer, templates):
