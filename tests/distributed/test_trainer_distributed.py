@@ -61,8 +61,10 @@ def check_finished(proc, run: Path, step: int) -> None:
 def test_ddp_sigterm_then_resume_matches_one_process(tiny, tmp_path):
     run = tmp_path / "ddp"
     # ITM off: the fused head gets no gradient, which DDP must be told about (find_unused_parameters)
+    # with DataLoader workers (2 per rank): the launcher's forwarded SIGTERM must not kill them
+    # before the ranks have checkpointed (issue: "DataLoader worker ... killed by signal")
     common = ["train.max_steps=60", "train.save_every=1000", "train.log_every=1000", "train.inject_nan_steps=[2]",
-              "loss.itm_weight=0"]
+              "loss.itm_weight=0", "data.num_workers=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
     proc = _proc.popen([str(REPO / "launch/cpu_2proc.sh"), "ddp", "--config", str(tiny),
