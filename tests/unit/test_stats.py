@@ -75,3 +75,32 @@ def test_unreadable_shards_are_named_not_silently_ignored(tmp_path, capsys, capl
     assert bad["data-000001.tar"] == "empty file (0 bytes)" and "not a readable tar" in bad["data-000002.tar"]
     assert out.count("unreadable shard (no sample read):") == 3
     assert sum("unreadable shard" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_each_split_is_reported_apart_then_the_total(tmp_path, capsys):
+    """A directory with train/val shards and a labelled subdirectory (as `shards synthetic`
+    writes DIR/classify/): one block per split, the JSON holds each split and the totals."""
+    caps = ["a red square", "a blue circle"]
+    write_raw_shard(str(tmp_path / "train-000000.tar"),
+                    [{"__key__": f"t{i}", "png": _solid_png((255, 0, 0)), "txt": caps[0]} for i in range(4)])
+    write_raw_shard(str(tmp_path / "train-000001.tar"),
+                    [{"__key__": f"u{i}", "png": _solid_png((255, 0, 0)), "txt": caps[0]} for i in range(2)]
+                    + [{"__key__": "nocap", "png": _solid_png((0, 0, 0))}])
+    write_raw_shard(str(tmp_path / "val-000000.tar"),
+                    [{"__key__": f"v{i}", "png": _solid_png((0, 0, 255)), "txt": caps[1]} for i in range(2)])
+    (tmp_path / "classify").mkdir()
+    (tmp_path / "classify" / "manifest.json").write_text("{}")
+    write_raw_shard(str(tmp_path / "classify" / "classify-000000.tar"),
+                    [{"__key__": f"c{i}", "png": _solid_png((0, 255, 0)), "txt": "green"} for i in range(3)])
+    tok = train_tokenizer(caps * 3 + ["green"], str(tmp_path / "tok"), 60)
+    assert main([str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--image-size", "8"]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out.strip().splitlines()[-1])
+    splits = stats["splits"]
+    assert set(splits) == {"train", "val", "classify"}
+    assert [splits[k]["samples"] for k in ("train", "val", "classify")] == [6, 2, 3] and stats["samples"] == 11
+    assert splits["train"]["shards"] == 2 and splits["train"]["skipped"] == {"missing_caption": 1}
+    assert splits["val"]["pixel_mean"] == [0.0, 0.0, 1.0] and splits["classify"]["pixel_mean"] == [0.0, 1.0, 0.0]
+    assert abs(stats["pixel_mean"][0] - 6 / 11) < 1e-4 and stats["skipped_total"] == 1
+    assert "split train: shards: 2  samples read: 6  skipped: 1 (missing_caption=1)" in out
+    assert out.index("split train:") < out.index("split val:") < out.index("split classify:") < out.index("all 3 splits:")
