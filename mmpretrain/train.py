@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpretrain.config import ConfigError, describe_config, load_config
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -30,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done (or stopped on request), 2 a start-up error (one line on stderr: a bad
     config value, data, launch or checkpoint), 3 too many non-finite steps. Errors raised inside
     the training loop keep their traceback."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # after parsing: `--help` imports neither torch nor the model (mmpretrain.config does both)
+    from mmpretrain.config import ConfigError, describe_config, load_config
     from mmpretrain.runtime import LaunchError, launch_info
 
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     launch = launch_info()  # no runtime yet: what the launcher set
     prefix = "mmpretrain train" + (f" [rank {launch.rank}]" if launch.world_size > 1 else "")
     try:

@@ -35,7 +35,6 @@ from mmpretrain.data.shardwriter import (
     write_manifest,
 )
 from mmpretrain.data.sources import ImageRef
-from mmpretrain.data.transforms import to_rgb
 
 FORMATS = ("folder", "csv", "jsonl", "coco", "flickr30k", "webdataset")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
@@ -78,7 +77,12 @@ def _read_bytes(ref: ImageRef) -> bytes:
         return f.read(ref.size)
 
 
-_to_rgb = to_rgb  # (RGB image, name of the conversion or None): the loader's own conversion
+def _to_rgb(image):
+    """(RGB image, name of the conversion or None): the loader's own conversion (imported here:
+    ``mmpretrain.data.transforms`` imports torch, which ``shards build --help`` does not need)."""
+    from mmpretrain.data.transforms import to_rgb
+
+    return to_rgb(image)
 
 
 def process_image(job: tuple[ImageRef, ImageOptions]) -> ProcessedImage | Skipped:
