@@ -287,18 +287,112 @@ def restore_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
             legacy.rename(legacy.with_name(legacy.name + ".unread"))
             print(f"mmpretrain train: {legacy} is not loaded (pickle); renamed to {legacy.name}.unread", flush=True)
     accelerator.wait_for_everyone()
-    accelerator.load_state(str(path))
-    own = path / f"data_state_{accelerator.process_index}.json"
-    try:
-        data_state = json.loads(own.read_text()) if own.is_file() else meta.get("data_state", {})
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{own}: unreadable or not valid JSON ({e})") from None
+    saved_world = int(meta.get("world_size") or 1)
+    world = accelerator.num_processes
+    if distributed_type_name(accelerator) == "DEEPSPEED" and (saved_world != world or _wants_universal(accelerator)):
+        _load_universal(accelerator, path, saved_world)
+    else:  # DDP / one process: the weights and optimizer files do not depend on the world size
+        accelerator.load_state(str(path))
+    if saved_world == world:
+        own = path / f"data_state_{accelerator.process_index}.json"
+        data_state = _read_data_state(own) if own.is_file() else meta.get("data_state", {})
+    else:  # another world size: every saved rank's cursor (trainer/data.py remaps them)
+        files = [path / f"data_state_{r}.json" for r in range(saved_world)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: written by {saved_world} processes but {', '.join(missing)} is missing; "
+                                  f"its data cursor cannot be moved to {world} processes")
+        data_state = {"checkpoint_ranks": [_read_data_state(f) for f in files]}
     return meta, data_state
+
+
+def _read_data_state(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable or not valid JSON ({e})") from None
+
+
+UNIVERSAL_DIR = "universal"
+"""Inside a DeepSpeed checkpoint: its world-size-free (universal) form, made on first need."""
+
+
+def _wants_universal(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return bool(plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal"))
+
+
+def universal_checkpoint(path: str | Path, *, log=print) -> Path:
+    """``path/universal``: the ZeRO checkpoint ``path/pytorch_model`` converted by DeepSpeed's
+    ``ds_to_universal`` (model + fp32 master weights + Adam moments per parameter, no world
+    size), laid out so that Accelerate's ``load_state`` reads it (``universal/pytorch_model``,
+    the RNG files beside it). Made once (main process only), atomically: converted into
+    ``universal.tmp`` and renamed; an existing ``universal`` is reused."""
+    import subprocess
+
+    path = Path(path)
+    final, tmp = path / UNIVERSAL_DIR, path / (UNIVERSAL_DIR + ".tmp")
+    if (final / "pytorch_model").is_dir():
+        return final
+    source = path / "pytorch_model"
+    if not source.is_dir():
+        raise CheckpointError(f"{path}: no DeepSpeed state (pytorch_model/) to convert to a universal checkpoint")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log(f"mmpretrain train: converting {source} to a universal checkpoint (another world size)")
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(source), "--output_folder", str(tmp / "pytorch_model"), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if proc.returncode != 0 or not (tmp / "pytorch_model" / "zero").is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CheckpointError(f"{path}: ds_to_universal could not convert it for another world size "
+                              f"(exit {proc.returncode}: {tail[0]})")
+    for rng in path.glob("random_states_*.pkl"):
+        shutil.copy2(rng, tmp / rng.name)
+    _fsync_tree(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(path)
+    return final
+
+
+def _load_universal(accelerator, path: Path, saved_world: int) -> None:
+    """Load a ZeRO checkpoint of another world size (collective): the main process converts it
+    once (``universal_checkpoint``), every rank waits, then DeepSpeed loads the universal form
+    (its ``load_universal_checkpoint`` switch, set for this load only)."""
+    already = (path / "pytorch_model" / "zero").is_dir()  # converted by hand into a copy (older docs)
+    load_dir = path if already else path / UNIVERSAL_DIR
+    if accelerator.is_main_process and not already:
+        try:
+            universal_checkpoint(path)
+            ok = ""
+        except CheckpointError as e:
+            ok = str(e)
+    else:
+        ok = ""
+    from accelerate.utils import broadcast_object_list
+
+    problem = broadcast_object_list([ok])[0]  # every rank raises together, none waits forever
+    if problem:
+        raise CheckpointError(problem)
+    wrapped = accelerator.deepspeed_engine_wrapped
+    if wrapped is None:
+        raise CheckpointError(f"{path}: no DeepSpeed engine to load the universal checkpoint into")
+    config = wrapped.engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        accelerator.load_state(str(load_dir))
+    finally:
+        config.load_universal_checkpoint = before
+    if accelerator.is_main_process and saved_world != accelerator.num_processes:
+        print(f"mmpretrain train: loaded {path} (written by {saved_world} processes) through its universal form "
+              f"for {accelerator.num_processes}", flush=True)
 
 
 def check_resume_meta(meta: dict, model_section: dict, accelerator) -> None:
     """A checkpoint this run can continue: the same model section, and for DeepSpeed the same
-    backend and world size (a ZeRO checkpoint is tied to it) unless it loads a universal one."""
+    backend (another world size is fine: ``restore_checkpoint`` loads its universal form)."""
     saved_model = meta.get("config", {}).get("model")
     if saved_model is not None and saved_model != model_section:
         raise CheckpointError("train.resume: the checkpoint's model section differs from this config's")
@@ -307,14 +401,7 @@ def check_resume_meta(meta: dict, model_section: dict, accelerator) -> None:
         if meta.get("distributed_type") != here:
             raise CheckpointError(f"train.resume: checkpoint written by {meta.get('distributed_type')}, this run is "
                                   f"{here}; convert it first (docs/training.md)")
-        plugin = accelerator.state.deepspeed_plugin
-        universal = plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal")
-        world = accelerator.num_processes
-        if meta.get("world_size") != world and not universal:
-            raise CheckpointError(
-                f"train.resume: a ZeRO checkpoint is tied to its world size ({meta.get('world_size')}), this run "
-                f"has {world}; convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
-                "\"checkpoint\": {\"load_universal\": true} in the DeepSpeed JSON")
+        # a ZeRO checkpoint of another world size is converted on load (restore_checkpoint)
 
 
 class Stateful(Protocol):

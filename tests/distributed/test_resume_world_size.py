@@ -1,0 +1,113 @@
+"""Resume on another world size. A checkpoint written by 2 processes continues in 1:
+
+* the loader: the rest of the interrupted epoch is read as the 2 saved ranks' streams (exactly
+  the uninterrupted run's global batches: no sample lost or seen twice), then the next epoch is
+  planned for the new world size (in-process, at the loader level; 2 -> 1, 2 -> 4, and a
+  checkpoint taken during the remap);
+* DDP (the checkpoint of the 2-"node" run in test_multinode.py is not reused: each module runs
+  alone) and DeepSpeed ZeRO-2 / ZeRO-3 (converted to DeepSpeed's universal form by
+  ``train.resume``): the weights and the Adam state loaded equal the saved ones exactly (a
+  non-finite loss injected at the first resumed step leaves them unchanged, and the checkpoint
+  written there is compared with the saved one), the step counter continues, and the losses
+  equal one process reading the 2 ranks' batches (``train.emulate_world_size=2``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _trainutil import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
+                        run_subprocess, run_train)
+
+pytestmark = pytest.mark.distributed
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_config(tmp_path_factory.getbasetemp())
+
+
+def _cfg(tiny: Path, *overrides: str):
+    from mmpretrain.config import load_config
+
+    return load_config(tiny, list(overrides))
+
+
+def _tokenizer(cfg):
+    from mmpretrain.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
+
+
+def _take(loader, n: int) -> list[dict]:
+    it = loader.infinite()
+    return [next(it) for _ in range(n)]
+
+
+def test_loader_cursor_remaps_across_world_sizes(tiny):
+    from mmpretrain.data.loader import ShardLoader
+    from mmpretrain.trainer.data import TrainData, concat_batches
+
+    saved_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=2", "train.emulate_world_size=2")
+    tok = _tokenizer(saved_cfg)
+    saved = TrainData(saved_cfg, tok, 0, 1)  # the global batches of 2 ranks x 2 workers
+    assert saved.batches_per_epoch == 8  # 256 samples / 32
+    done = _take(saved, 3)
+    state = saved.state_dict()
+    ranks = {"checkpoint_ranks": state["emulated_ranks"]}  # what a 2-process checkpoint holds
+    rest = _take(saved, 5)  # the rest of epoch 0 as the uninterrupted run reads it
+    one_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=0")
+    native = ShardLoader(one_cfg.data, tok, rank=0, world_size=1, seed=one_cfg.seed, train=True)
+    native.set_epoch(1)
+    epoch1 = list(native)
+
+    # 2 -> 1: the rest of epoch 0 exactly as saved, then epoch 1 planned for 1 process
+    one = TrainData(one_cfg, tok, 0, 1)
+    one.load_state_dict(ranks)
+    assert one.epoch == 0
+    got = _take(one, 5 + 8)
+    for a, b in zip(got[:5], rest):
+        assert a["keys"] == b["keys"] and torch.equal(a["pixels"], b["pixels"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    keys = [k for b in done + got[:5] for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 256  # each sample of the epoch once
+    assert one.epoch == 1 and [b["keys"] for b in got[5:]] == [b["keys"] for b in epoch1]
+    assert "remap" not in one.state_dict() and one.state_dict()["world_size"] == 1
+
+    # 2 -> 4: every process reads its saved rank's stream and keeps its half of it
+    four_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=0")
+    fours = [TrainData(four_cfg, tok, r, 4) for r in range(4)]
+    for loader in fours:
+        loader.load_state_dict(ranks)
+    parts = [_take(loader, 5) for loader in fours]
+    for step, ref in enumerate(rest):
+        joined = concat_batches([p[step] for p in parts])
+        assert joined["keys"] == ref["keys"] and torch.equal(joined["pixels"], ref["pixels"])
+
+    # a checkpoint during the remap (1 process, 2 batches into it) resumes the remap exactly
+    one = TrainData(one_cfg, tok, 0, 1)
+    one.load_state_dict(ranks)
+    _take(one, 2)
+    mid = json.loads(json.dumps(one.state_dict()))
+    assert "remap" in mid
+    again = TrainData(one_cfg, tok, 0, 1)
+    again.load_state_dict(mid)
+    assert [b["keys"] for b in _take(again, 3 + 2)] == [b["keys"] for b in rest[2:]] + \
+        [b["keys"] for b in epoch1[:2]]
+
+
+def test_loader_cursor_remap_refuses_another_seed(tiny):
+    from mmpretrain.trainer.data import TrainData
+
+    cfg = _cfg(tiny, "train.emulate_world_size=2")
+    saved = TrainData(cfg, _tokenizer(cfg), 0, 1)
+    _take(saved, 1)
+    other = TrainData(_cfg(tiny, "seed=1"), saved.tokenizer, 0, 1)
+    with pytest.raises(ValueError, match="seed 0, this run has seed 1"):
+        other.load_state_dict({"checkpoint_ranks": saved.state_dict()["emulated_ranks"]})
