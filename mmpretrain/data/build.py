@@ -34,7 +34,7 @@ from mmpretrain.data.shardwriter import (
     shard_name,
     write_manifest,
 )
-from mmpretrain.data.sources import ImageRef
+from mmpretrain.data.sources import MAX_SKIP_EXAMPLES, ImageRef
 
 FORMATS = ("folder", "csv", "jsonl", "coco", "flickr30k", "webdataset")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
@@ -238,6 +238,7 @@ def build(opts: BuildOptions) -> dict:
     entry.update(
         shards=[],
         skipped=dict(sorted(listing.skipped.items())),
+        skipped_files=list(listing.skipped_files),
         converted={},
         complete=False,
         build={**json.loads(json.dumps(asdict(opts))), "num_source_samples": len(samples),
@@ -284,6 +285,8 @@ def build(opts: BuildOptions) -> dict:
 def _record_shard(entry: dict, shard: dict) -> None:
     entry["shards"].append(shard)
     entry["skipped"] = _add_counts(entry["skipped"], shard.get("skipped", {}))
+    room = MAX_SKIP_EXAMPLES - len(entry.setdefault("skipped_files", []))
+    entry["skipped_files"] += shard.get("skipped_files", [])[:max(room, 0)]
     entry["converted"] = _add_counts(entry["converted"], shard.get("converted", {}))
 
 
@@ -292,21 +295,25 @@ def _write_shards(out, opts, manifest, entry, listing, jobs, results, offsets) -
     image is written (before the next image is even waited for)."""
     current: TarShard | None = None
     skipped: dict[str, int] = {}
+    skipped_files: list[str] = []
     converted: dict[str, int] = {}
     try:
         with progress_bar(sum(len(caps) for _, _, caps in jobs), f"build {opts.name}") as bar:
             for n, ((shard, i, caps), result) in enumerate(zip(jobs, results)):
                 if current is None:
                     current, skipped, converted = TarShard(out / shard_name(opts.name, shard)), {}, {}
+                    skipped_files = []
                 if isinstance(result, Skipped):
                     skipped[result.reason] = skipped.get(result.reason, 0) + len(caps)
+                    if len(skipped_files) < MAX_SKIP_EXAMPLES:
+                        skipped_files.append(f"{result.reason}: {result.detail}")
                 else:
                     if result.converted:
                         converted[result.converted] = converted.get(result.converted, 0) + 1
                     _add_samples(current, opts, listing.images[i], caps, offsets[i], result)
                 bar.update(len(caps))
                 if n + 1 == len(jobs) or jobs[n + 1][0] != shard:
-                    _finish(current, entry, out, manifest, skipped, converted)
+                    _finish(current, entry, out, manifest, skipped, converted, skipped_files)
                     current = None
     finally:
         if current is not None:  # interrupted: no half shard survives under its final name
@@ -328,11 +335,12 @@ def _add_samples(shard: TarShard, opts, img, caps: list[int], first_index: int, 
         shard.add(key, sample_fields(result.data, result.ext, img.captions[c], meta))
 
 
-def _finish(shard: TarShard, entry, out, manifest, skipped, converted) -> None:
+def _finish(shard: TarShard, entry, out, manifest, skipped, converted, skipped_files=()) -> None:
     shard.commit()
     record = {"file": shard.path.name, "num_samples": shard.num_samples}
     if skipped:
         record["skipped"] = dict(sorted(skipped.items()))
+        record["skipped_files"] = list(skipped_files)
     if converted:
         record["converted"] = dict(sorted(converted.items()))
     _record_shard(entry, record)

@@ -77,6 +77,12 @@ def _summary(manifest: dict, out: str, splits: list[str]) -> str:
         lines.append(f"{out}: {split}: {entry.get('num_samples', 0)} samples in {len(entry.get('shards', []))} shards")
         if entry.get("skipped"):
             lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in entry["skipped"].items()))
+            named = entry.get("skipped_files") or []
+            total = sum(entry["skipped"].values())
+            if named:
+                more = f"; the first {len(named)} named, the counts above are samples" if total > len(named) else ""
+                lines.append(f"  skipped files (reason: file: why{more}; also in {out}/manifest.json):")
+                lines += [f"    {line}" for line in named]
         if entry.get("converted"):
             lines.append("  converted to RGB: " + ", ".join(f"{k}={v}" for k, v in entry["converted"].items()))
     return "\n".join(lines)

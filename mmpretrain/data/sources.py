@@ -30,6 +30,7 @@ TAR_CAPTION_EXTS = ("txt", "caption", "text")
 CSV_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "file", "path")
 CSV_CAPTION_COLUMNS = ("caption", "text", "txt", "title")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
+MAX_SKIP_EXAMPLES = 10  # skipped samples named (file and why) in the manifest and the build's output
 
 
 @dataclass
@@ -57,17 +58,20 @@ class SourceImage:
 class Listing:
     images: list[SourceImage] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[str] = field(default_factory=list)  # "reason: file: why", the first MAX_SKIP_EXAMPLES
 
-    def skip(self, reason: str, count: int = 1) -> None:
+    def skip(self, reason: str, count: int = 1, detail: str = "") -> None:
         if count:
             self.skipped[reason] = self.skipped.get(reason, 0) + count
+            if detail and len(self.skipped_files) < MAX_SKIP_EXAMPLES:
+                self.skipped_files.append(f"{reason}: {detail}")
 
     def add(self, ref: ImageRef, image_id, captions: list[str], meta: dict, check_file: bool = True) -> None:
         captions = [c for c in (_clean(c) for c in captions) if c]
         if not captions:
-            self.skip("missing_caption")
+            self.skip("missing_caption", 1, f"{meta.get('file') or ref.describe()}: no caption")
         elif check_file and not os.path.isfile(ref.path):
-            self.skip("missing_image", len(captions))
+            self.skip("missing_image", len(captions), f"{ref.path}: no such file")
         else:
             self.images.append(SourceImage(ref, image_id, captions, meta))
 
@@ -125,7 +129,8 @@ def _pick_column(fieldnames: list[str], options: tuple[str, ...], path: Path, wh
             return lowered[option]
     found = ", ".join(fieldnames) or "nothing"
     raise ShardsError(
-        f"{path}: no {what} column in the header row (expected one of {', '.join(options)}; found {found})"
+        f"{path}: no {what} column in the header row (expected one of {', '.join(options)}; found {found}); "
+        "the first row must name the columns, e.g. 'image,caption'"
     )
 
 
@@ -143,9 +148,29 @@ def _read_text(path: Path) -> str:
                           "re-encode the file as UTF-8") from None
 
 
+CSV_EXPECTED = (f"a .csv/.tsv file whose header row names an image column ({', '.join(CSV_IMAGE_COLUMNS)}) "
+                f"and a caption column ({', '.join(CSV_CAPTION_COLUMNS)}), e.g. 'image,caption' then rows "
+                "'photos/cat.jpg,a cat on a sofa' (image paths relative to the csv's folder or --images)")
+JSONL_EXPECTED = ('a .jsonl file, one object per line: {"image": "photos/cat.jpg", "caption": "a cat on a sofa"} '
+                  "(image paths relative to the file's folder or --images)")
+
+
+def _require_table(input_path: str, fmt: str, expected: str, suffixes: tuple[str, ...]) -> Path:
+    """The --input of --format csv/jsonl: a file; a directory or a missing path says what was expected."""
+    p = Path(input_path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        found = sorted(x.name for x in p.iterdir() if x.suffix.lower() in suffixes)
+        hint = (f"; here: {', '.join(found[:5])}" if found else
+                "; it holds no such file (images with same-name .txt captions: --format folder)")
+        raise ShardsError(f"{input_path}: a directory; --format {fmt} --input expects {expected}{hint}")
+    raise ShardsError(f"{input_path}: no such file; --format {fmt} --input expects {expected}")
+
+
 def list_csv(input_path: str, images: str | None = None) -> Listing:
     """CSV/TSV with a header row naming an image column and a caption column."""
-    path = _require(input_path)
+    path = _require_table(input_path, "csv", CSV_EXPECTED, (".csv", ".tsv"))
     root = _image_root(path, images)
     listing = Listing()
     with io.StringIO(_read_text(path), newline="") as f:
@@ -156,7 +181,11 @@ def list_csv(input_path: str, images: str | None = None) -> Listing:
         for row in reader:
             image = (row.get(image_col) or "").strip()
             if None in row or not image:  # too many fields / no image cell
-                listing.skip("bad_record" if None in row else "missing_image")
+                where = f"{path}:{reader.line_num}"
+                if None in row:
+                    listing.skip("bad_record", 1, f"{where}: more fields than the {len(fieldnames)} of the header")
+                else:
+                    listing.skip("missing_image", 1, f"{where}: empty '{image_col}' cell")
                 continue
             listing.add(ImageRef(str(root / image)), image, [row.get(caption_col) or ""], {"file": image})
     return listing
@@ -165,7 +194,7 @@ def list_csv(input_path: str, images: str | None = None) -> Listing:
 def list_jsonl(input_path: str, images: str | None = None) -> Listing:
     """One JSON object per line: ``{"image": ..., "caption": ...}`` (``caption`` may be a list;
     an ``image_id`` field is kept, otherwise the image path is the id)."""
-    path = _require(input_path)
+    path = _require_table(input_path, "jsonl", JSONL_EXPECTED, (".jsonl", ".json"))
     root = _image_root(path, images)
     listing = Listing()
     seen_image = seen_caption = False
@@ -184,7 +213,7 @@ def list_jsonl(input_path: str, images: str | None = None) -> Listing:
             seen_image |= "image" in record
             seen_caption |= captions is not None
             if not isinstance(image, str) or not image.strip():
-                listing.skip("missing_image")
+                listing.skip("missing_image", 1, f"{path}:{lineno}: no 'image' path")
                 continue
             captions = captions if isinstance(captions, list) else [captions]
             image_id = record.get("image_id", image)
@@ -219,7 +248,7 @@ def list_coco(input_path: str, images: str | None = None) -> Listing:
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ShardsError(f"{path}: annotations[{i}] lacks 'image_id' or 'caption'")
         if ann["image_id"] not in files:
-            listing.skip("missing_image")
+            listing.skip("missing_image", 1, f"{path}: annotations[{i}]: image_id {ann['image_id']!r} not in 'images'")
             continue
         captions.setdefault(ann["image_id"], []).append((ann.get("id", i), ann["caption"]))
     for image_id in sorted(files, key=lambda x: (str(type(x)), x)):
@@ -303,8 +332,8 @@ def list_webdataset(input_pattern: str) -> Listing:
                     groups[-1][1][ext] = member
                 for key, members in groups:
                     _add_tar_sample(listing, tar, tar_path, key, members)
-        except (tarfile.TarError, OSError, EOFError):
-            listing.skip("unreadable_tar")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            listing.skip("unreadable_tar", 1, f"{tar_path}: {err}")
     if not listing.images and not listing.skipped:
         raise ShardsError(f"{input_pattern}: the tar files hold no samples")
     return listing
@@ -315,7 +344,8 @@ def _add_tar_sample(listing: Listing, tar: tarfile.TarFile, tar_path: str, key: 
     caption_ext = next((e for e in TAR_CAPTION_EXTS if e in members), None)
     caption = tar.extractfile(members[caption_ext]).read().decode("utf-8", "replace") if caption_ext else ""
     if image_ext is None:
-        listing.skip("missing_image" if _clean(caption) else "missing_caption")
+        reason = "missing_image" if _clean(caption) else "missing_caption"
+        listing.skip(reason, 1, f"{tar_path}:{key}: no image member ({', '.join(sorted(members))})")
         return
     meta: dict = {}
     if "json" in members:
@@ -325,7 +355,7 @@ def _add_tar_sample(listing: Listing, tar: tarfile.TarFile, tar_path: str, key: 
         except (ValueError, UnicodeDecodeError):
             meta = {}
     if isinstance(meta.get("status"), str) and meta["status"] != "success":  # img2dataset: failed_to_download, ...
-        listing.skip("failed_download")
+        listing.skip("failed_download", 1, f"{tar_path}:{key}: img2dataset status {meta['status']!r}")
         return
     short_key = key.rsplit("/", 1)[-1]
     image_id = meta.get("image_id", meta.get("key", short_key))

@@ -84,6 +84,10 @@ def test_folder_converts_or_skips_bad_images_and_counts_them(tmp_path):
     assert manifest["skipped"] == {"decode_error": 1, "missing_caption": 1, "not_an_image": 1, "too_large": 1}
     assert entry["converted"] == {"16bit": 1, "cmyk": 1, "palette": 1}
     assert [s["num_samples"] for s in entry["shards"]] == [3, 1, 0]
+    named = sorted(entry["skipped_files"])  # each skipped file named with its reason
+    assert [n.split(":", 1)[0] for n in named] == ["decode_error", "missing_caption", "not_an_image", "too_large"]
+    for stem in ("e_truncated.jpg", "h_no_caption.jpg", "f_text.jpg", "g_huge.png"):
+        assert sum(stem in n for n in named) == 1, (stem, named)
     samples = {s["txt"]: s for s in read_shards(out)}
     assert set(samples) == {"photo a_big", "photo b_cmyk", "photo c_16bit", "photo d_palette_alpha"}
     for s in samples.values():
@@ -334,3 +338,39 @@ def test_img2dataset_status_is_honoured_when_resharding_and_loading(tmp_path):
     with pytest.raises(BadSample, match="failed_to_resize") as e:
         stream.check_sample(bad, 10**6)
     assert e.value.reason == "failed_download"
+
+
+def test_build_names_the_first_skipped_files_and_counts_all(tmp_path, capsys):
+    src = tmp_path / "src"
+    save_image(src / "images" / "ok.jpg")
+    rows = [["image", "caption"], ["images/ok.jpg", "a good one"]]
+    rows += [[f"images/gone_{i:02d}.jpg", f"lost {i}"] for i in range(13)] + [["", "no image cell"]]
+    with open(src / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "out"
+    assert main(["build", "--format", "csv", "--input", str(src / "captions.csv"), "--out", str(out),
+                 "--workers", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  skipped: missing_image=14" in lines
+    named = [ln.strip() for ln in lines if ln.startswith("    ")]
+    assert len(named) == 10 and all(n.startswith("missing_image: ") for n in named)
+    assert named[0].endswith("gone_00.jpg: no such file") and "gone_09.jpg" in named[9]
+    assert any("the first 10 named" in ln for ln in lines)
+    assert manifest_of(out)["splits"]["data"]["skipped_files"] == named
+
+
+def test_csv_input_that_does_not_fit_says_what_was_expected(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    folder = make_folder(tmp_path / "photos", 2)
+    err = _error(capsys, ["build", "--format", "csv", "--input", str(folder), "--out", out])
+    assert "photos: a directory; --format csv --input expects a .csv/.tsv file" in err
+    assert "image,caption" in err and "--format folder" in err
+    (folder / "captions.csv").write_text("image,caption\nimg00.jpg,x\n")
+    assert "here: captions.csv" in _error(capsys, ["build", "--format", "csv", "--input", str(folder), "--out", out])
+    err = _error(capsys, ["build", "--format", "csv", "--input", str(tmp_path / "nope.csv"), "--out", out])
+    assert "nope.csv: no such file; --format csv --input expects" in err and "caption" in err
+    (tmp_path / "headerless.csv").write_text("img00.jpg,a caption\n")
+    err = _error(capsys, ["build", "--format", "csv", "--input", str(tmp_path / "headerless.csv"), "--out", out])
+    assert "no image column in the header row" in err and "e.g. 'image,caption'" in err
+    err = _error(capsys, ["build", "--format", "jsonl", "--input", str(folder), "--out", out])
+    assert "--format jsonl --input expects a .jsonl file" in err
