@@ -69,7 +69,7 @@ class Listing:
     def add(self, ref: ImageRef, image_id, captions: list[str], meta: dict, check_file: bool = True) -> None:
         captions = [c for c in (_clean(c) for c in captions) if c]
         if not captions:
-            self.skip("missing_caption", 1, f"{meta.get('file') or ref.describe()}: no caption")
+            self.skip("missing_caption", 1, f"{ref.describe()}: no caption")
         elif check_file and not os.path.isfile(ref.path):
             self.skip("missing_image", len(captions), f"{ref.path}: no such file")
         else:
