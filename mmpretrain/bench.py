@@ -20,6 +20,7 @@ BENCHES = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHES:
-        print(__doc__.strip())
+        print("usage: mmpretrain bench {" + ",".join(BENCHES) + "} [options]  (`mmpretrain bench loader --help`: "
+              "the options of one)\n\n" + __doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     return int(importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0)

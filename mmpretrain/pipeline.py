@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classify", type=int, default=None,
                    help="images of the zero-shot classification split SHARDS/classify/ (default: 800, or "
                    "--num-val when that is smaller; 0: no zero-shot evaluation)")
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides applied to --config, e.g. train.max_steps=100 "
+                        "(default: none; `mmpretrain train --print-config` lists every key)")
     args = p.parse_args(argv)
     if args.num_classify is None:
         args.num_classify = min(800, args.num_val)

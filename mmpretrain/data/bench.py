@@ -123,15 +123,24 @@ def loader_rate(shards: list[str], tok, *, workers: int, batches: int, batch_siz
 
 def main(argv: list[str] | None = None) -> int:
     d = DataConfig()
-    p = argparse.ArgumentParser(prog="mmpretrain bench loader", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", required=True, nargs="+",
-                   help="shard pattern(s), directory or URL (http(s)://, s3://, pipe:)")
-    p.add_argument("--workers", type=int, default=d.num_workers)
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--tokenizer", default="auto")
+    p = argparse.ArgumentParser(prog="mmpretrain bench loader", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, nargs="+", metavar="PATTERN",
+                   help="shard pattern(s) (braces/globs), directory or URL (http(s)://, s3://, pipe:); required")
+    p.add_argument("--workers", type=int, default=d.num_workers, metavar="N",
+                   help=f"DataLoader worker processes of the full loader; the raw loop always runs in this process "
+                        f"(default: {d.num_workers}, data.num_workers)")
+    p.add_argument("--batches", type=int, default=50, metavar="N",
+                   help="batches timed after the first one (default: 50)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
+                   help=f"samples per batch (default: {d.batch_size}, data.batch_size)")
+    p.add_argument("--image-size", type=int, default=d.image_size, metavar="PX",
+                   help=f"crop/resize side of both loops (default: {d.image_size}, data.image_size)")
+    p.add_argument("--max-length", type=int, default=d.max_length, metavar="N",
+                   help=f"tokenizer truncation length (default: {d.max_length}, data.max_length)")
+    p.add_argument("--tokenizer", default="auto", metavar="SPEC",
+                   help="'auto' (the tokenizer/ folder beside the shards; trained in memory from the captions if "
+                        "missing), a tokenizer directory or a hub name (default: auto)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     from mmpretrain.data.shardio import expand_sources, stable_hash
     from mmpretrain.data.tokenizer import load_tokenizer

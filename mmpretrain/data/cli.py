@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Write OUT/<name>-NNNNNN.tar and OUT/manifest.json. Bad images are converted to RGB or "
         "skipped and counted; re-running an interrupted build finishes it.",
     )
-    bld.add_argument("--format", required=True, choices=FORMATS)
+    bld.add_argument("--format", required=True, choices=FORMATS,
+                     help="the source layout (required): folder = images with same-name .txt captions; csv = a "
+                     ".csv/.tsv whose header names an image and a caption column (image,caption); jsonl = "
+                     '{"image": ..., "caption": ...} per line; coco = a COCO captions json; flickr30k = a Karpathy '
+                     "split json; webdataset = existing tars (img2dataset output)")
     bld.add_argument("--input", required=True, metavar="PATH",
                      help="image dir (folder), .csv/.jsonl/.json file, or tar dir/pattern (webdataset)")
     bld.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/coco")

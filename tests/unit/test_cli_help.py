@@ -1,0 +1,63 @@
+"""`--help` of every sub-command: parsed before torch is imported, every option with its default."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+HELP_COMMANDS = [["train"], ["eval"], ["pipeline"], ["shards"], ["shards", "synthetic"], ["shards", "build"],
+                 ["shards", "stats"], ["bench"], ["bench", "loader"]]
+
+
+def test_help_does_not_import_torch():
+    """One interpreter runs every `--help` (as `python -m mmpretrain CMD --help` does) and checks
+    that torch never got imported: help is instant and works without a working torch."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from mmpretrain.cli import main\n"
+        f"for cmd in {HELP_COMMANDS!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            rc = main(cmd + ['--help'])\n"
+        "        except SystemExit as e:\n"
+        "            rc = e.code\n"
+        "    assert rc in (0, None), (cmd, rc)\n"
+        "    assert 'usage' in out.getvalue().lower(), cmd\n"
+        "    assert 'torch' not in sys.modules, f'{cmd} --help imported torch'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Option name -> its help text, from argparse's formatted help."""
+    body = help_text.split("options:", 1)[1]
+    opts: dict[str, str] = {}
+    current = None
+    for line in body.splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            opts[current] = line
+        elif current and line.startswith("    "):
+            opts[current] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in opts.items() if k not in ("-h", "--help")}
+
+
+@pytest.mark.parametrize("module,prog", [("mmpretrain.data.stats", "shards stats"),
+                                         ("mmpretrain.data.bench", "bench loader"),
+                                         ("mmpretrain.pipeline", "pipeline")])
+def test_every_option_names_its_default(module, prog, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    opts = _options(capsys.readouterr().out)
+    assert opts, prog
+    for name, text in opts.items():
+        assert "(default:" in text or "default: " in text or "required" in text, f"{prog} {name}: {text}"
