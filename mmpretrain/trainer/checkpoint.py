@@ -342,7 +342,7 @@ def universal_checkpoint(path: str | Path, *, log=print) -> Path:
     log(f"mmpretrain train: converting {source} to a universal checkpoint (another world size)")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(source), "--output_folder", str(tmp / "pytorch_model"), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1"], capture_output=True, text=True)
+                           "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
     if proc.returncode != 0 or not (tmp / "pytorch_model" / "zero").is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -354,6 +354,26 @@ def universal_checkpoint(path: str | Path, *, log=print) -> Path:
     os.rename(tmp, final)
     _fsync_dir(path)
     return final
+
+
+def _load_buffers(module, folder: Path) -> None:
+    """The module's buffers (e.g. counters kept in the model) from the checkpoint's model-state
+    file: DeepSpeed's universal load restores the parameters only (from ``zero/``)."""
+    import torch
+
+    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model-state file (*mp_rank_00_model_states.pt) to read buffers from")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
+    missing = []
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.device, buf.dtype))
+            elif name in module.state_dict():  # persistent: it should have been saved
+                missing.append(name)
+    if missing:
+        raise CheckpointError(f"{files[0]}: lacks the buffers {', '.join(missing)} of the model")
 
 
 def _load_universal(accelerator, path: Path, saved_world: int) -> None:
@@ -385,6 +405,7 @@ def _load_universal(accelerator, path: Path, saved_world: int) -> None:
         accelerator.load_state(str(load_dir))
     finally:
         config.load_universal_checkpoint = before
+    _load_buffers(wrapped.engine.module, load_dir / "pytorch_model")
     if accelerator.is_main_process and saved_world != accelerator.num_processes:
         print(f"mmpretrain train: loaded {path} (written by {saved_world} processes) through its universal form "
               f"for {accelerator.num_processes}", flush=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _trainutil import (REPO, assert_losses_close, checkpoint_weights, losses, make_config, metrics,
-                        run_subprocess, run_train)
+from _proc import free_port as _free_port
+from _trainutil import REPO, assert_losses_close, losses, make_config, metrics, run_subprocess, run_train
 
 pytestmark = pytest.mark.distributed
 
@@ -111,3 +111,59 @@ def test_loader_cursor_remap_refuses_another_seed(tiny):
     other = TrainData(_cfg(tiny, "seed=1"), saved.tokenizer, 0, 1)
     with pytest.raises(ValueError, match="seed 0, this run has seed 1"):
         other.load_state_dict({"checkpoint_ranks": saved.state_dict()["emulated_ranks"]})
+
+
+def _zero_files(universal: Path) -> dict[str, Path]:
+    """Per parameter: fp32 master weight, Adam moments and step of a universal checkpoint."""
+    zero = universal / "pytorch_model" / "zero"
+    return {str(p.relative_to(zero)): p for p in zero.glob("*/*.pt")}
+
+
+def _tensor(file: Path) -> torch.Tensor:
+    value = torch.load(file, weights_only=False)
+    return value["param"] if isinstance(value, dict) else torch.as_tensor(value)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_of_2_processes_resumes_in_1(tiny, tmp_path, stage):
+    """``train.resume`` converts the world-size-2 ZeRO checkpoint once (``universal/`` inside
+    it) and loads it in 1 process; the first resumed step is a non-finite loss (skipped: nothing
+    changes), so its checkpoint must hold exactly the saved weights and Adam state."""
+    from mmpretrain.trainer.checkpoint import universal_checkpoint
+
+    run, resumed, ref = tmp_path / "two", tmp_path / "one", tmp_path / "ref"
+    proc = run_subprocess([str(REPO / "launch/cpu_2proc.sh"), f"zero{stage}", "--config", str(tiny),
+                           f"train.output_dir={run}", "train.stop_after_steps=3"], timeout=400)
+    saved = run / "checkpoints/step_00000003"
+    assert (saved / "mmpretrain.json").is_file(), (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((saved / "mmpretrain.json").read_text())["world_size"] == 2
+    common = ["train.inject_nan_steps=[4]", "train.save_every=1", "train.keep_last=5"]
+    proc = run_subprocess([
+        "torchrun", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "mmpretrain.train", "--config", str(tiny), f"train.output_dir={resumed}", f"train.resume={saved}",
+        *common], env_extra={"ACCELERATE_USE_DEEPSPEED": "true",
+                             "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / f"launch/zero{stage}.json")},
+        timeout=400)
+    out = proc.stdout + proc.stderr
+    assert (resumed / "checkpoints/step_00000006/mmpretrain.json").is_file(), out[-4000:]
+    assert f"DeepSpeed ZeRO-{stage}, 1 process" in proc.stdout and "written by 2 processes" in proc.stdout
+    assert (saved / "universal/pytorch_model/zero").is_dir() and not (saved / "universal.tmp").exists()
+    step4 = resumed / "checkpoints/step_00000004"
+    meta = json.loads((step4 / "mmpretrain.json").read_text())
+    assert meta["world_size"] == 1 and meta["counters"]["step"] == 4 and meta["counters"]["bad_steps_total"] == 1
+    assert "remap" in json.loads((step4 / "data_state_0.json").read_text())  # still epoch 0 of the 2 ranks
+
+    before, after = _zero_files(saved / "universal"), _zero_files(universal_checkpoint(step4))
+    assert before.keys() == after.keys() and any(k.endswith("exp_avg_sq.pt") for k in before)
+    for name in before:
+        a, b = _tensor(before[name]), _tensor(after[name])
+        if name == "itm_step/fp32.pt":  # the model's forward counter (a buffer): the skipped step ran forward
+            assert torch.equal(a + 1, b), name
+        else:
+            assert torch.equal(a, b), f"{name} changed across the world-size change"
+
+    # the losses continue as one process reading the 2 ranks' global batches
+    assert run_train(tiny, ref, "train.emulate_world_size=2", *common) == 0
+    steps = sorted(metrics(resumed))
+    assert steps[0] == 4 and steps[-1] == 6  # the step counter continues
+    assert_losses_close(losses(resumed), [metrics(ref)[s]["loss"] for s in steps], TOL)
