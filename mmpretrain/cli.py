@@ -7,6 +7,8 @@ exactly as the command line does.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 COMMANDS = {
@@ -17,6 +19,43 @@ COMMANDS = {
     "bench": ("mmpretrain.bench", "benchmarks: loader throughput, model step time, learning quality"),
     "pipeline": ("mmpretrain.pipeline", "the whole job on the embedded default: shards -> train -> eval -> export"),
 }
+
+
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message starts with one of ``starts``; keeps every other."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+_QUIETED: set[str] = set()
+
+
+def quiet_third_party(single_process: bool | None = None) -> None:
+    """Silence third-party notices that do not apply to our commands, before their modules load
+    (a filter on the named logger; the rest of each logger's messages still print):
+
+    * torch's ``No CUDA runtime is found, using CUDA_HOME=...`` (``torch.utils.cpp_extension``,
+      logged only when torch sees no CUDA device): nothing here compiles CUDA code then;
+      DeepSpeed's CPU ops need only a C++ compiler.
+    * DeepSpeed's ``Setting accelerator to CPU ...`` in a single process (``single_process``;
+      default: no launcher set ``WORLD_SIZE`` > 1): there DeepSpeed never runs an engine, it is
+      only imported (by accelerate, or to read a ZeRO checkpoint), and the start-up line names the
+      device. Under a launcher, DeepSpeed runs and its notice stays.
+    Nothing else changes: no environment variable is set, DeepSpeed picks its accelerator as before.
+    """
+    if single_process is None:
+        single_process = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+    if "cuda_home" not in _QUIETED:
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_DropMessages("No CUDA runtime is found"))
+        _QUIETED.add("cuda_home")
+    if single_process and "ds_cpu" not in _QUIETED:
+        logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+        _QUIETED.add("ds_cpu")
 
 
 def usage() -> str:
@@ -39,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"mmpretrain: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in ("train", "eval", "export", "pipeline"):
+        quiet_third_party()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     config value, data, launch or checkpoint), 3 too many non-finite steps. Errors raised inside
     the training loop keep their traceback."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from mmpretrain.cli import quiet_third_party  # also under `accelerate launch -m mmpretrain.train`
+
+    quiet_third_party()
     # after parsing: `--help` imports neither torch nor the model (mmpretrain.config does both)
     from mmpretrain.config import ConfigError, describe_config, load_config
     from mmpretrain.runtime import LaunchError, launch_info

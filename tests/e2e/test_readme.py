@@ -71,6 +71,8 @@ def test_own_data_section_runs_verbatim(workdir):
     proc = _proc.run(["bash", "-euo", "pipefail", "-c", script], timeout=400, cwd=workdir, env=_env())
     assert proc.returncode == 0, f"README own-data block failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "shards/my_data: train: 48 samples in 1 shards" in proc.stdout
+    for notice in ("Setting accelerator to CPU", "No CUDA runtime is found"):  # silenced: they do not apply
+        assert notice not in proc.stdout + proc.stderr, notice
     assert "shards/my_data: val: 16 samples in 1 shards" in proc.stdout
     manifest = json.loads((workdir / "shards/my_data/manifest.json").read_text())
     assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 48, "val": 16}

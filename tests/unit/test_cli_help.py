@@ -61,3 +61,47 @@ def test_every_option_names_its_default(module, prog, capsys):
     assert opts, prog
     for name, text in opts.items():
         assert "(default:" in text or "default: " in text or "required" in text, f"{prog} {name}: {text}"
+
+
+def test_third_party_notices_that_do_not_apply_are_silenced_and_nothing_else():
+    """`quiet_third_party()` (called by the `mmpretrain` dispatcher and the trainer before their
+    imports) drops torch's CUDA_HOME notice and, in one process, DeepSpeed's 'Setting accelerator
+    to CPU'; DeepSpeed's other messages and its accelerator choice are unchanged."""
+    code = (
+        "import os\n"
+        "from mmpretrain.cli import quiet_third_party\n"
+        "before = os.environ.copy()\n"
+        "quiet_third_party()\n"
+        "assert os.environ == before\n"
+        "import torch.utils.cpp_extension as ext\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "from deepspeed.utils import logger\n"
+        "import torch\n"
+        "name = get_accelerator().device_name()\n"
+        "assert name == ('cuda' if torch.cuda.is_available() else 'cpu'), name\n"
+        "logger.warning('another DeepSpeed warning')\n"
+        "ext.logger.warning('another cpp_extension warning')\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "DS_ACCELERATOR")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Setting accelerator to CPU" not in out and "No CUDA runtime is found" not in out, out
+    assert "another DeepSpeed warning" in out and "another cpp_extension warning" in out
+
+
+def test_deepspeeds_cpu_notice_stays_under_a_launcher(monkeypatch):
+    import logging
+
+    from mmpretrain import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_QUIETED", set())
+    ds = logging.getLogger("DeepSpeed")
+    before = list(ds.filters)
+    try:
+        cli.quiet_third_party()
+        assert ds.filters == before  # multi-process: DeepSpeed runs, its notice is kept
+    finally:
+        logging.getLogger("torch.utils.cpp_extension").filters[:] = [
+            f for f in logging.getLogger("torch.utils.cpp_extension").filters if not isinstance(f, cli._DropMessages)]
