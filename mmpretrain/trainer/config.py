@@ -96,6 +96,8 @@ class TrainConfig:
     its gradient becomes NaN (every rank sees it after the gradient all-reduce)."""
 
     def __post_init__(self):
+        if self.mixed_precision in (False, "False"):  # YAML reads a bare `no` (train.mixed_precision=no) as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         for name in ("max_steps", "grad_accum_steps", "log_every", "save_every", "keep_last", "max_bad_steps"):
