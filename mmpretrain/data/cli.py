@@ -26,18 +26,19 @@ def _parser() -> argparse.ArgumentParser:
         "classification set of `mmpretrain eval --classify DIR/classify`; its own manifest and seed stream, "
         "so the train/val shards do not depend on it).",
     )
-    syn.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/synthetic")
-    syn.add_argument("--num-samples", type=int, required=True, metavar="N", help="train images (1 caption each)")
+    syn.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/synthetic; required")
+    syn.add_argument("--num-samples", type=int, required=True, metavar="N", help="train images (1 caption each); required")
     syn.add_argument("--num-val", type=int, default=1000, metavar="N",
                      help="held-out images, 2 captions each (default: 1000; 0: no val split)")
     syn.add_argument("--num-classify", type=int, default=800, metavar="N",
                      help="images of the labelled one-object split DIR/classify/ (default: 800, every "
                      "(shape, colour) pair 10 times; 0: none)")
     syn.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default: 0)")
-    syn.add_argument("--samples-per-shard", type=int, default=512, metavar="K", help="default: 512")
+    syn.add_argument("--samples-per-shard", type=int, default=512, metavar="K",
+                     help="samples per tar (default: 512)")
     syn.add_argument("--image-size", type=int, default=64, metavar="PX", help="square image side (default: 64)")
     syn.add_argument("--vocab-size", type=int, default=4096, metavar="V", help="tokenizer vocabulary (default: 4096)")
-    syn.add_argument("--no-tokenizer", action="store_true", help="do not train DIR/tokenizer/")
+    syn.add_argument("--no-tokenizer", action="store_true", help="do not train DIR/tokenizer/ (default: train it)")
 
     from mmpretrain.data.build import DEFAULT_MAX_PIXELS, FORMATS
 
@@ -53,21 +54,22 @@ def _parser() -> argparse.ArgumentParser:
                      '{"image": ..., "caption": ...} per line; coco = a COCO captions json; flickr30k = a Karpathy '
                      "split json; webdataset = existing tars (img2dataset output)")
     bld.add_argument("--input", required=True, metavar="PATH",
-                     help="image dir (folder), .csv/.jsonl/.json file, or tar dir/pattern (webdataset)")
-    bld.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/coco")
+                     help="image dir (folder), .csv/.jsonl/.json file, or tar dir/pattern (webdataset); required")
+    bld.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. shards/coco; required")
     bld.add_argument("--name", default="data", help="shard file prefix / manifest split (default: data)")
     bld.add_argument("--images", metavar="DIR",
                      help="image root for csv/jsonl/coco/flickr30k (default: the input's folder)")
-    bld.add_argument("--samples-per-shard", type=int, default=1000, metavar="K", help="default: 1000")
+    bld.add_argument("--samples-per-shard", type=int, default=1000, metavar="K",
+                     help="samples (image-caption pairs) per tar (default: 1000)")
     bld.add_argument("--max-side", type=int, default=512, metavar="PX",
                      help="downscale so the longer side is at most PX, keeping aspect ratio (default: 512; 0: keep)")
     bld.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="re-encoding quality (default: 90)")
     bld.add_argument("--workers", type=int, default=None, metavar="W",
                      help="decode/encode processes (default: min(8, CPUs); 0: in this process)")
-    bld.add_argument("--split", metavar="S", help="flickr30k: keep train/val/test/restval (comma-separated)")
+    bld.add_argument("--split", metavar="S", help="flickr30k: keep only these of train/val/test/restval, comma-separated (default: all)")
     bld.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                      help=f"skip images with more pixels, read from the header (default: {DEFAULT_MAX_PIXELS})")
-    bld.add_argument("--overwrite", action="store_true", help="rebuild a split made from other input/settings")
+    bld.add_argument("--overwrite", action="store_true", help="rebuild a split made from other input/settings (default: refuse, naming the split)")
 
     sub.add_parser("stats", add_help=False,
                    help="what the loader sees: samples, skips, pixel mean/std, caption tokens (DIR or PATTERN)")

@@ -49,14 +49,18 @@ def _options(help_text: str) -> dict[str, str]:
     return {k: " ".join(v.split()) for k, v in opts.items() if k not in ("-h", "--help")}
 
 
-@pytest.mark.parametrize("module,prog", [("mmpretrain.data.stats", "shards stats"),
-                                         ("mmpretrain.data.bench", "bench loader"),
-                                         ("mmpretrain.pipeline", "pipeline")])
-def test_every_option_names_its_default(module, prog, capsys):
+@pytest.mark.parametrize("module,argv", [("mmpretrain.data.stats", []), ("mmpretrain.data.bench", []),
+                                         ("mmpretrain.pipeline", []), ("mmpretrain.data.cli", ["build"]),
+                                         ("mmpretrain.data.cli", ["synthetic"])])
+def test_every_option_names_its_default(module, argv, capsys):
     import importlib
 
-    with pytest.raises(SystemExit):
-        importlib.import_module(module).main(["--help"])
+    prog = module
+    rc = importlib.import_module(module).main(argv + ["--help"]) if argv else None
+    if not argv:
+        with pytest.raises(SystemExit):
+            importlib.import_module(module).main(["--help"])
+    assert rc in (None, 0)
     opts = _options(capsys.readouterr().out)
     assert opts, prog
     for name, text in opts.items():
