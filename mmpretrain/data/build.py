@@ -80,6 +80,8 @@ def _read_bytes(ref: ImageRef) -> bytes:
 def _to_rgb(image):
     """(RGB image, name of the conversion or None): the loader's own conversion (imported here:
     ``mmpretrain.data.transforms`` imports torch, which ``shards build --help`` does not need)."""
+    if image.mode == "RGB":  # what to_rgb returns for it, without importing torch in every worker
+        return image, None
     from mmpretrain.data.transforms import to_rgb
 
     return to_rgb(image)
