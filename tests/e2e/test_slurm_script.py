@@ -6,6 +6,10 @@ variables (``SLURM_NODEID``) and passes a signal it receives to the task; it exi
 task's status. The script must exit with the training's status, and a stop signal to it (SIGTERM
 at pre-emption, SIGUSR1) or SIGUSR1 to the whole process group (SLURM's ``--signal=USR1@120``
 reaches every process of the step) must end the run with a checkpoint and exit 0 (issue 11).
+
+The multi-node arithmetic (nodes, machine ranks, process count, master address, mode flags) is
+checked with a fake srun that runs the task once per node of a 4-node job and a fake
+``accelerate`` that records each node's launch command (no training).
 """
 
 from __future__ import annotations
@@ -133,3 +137,56 @@ def test_the_script_exits_with_the_trainings_status(tiny, shims, tmp_path):
     out, err = _proc.communicate(proc, timeout=300)
     assert "unknown config key 'train.max_stepz'" in err, (out + err)[-4000:]
     assert proc.returncode != 0, (out + err)[-4000:]
+
+
+FAKE_SRUN_NODES = r"""#!/usr/bin/env bash
+# fake srun for the arithmetic test: the task once per node (SLURM_NNODES), in turn, as node i
+while [ "$#" -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" || exit $?
+done
+"""
+
+FAKE_SCONTROL_NODES = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-node-07\\ngpu-node-08\\ngpu-node-09\\ngpu-node-10\\n'
+"""
+
+FAKE_ACCELERATE = """#!/usr/bin/env bash
+# fake accelerate: records what each node would launch
+echo "$SLURM_NODEID $*" >> "$RECORD"
+"""
+
+
+@pytest.mark.parametrize("mode", ["zero3", "ddp"])
+def test_the_script_gives_each_node_its_rank_and_the_master_address(tmp_path, mode):
+    """4 nodes x 8 GPUs from the SLURM variables: every node gets the same world (32 processes,
+    4 machines, the first host of the node list as rendezvous) and its own machine rank; the
+    mode picks the launcher flags; the config and overrides reach every node, with resume=latest."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN_NODES), ("scontrol", FAKE_SCONTROL_NODES), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "launches.txt"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-node-[07-10]",
+               SLURM_NNODES="4", SLURM_JOB_ID="7", MODE=mode, RECORD=str(record))
+    env.pop("MASTER_PORT", None)
+    env.pop("GPUS_PER_NODE", None)
+    proc = _proc.run(["bash", str(REPO / "launch/slurm.sbatch"), "configs/x.yaml", "train.max_steps=10"],
+                     timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = record.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1", "2", "3"]
+    for node, line in enumerate(lines):
+        args = line.split()[1:]
+        assert args[0] == "launch"
+        value = {a: b for a, b in zip(args, args[1:])}
+        assert value["--num_machines"] == "4" and value["--machine_rank"] == str(node)
+        assert value["--num_processes"] == "32" and value["--main_process_ip"] == "gpu-node-07"
+        assert value["--main_process_port"] == "29500" and value["--rdzv_backend"] == "static"
+        assert value["--config"] == "configs/x.yaml" and args[-2:] == ["train.resume=latest", "train.max_steps=10"]
+        if mode == "ddp":
+            assert "--multi_gpu" in args and "--use_deepspeed" not in args
+        else:
+            assert "--multi_gpu" not in args and value["--deepspeed_config_file"] == "launch/zero3.json"
+            assert value["--deepspeed_multinode_launcher"] == "standard"
