@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _proc import free_port as _free_port
+from _proc import deepspeed_one_process
 from _trainutil import REPO, assert_losses_close, losses, make_config, metrics, run_subprocess, run_train
 
 pytestmark = pytest.mark.distributed
@@ -113,6 +113,18 @@ def test_loader_cursor_remap_refuses_another_seed(tiny):
         other.load_state_dict({"checkpoint_ranks": saved.state_dict()["emulated_ranks"]})
 
 
+def test_trainer_resumes_an_emulated_2_rank_cursor_in_one_plain_process(tiny, tmp_path):
+    """The trainer's path (checkpoint -> TrainData): a cursor of 2 (emulated) ranks resumed by a
+    plain 1-process run continues with exactly the 2 ranks' global batches."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert run_train(tiny, run, "train.emulate_world_size=2", "train.stop_after_steps=3") == 0
+    assert run_train(tiny, run, "train.resume=latest") == 0
+    state = json.loads((run / "checkpoints/step_00000006/data_state_0.json").read_text())
+    assert [s["rank"] for s in state["remap"]["streams"]] == [0, 1] and state["remap"]["streams"][0]["batches"] == 6
+    assert run_train(tiny, ref, "train.emulate_world_size=2") == 0
+    assert_losses_close(losses(run), losses(ref), 1e-6)
+
+
 def _zero_files(universal: Path) -> dict[str, Path]:
     """Per parameter: fp32 master weight, Adam moments and step of a universal checkpoint."""
     zero = universal / "pytorch_model" / "zero"
@@ -124,26 +136,29 @@ def _tensor(file: Path) -> torch.Tensor:
     return value["param"] if isinstance(value, dict) else torch.as_tensor(value)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_checkpoint_of_2_processes_resumes_in_1(tiny, tmp_path, stage):
-    """``train.resume`` converts the world-size-2 ZeRO checkpoint once (``universal/`` inside
-    it) and loads it in 1 process; the first resumed step is a non-finite loss (skipped: nothing
-    changes), so its checkpoint must hold exactly the saved weights and Adam state."""
-    from mmpretrain.trainer.checkpoint import universal_checkpoint
-
-    run, resumed, ref = tmp_path / "two", tmp_path / "one", tmp_path / "ref"
-    proc = run_subprocess([str(REPO / "launch/cpu_2proc.sh"), f"zero{stage}", "--config", str(tiny),
+def test_zero2_checkpoint_of_2_processes_resumes_in_1(tiny, tmp_path):
+    run = tmp_path / "two"
+    proc = run_subprocess([str(REPO / "launch/cpu_2proc.sh"), "zero2", "--config", str(tiny),
                            f"train.output_dir={run}", "train.stop_after_steps=3"], timeout=400)
     saved = run / "checkpoints/step_00000003"
     assert (saved / "mmpretrain.json").is_file(), (proc.stdout + proc.stderr)[-4000:]
+    check_resumes_in_one(tiny, saved, 2, tmp_path)
+
+
+def check_resumes_in_one(tiny: Path, saved: Path, stage: int, tmp_path: Path) -> dict[int, dict]:
+    """``train.resume`` converts the world-size-2 ZeRO checkpoint ``saved`` (step 3 of a 6-step
+    run) once (``universal/`` inside it) and loads it in 1 process; the first resumed step is a
+    non-finite loss (skipped: nothing changes), so its checkpoint must hold exactly the saved
+    weights and Adam state. Returns the metrics of the reference (one process on the 2 ranks'
+    batches), which test_multinode.py also compares its run with (steps 1-3)."""
+    from mmpretrain.trainer.checkpoint import universal_checkpoint
+
+    resumed, ref = tmp_path / "one", tmp_path / "ref"
     assert json.loads((saved / "mmpretrain.json").read_text())["world_size"] == 2
     common = ["train.inject_nan_steps=[4]", "train.save_every=1", "train.keep_last=5"]
-    proc = run_subprocess([
-        "torchrun", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "mmpretrain.train", "--config", str(tiny), f"train.output_dir={resumed}", f"train.resume={saved}",
-        *common], env_extra={"ACCELERATE_USE_DEEPSPEED": "true",
-                             "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / f"launch/zero{stage}.json")},
-        timeout=400)
+    launcher, env = deepspeed_one_process(REPO / f"launch/zero{stage}.json")
+    proc = run_subprocess([*launcher, "-m", "mmpretrain.train", "--config", str(tiny), f"train.output_dir={resumed}",
+                           f"train.resume={saved}", *common], env_extra=env, timeout=400)
     out = proc.stdout + proc.stderr
     assert (resumed / "checkpoints/step_00000006/mmpretrain.json").is_file(), out[-4000:]
     assert f"DeepSpeed ZeRO-{stage}, 1 process" in proc.stdout and "written by 2 processes" in proc.stdout
@@ -165,5 +180,11 @@ def test_zero_checkpoint_of_2_processes_resumes_in_1(tiny, tmp_path, stage):
     # the losses continue as one process reading the 2 ranks' global batches
     assert run_train(tiny, ref, "train.emulate_world_size=2", *common) == 0
     steps = sorted(metrics(resumed))
-    assert steps[0] == 4 and steps[-1] == 6  # the step counter continues
-    assert_losses_close(losses(resumed), [metrics(ref)[s]["loss"] for s in steps], TOL)
+    assert steps == [4, 5, 6]  # the step counter continues
+    got, want = losses(resumed), [metrics(ref)[s]["loss"] for s in steps]
+    if stage == 2:
+        assert_losses_close(got, want, TOL)
+    else:  # ZeRO-3: exact up to the first update after the change (step 5), then close (docs/training.md)
+        assert_losses_close(got[:2], want[:2], TOL)
+        assert abs(got[2] - want[2]) <= 0.03 * abs(want[2]), (got, want)
+    return metrics(ref)
