@@ -81,3 +81,20 @@ def torchrun(log_dir: Path) -> list[str]:
     ``<log_dir>/<run id>/attempt_0/<rank>/stdout.log`` (stderr stays on the pipe for failures)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "--log-dir", str(log_dir), "--redirects", "1"]
+
+
+def deepspeed_one_process(ds_json: Path) -> tuple[list[str], dict]:
+    """(command prefix, extra environment) for one DeepSpeed process under torchrun (DeepSpeed
+    needs a launcher; plain ``python`` would need mpi4py), with the given DeepSpeed JSON."""
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port())],
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)})
+
+
+def accelerate_node(config_file: Path, machine_rank: int, num_machines: int, num_processes: int,
+                    port: int) -> list[str]:
+    """``accelerate launch`` for one "node" of a multi-node run on localhost."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "--num_machines", str(num_machines), "--num_processes", str(num_processes),
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port)]

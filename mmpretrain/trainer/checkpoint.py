@@ -400,11 +400,18 @@ def _load_universal(accelerator, path: Path, saved_world: int) -> None:
         raise CheckpointError(f"{path}: no DeepSpeed engine to load the universal checkpoint into")
     config = wrapped.engine._config
     before = config.load_universal_checkpoint
+    # DeepSpeed 0.19's ZeRO-3 universal load gives every param group the first group's
+    # hyperparameters (the no-decay group would decay): keep each group's own (from the optim
+    # section; ``lr`` is rewritten by the schedule on restore)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in wrapped.engine.optimizer.param_groups]
     config.load_universal_checkpoint = True
     try:
         accelerator.load_state(str(load_dir))
     finally:
         config.load_universal_checkpoint = before
+    optimizer = wrapped.engine.optimizer
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update(own)
     _load_buffers(wrapped.engine.module, load_dir / "pytorch_model")
     if accelerator.is_main_process and saved_world != accelerator.num_processes:
         print(f"mmpretrain train: loaded {path} (written by {saved_world} processes) through its universal form "
