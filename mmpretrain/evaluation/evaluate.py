@@ -95,6 +95,7 @@ def _placement(core, accelerator):
     return device, _model_dtype(core), autocast
 
 
+@torch.no_grad()  # embeddings only: no autograd graph (it also made rerank_scores warn on requires_grad)
 def embed_shards(model, cfg, accelerator, tokenizer, keep_pixels: bool) -> dict:
     """This rank's samples: embeddings (fp32, CPU), ids, keys, captions, tokens, and the uint8
     pixels of the first sample of each local image id (only with ``keep_pixels``)."""
