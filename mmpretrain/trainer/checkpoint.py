@@ -97,8 +97,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
 
     path = Path(path)
     for file in sorted(path.rglob("*")):
-        if not file.is_file():
-            continue
+        if not file.is_file() or UNIVERSAL_DIR + ".tmp" in file.relative_to(path).parts:
+            continue  # an interrupted universal conversion is redone, never read
         why = None
         try:
             if file.suffix == ".safetensors":

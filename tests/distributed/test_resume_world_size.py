@@ -188,3 +188,15 @@ def check_resumes_in_one(tiny: Path, saved: Path, stage: int, tmp_path: Path) ->
         assert_losses_close(got[:2], want[:2], TOL)
         assert abs(got[2] - want[2]) <= 0.03 * abs(want[2]), (got, want)
     return metrics(ref)
+
+
+def test_an_interrupted_universal_conversion_leaves_the_checkpoint_readable(tmp_path):
+    from mmpretrain.trainer.checkpoint import checkpoint_problem
+
+    partial = tmp_path / "universal.tmp" / "pytorch_model"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert checkpoint_problem(tmp_path) is None  # redone on the next resume, never read
+    (tmp_path / "universal").mkdir()
+    (tmp_path / "universal" / "broken.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert "universal/broken.pt: not a complete torch archive" in checkpoint_problem(tmp_path)
