@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 
 COMMANDS = {
@@ -35,21 +34,20 @@ class _DropMessages(logging.Filter):
 _QUIETED: set[str] = set()
 
 
-def quiet_third_party(single_process: bool | None = None) -> None:
+def quiet_third_party(single_process: bool) -> None:
     """Silence third-party notices that do not apply to our commands, before their modules load
     (a filter on the named logger; the rest of each logger's messages still print):
 
     * torch's ``No CUDA runtime is found, using CUDA_HOME=...`` (``torch.utils.cpp_extension``,
       logged only when torch sees no CUDA device): nothing here compiles CUDA code then;
       DeepSpeed's CPU ops need only a C++ compiler.
-    * DeepSpeed's ``Setting accelerator to CPU ...`` in a single process (``single_process``;
-      default: no launcher set ``WORLD_SIZE`` > 1): there DeepSpeed never runs an engine, it is
-      only imported (by accelerate, or to read a ZeRO checkpoint), and the start-up line names the
-      device. Under a launcher, DeepSpeed runs and its notice stays.
+    * DeepSpeed's ``Setting accelerator to CPU ...`` when ``single_process`` (eval, export and
+      pipeline here; train when ``mmpretrain.runtime.launch_info`` says one process): there
+      DeepSpeed never runs an engine, it is only imported (by accelerate, or to read a ZeRO
+      checkpoint), and the start-up line names the device. Under a launcher, DeepSpeed runs and
+      its notice stays.
     Nothing else changes: no environment variable is set, DeepSpeed picks its accelerator as before.
     """
-    if single_process is None:
-        single_process = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
     if "cuda_home" not in _QUIETED:
         logging.getLogger("torch.utils.cpp_extension").addFilter(_DropMessages("No CUDA runtime is found"))
         _QUIETED.add("cuda_home")
@@ -78,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"mmpretrain: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    if name in ("train", "eval", "export", "pipeline"):
-        quiet_third_party()
+    if name in ("eval", "export", "pipeline"):  # one process; train decides in its own main()
+        quiet_third_party(single_process=True)
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

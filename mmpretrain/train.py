@@ -29,14 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     config value, data, launch or checkpoint), 3 too many non-finite steps. Errors raised inside
     the training loop keep their traceback."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from mmpretrain.cli import quiet_third_party  # also under `accelerate launch -m mmpretrain.train`
-
-    quiet_third_party()
     # after parsing: `--help` imports neither torch nor the model (mmpretrain.config does both)
+    from mmpretrain.cli import quiet_third_party
     from mmpretrain.config import ConfigError, describe_config, load_config
     from mmpretrain.runtime import LaunchError, launch_info
 
     launch = launch_info()  # no runtime yet: what the launcher set
+    quiet_third_party(single_process=launch.world_size <= 1)  # before accelerate/DeepSpeed load
     prefix = "mmpretrain train" + (f" [rank {launch.rank}]" if launch.world_size > 1 else "")
     try:
         cfg = load_config(args.config, args.overrides)
