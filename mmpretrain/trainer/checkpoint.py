@@ -339,7 +339,7 @@ def universal_checkpoint(path: str | Path, *, log=print) -> Path:
         raise CheckpointError(f"{path}: no DeepSpeed state (pytorch_model/) to convert to a universal checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    log(f"mmpretrain train: converting {source} to a universal checkpoint (another world size)")
+    log(f"mmpretrain train: converting {source} to DeepSpeed's universal checkpoint form (once)")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(source), "--output_folder", str(tmp / "pytorch_model"), "--num_extract_workers", "1",
                            "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
