@@ -1,12 +1,15 @@
 """Subprocesses for tests that launch real workers (torchrun, accelerate, cpu_2proc.sh).
 
-Each child gets its own process group, so a timeout or a failed assertion kills the launcher
-*and* every rank it started (killing only the launcher leaves orphaned ranks spinning in a
-collective). `conftest.py` reaps whatever is still alive after each test.
+Each child gets its own process group and an environment tag (``MMPRETRAIN_TEST_PROC``) that
+every descendant inherits, so a timeout or a failed assertion kills the launcher *and* every
+rank it started: torchrun starts its workers in sessions of their own, beyond the launcher's
+process group, and an orphaned rank waiting in a rendezvous keeps the test's pipes open for
+ever. `conftest.py` reaps whatever is still alive after each test.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -16,20 +19,48 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 _LIVE: list[subprocess.Popen] = []
+TAG_VAR = "MMPRETRAIN_TEST_PROC"
+_COUNTER = itertools.count()
 
 
 def popen(args, **kwargs) -> subprocess.Popen:
-    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    env = dict(kwargs.pop("env", None) or os.environ)
+    tag = f"{os.getpid()}-{next(_COUNTER)}"
+    env[TAG_VAR] = tag
+    proc = subprocess.Popen(args, start_new_session=True, env=env, **kwargs)
+    proc.mmpretrain_tag = tag  # type: ignore[attr-defined]
     _LIVE.append(proc)
     return proc
 
 
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment carries ``TAG_VAR=tag`` (Linux /proc; [] elsewhere)."""
+    needle = f"{TAG_VAR}={tag}".encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    # always, even after the launcher exited: its ranks may outlive it
+    # always, even after the launcher exited: its ranks may outlive it, in their own sessions
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    tag = getattr(proc, "mmpretrain_tag", None)
+    for pid in tagged_pids(tag) if tag else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def communicate(proc: subprocess.Popen, timeout: float):
@@ -38,7 +69,14 @@ def communicate(proc: subprocess.Popen, timeout: float):
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # something untagged still holds the pipes
+            kill_group(proc)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            out, err = "", "(the output pipes stayed open after the kill; closed)"
         raise AssertionError(f"{proc.args!r} timed out after {timeout}s; killed its process group.\n"
                              f"stdout tail: {str(out)[-2000:]}\nstderr tail: {str(err)[-3000:]}") from None
 
