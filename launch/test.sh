@@ -18,7 +18,8 @@ for a in "$@"; do
 done
 python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 || exit 1
 python -m pip install --quiet -e ".[test]" || exit 1
-python -m pytest -q -p no:cacheprovider "${tiers[@]}" "${args[@]}"
+# --durations: the slowest tests at the end of every run, to keep the suite inside its budget
+python -m pytest -q -p no:cacheprovider --durations=25 "${tiers[@]}" "${args[@]}"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "ERROR: pytest collected no tests" >&2
