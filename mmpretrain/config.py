@@ -1,9 +1,14 @@
 """One typed config tree, loaded from YAML with dotted command-line overrides.
 
 Each component owns its dataclass (``mmpretrain/data/config.py`` and so on) and receives only
-its own section. This module only assembles the tree, reads YAML, applies ``a.b=value``
-overrides and validates: an unknown key is an error that names the key and suggests the
-nearest valid one.
+its own section, or a small spec derived from the tree. This module only assembles the tree,
+reads YAML, applies ``a.b=value`` overrides and validates: an unknown key is an error that names
+the key and suggests the nearest valid one; a value outside a field's ``Literal`` choices names
+the key and the choices.
+
+Facts that two sections hold (``LINKS``: the image side, the text length) are kept consistent
+here and only here: a YAML file or the overrides that set one side only set the other to the same
+value, and a tree whose two sides disagree is a ``ConfigError`` naming both keys.
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ def _suggest(key: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+_TRUE, _FALSE = ("yes", "on", "true"), ("no", "off", "false")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -118,8 +126,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads a bare no/off/false (yes/on/true) as a boolean: `train.mixed_precision=no`
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (_TRUE if value else _FALSE)]
+            if len(spelled) == 1:
+                return spelled[0]
+        if isinstance(value, (dict, list)) or value not in args:
+            names = [str(a) for a in args]
+            close = [n for n in names if str(value) and n.startswith(str(value))] or \
+                difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+            read = " (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}: {value!r}{read} is not one of {', '.join(repr(a) for a in args)}"
+                              + (f"; did you mean {close[0]!r}?" if len(close) == 1 else ""))
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -179,6 +197,90 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
     return obj
+
+
+def literal_choices(cls: type = Config, prefix: str = "") -> dict[str, tuple]:
+    """Dotted key -> the allowed values, for every ``Literal`` field of the tree."""
+    out: dict[str, tuple] = {}
+    for f in dataclasses.fields(cls):
+        t = _resolve(cls, f)
+        if dataclasses.is_dataclass(t):
+            out.update(literal_choices(t, prefix + f.name + "."))
+        elif typing.get_origin(t) is typing.Literal:
+            out[prefix + f.name] = typing.get_args(t)
+    return out
+
+
+# ----------------------------------------------------------------------------- cross-section facts
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One fact two sections hold: ``first`` equals ``second`` (``"=="``) or is at most it (``"<="``)."""
+
+    first: str
+    second: str
+    relation: str
+    what: str
+
+    def holds(self, a: Any, b: Any) -> bool:
+        return a == b if self.relation == "==" else a <= b
+
+
+LINKS = (
+    Link("model.image_size", "data.image_size", "==", "the image side the model is built for and the loader crops to"),
+    Link("data.max_length", "model.max_text_length", "<=", "the tokenized text length and the model's text positions"),
+)
+
+
+def _leaf_type(key: str) -> Any:
+    section, leaf = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(cls)[leaf]
+
+
+def _get_dotted(tree: dict, key: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _follow(layer: dict) -> dict:
+    """``layer`` (one YAML file, or the overrides) with the other side of every link it sets on
+    one side only set to the same value. Copies the sections it changes; the input stays as it was."""
+    out = dict(layer)
+    for link in LINKS:
+        (has_a, a), (has_b, b) = _get_dotted(out, link.first), _get_dotted(out, link.second)
+        if has_a != has_b:
+            (source, key), value = ((link.first, link.second), a) if has_a else ((link.second, link.first), b)
+            try:
+                _coerce(value, _leaf_type(source), source)
+            except ConfigError:
+                continue  # a bad value: the key that was set reports it
+            section, leaf = key.split(".")
+            if not isinstance(out.get(section, {}), dict):
+                continue  # a non-mapping section: _build names it
+            out[section] = {**out.get(section, {}), leaf: value}
+    return out
+
+
+def check_links(cfg: Config) -> None:
+    """``ConfigError`` (one line, both keys) when the two sides of a link disagree."""
+    for link in LINKS:
+        a = getattr(getattr(cfg, link.first.split(".")[0]), link.first.split(".")[1])
+        b = getattr(getattr(cfg, link.second.split(".")[0]), link.second.split(".")[1])
+        if not link.holds(a, b):
+            rule = "must be equal" if link.relation == "==" else f"{link.first} must not exceed {link.second}"
+            raise ConfigError(f"{link.first}={a} and {link.second}={b} disagree ({link.what}: {rule}); "
+                              "set one of them alone and the other follows")
+
+
+def _with_links(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    check_links(cfg)
+    return cfg
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -283,16 +385,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
+    layer: dict = {}
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
+        _set_dotted(layer, key, value)
+    tree, layer = _follow(tree), _follow(layer)  # each sets the other side of what it sets alone
+    for key in all_keys(Config):
+        found, value = _get_dotted(layer, key)
+        if found:
+            _set_dotted(tree, key, value)
     try:
-        return _build(Config, tree)
+        return _with_links(tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def config_from_dict(tree: dict) -> Config:
-    return _build(Config, tree)
+    """The typed tree of a plain dict (a checkpoint's config), checked as ``load_config`` checks."""
+    return _with_links(_follow(tree))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -326,10 +435,18 @@ def _inline(value: Any) -> str:
 
 
 def describe_config(cfg: Any, prefix: str = "", width: int = 100) -> str:
-    """Every key of ``cfg`` with its value, its default when the value differs, and its
-    docstring, as YAML (the docs as comments): ``mmpretrain train --print-config``."""
+    """Every key of ``cfg`` with its value, its default when the value differs, its allowed
+    values (``Literal`` fields) and its docstring, as YAML (the docs as comments): ``mmpretrain
+    train --print-config``. The whole tree starts with the links between sections."""
     lines: list[str] = []
     cls = type(cfg)
+    if cls is Config and not prefix:
+        head = ["Every key with its value; above it, in brackets, its default (where the value differs) and "
+                "its allowed values, then its meaning."]
+        for link in LINKS:
+            rule = "=" if link.relation == "==" else "<="
+            head.append(f"{link.first} {rule} {link.second} ({link.what}): set one alone, the other follows.")
+        lines += [f"# {chunk}" for text in head for chunk in textwrap.wrap(text, width - 2)]
     docs, defaults = field_docs(cls), cls()
     indent = "  " * prefix.count(".")
     for f in dataclasses.fields(cls):
@@ -339,8 +456,12 @@ def describe_config(cfg: Any, prefix: str = "", width: int = 100) -> str:
             lines.append(describe_config(value, prefix + f.name + ".", width))
             continue
         doc = docs.get(f.name, "")
-        if value != default:
-            doc = f"(default {_inline(default)}) " + doc
+        notes = [f"default {_inline(default)}"] if value != default else []
+        tp = _resolve(cls, f)
+        if typing.get_origin(tp) is typing.Literal:
+            notes.append("one of " + " | ".join(_inline(a) for a in typing.get_args(tp)))
+        if notes:
+            doc = f"({'; '.join(notes)}) " + doc
         if doc:
             for chunk in textwrap.wrap(doc, max(40, width - len(indent) - 2)):
                 lines.append(f"{indent}# {chunk}")

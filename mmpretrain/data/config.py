@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -19,21 +20,26 @@ class DataConfig:
     vocab_size: int = 4096
     """Vocabulary size when a WordPiece tokenizer is trained from the captions."""
     max_length: int = 32
-    """Token sequence length (padding and truncation)."""
+    """Token sequence length (padding and truncation); at most ``model.max_text_length`` (set one,
+    the other follows)."""
     image_size: int = 64
-    """Square side of the resized/cropped image fed to the model."""
+    """Square side of the resized/cropped image fed to the model: the same fact as
+    ``model.image_size`` (set one, the other follows; both set and different is an error)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel (RGB) mean subtracted from the pixels scaled to [0, 1] (ImageNet's)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel (RGB) standard deviation the pixels are divided by after the mean (ImageNet's)."""
     batch_size: int = 32
-    """Global batch size per optimizer micro-step (all ranks together)."""
+    """Global batch size per optimizer micro-step: all ranks together (each rank gets
+    batch_size / world size); an optimizer step sees batch_size x train.grad_accum_steps samples."""
     num_workers: int = 2
     """DataLoader workers per rank."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer per worker (0 disables)."""
     max_image_pixels: int = 50_000_000
     """Images above this pixel count are rejected before decoding."""
-    train_crop: str = "random_resized"
-    """'random_resized' or 'center' crop for training images."""
+    train_crop: Literal["random_resized", "center"] = "random_resized"
+    """Crop of the training images: 'random_resized' (area in ``train_crop_scale``) or 'center'."""
     train_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     """Area range kept by the random-resized training crop. Near 1 by default: captions describe
     the whole image (every object and where it is), so a small crop makes them false."""
@@ -64,5 +70,3 @@ class DataConfig:
             raise ValueError(f"data.remote_backoff_s must be >= 0, got {self.remote_backoff_s}")
         if not self.remote_timeout_s > 0:
             raise ValueError(f"data.remote_timeout_s must be > 0, got {self.remote_timeout_s}")
-        if self.train_crop not in ("random_resized", "center"):
-            raise ValueError(f"data.train_crop: {self.train_crop!r} is not 'random_resized' or 'center'")

@@ -3,57 +3,71 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "unified"
+    arch: Literal["unified", "dual_encoder"] = "unified"
     """'unified' (single-stream, ViLT/VLMo family) or 'dual_encoder'."""
     image_size: int = 64
+    """Square side of the input image the model is built for: the same fact as ``data.image_size``
+    (set one, the other follows; both set and different is an error)."""
     patch_size: int = 8
     """Side of the square image patch one token stands for (the token grid is image_size / patch_size)."""
-    image_stem: str = "patch"
+    image_stem: Literal["patch", "resnet"] = "patch"
     """unified: how pixels become tokens. 'patch': a linear projection of each patch (ViT).
     'resnet': timm's R+ViT hybrid stem (7x7 stride-2 conv, GroupNorm, ReLU, stride-2 max-pool,
     then a patch_size/4 strided conv; the same token grid), whose convolutions see across
     patch borders; exported as timm ``vit_tiny_r_s16_p8_224`` with the run's sizes."""
     width: int = 128
+    """Hidden size: of the shared transformer blocks (unified); of the BERT text tower, the image
+    features' projection and the fusion (dual_encoder)."""
     depth: int = 4
+    """Transformer blocks of the shared stack (unified) or of the BERT text tower (dual_encoder)."""
     num_heads: int = 4
+    """Attention heads per block (divides ``width``)."""
     mlp_ratio: float = 4.0
+    """Feed-forward hidden size as a multiple of ``width``."""
     embed_dim: int = 128
     """Size of the contrastive projection."""
     max_text_length: int = 32
+    """Text positions the model has (its position-embedding rows): at least ``data.max_length``,
+    the tokenized length (set one, the other follows; ``data.max_length`` above it is an error)."""
     dropout: float = 0.0
+    """Dropout probability in the embeddings and the transformer blocks (0: none)."""
     modality_experts: bool = False
     """VLMo-style per-modality feed-forward experts over shared attention."""
     grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less activation memory, one more
+    forward of each block)."""
     image_pretrained: str = ""
     """Local timm ViT checkpoint (file) to initialise the image side."""
     text_pretrained: str = ""
     """Local BERT directory to initialise the text side."""
     image_backbone: str = "small_cnn"
     """dual_encoder only: 'small_cnn' or any timm model name (e.g. resnet50)."""
-    fusion: str = "cross_attention"
+    fusion: Literal["cross_attention", "linear"] = "cross_attention"
     """dual_encoder only: ITM fusion head, 'cross_attention' or 'linear'."""
     logit_scale_init: float = 14.285714285714286
-    """1/0.07."""
+    """Initial logit scale (1 / temperature) of the contrastive logits: 1/0.07, as CLIP."""
     logit_scale_max: float = 100.0
+    """Upper clamp of the learned logit scale (CLIP's 100)."""
     vl_expert_layers: int = 2
     """unified + modality_experts: the top N blocks use the vision-language FFN in the fused pass
     (VLMo); lower blocks route image tokens to the image FFN and text tokens to the text FFN."""
-    pool: str = "mean"
+    pool: Literal["mean", "cls"] = "mean"
     """Pooling of the unimodal tokens into the contrastive embedding: 'mean' (over non-padding
     tokens) or 'cls' (the [CLS] token); the dual_encoder image tower always mean-pools."""
     fusion_depth: int = 1
     """dual_encoder + cross_attention: number of (text -> image) cross-attention layers;
     unified + ``fusion_source: towers``: number of fusion blocks."""
-    fusion_source: str = "inputs"
+    fusion_source: Literal["inputs", "towers"] = "inputs"
     """unified: what the fused (ITM/MLM) pass starts from. 'inputs': the input embeddings of
     both modalities through the whole shared stack again (ViLT). 'towers': the unimodal outputs
     of the shared stack (the contrastively aligned tokens) through ``fusion_depth`` dedicated
     single-stream blocks (ALBEF/BLIP-style fusion on top of the encoders)."""
-    itm_readout: str = "text_cls"
+    itm_readout: Literal["text_cls", "image_cls"] = "text_cls"
     """unified: the fused-pass token the ITM head reads (through its dense+tanh pooler):
     'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""
     itm_contrastive_prior: bool = False
@@ -68,12 +82,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    contrastive: str = "infonce"
+    contrastive: Literal["infonce", "triplet"] = "infonce"
     """'infonce' or 'triplet' (hinge over hardest in-batch negative)."""
     contrastive_weight: float = 1.0
+    """Weight of the contrastive loss in the total (0 disables it)."""
     itm_weight: float = 1.0
-    """0 disables ITM (and the fused pass)."""
+    """Weight of the image-text matching loss in the total; 0 disables ITM (and the fused pass)."""
     triplet_margin: float = 0.2
+    """triplet: the hinge margin on cosine similarities."""
     gather: bool = True
     """Gather embeddings (with gradient) across ranks for global negatives."""
     itm_floor: float = 1e-4
@@ -81,7 +97,7 @@ class LossConfig:
     itm_seed: int = 0
     """Seed of the ITM negative sampler (the same on every rank; advanced once per training
     forward by a counter buffer saved with the model)."""
-    itm_exchange: str = "all_to_all"
+    itm_exchange: Literal["all_to_all", "all_gather"] = "all_to_all"
     """How chosen negatives reach the rank that scores them: 'all_to_all' (indices first, then
     only the chosen rows travel, O(B) per rank) or 'all_gather' (every rank's rows, O(W*B))."""
     triplet_hardest: bool = True

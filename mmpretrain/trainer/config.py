@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
+    """Peak learning rate of AdamW (reached after ``warmup_steps``)."""
     weight_decay: float = 0.05
+    """AdamW (decoupled) weight decay of the weight matrices; norms, biases, embedding tables, class
+    tokens and the logit scale get none (trainer/optim.py)."""
     betas: list[float] = None  # type: ignore[assignment]
+    """AdamW betas [beta1, beta2]."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     warmup_steps: int = 20
+    """Linear warm-up to ``lr`` over the first N optimizer steps (from lr / N), then the cosine."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
     grad_clip: float = 1.0
-    """0 disables clipping."""
+    """Clip the global L2 norm of the gradients to this (0 disables clipping)."""
 
     def __post_init__(self):
         if self.betas is None:
@@ -40,10 +47,11 @@ class TrainConfig:
     metrics.jsonl, tensorboard/, eval/) is refused unless this is true; then those are deleted
     first, so nothing of the old run is read or reported as the new one."""
     grad_accum_steps: int = 1
+    """Micro-batches of ``data.batch_size`` per optimizer step."""
     feature_cache: bool = True
     """With grad_accum_steps > 1 and the InfoNCE loss, contrast against the whole accumulated
     batch (extra no-grad forward per micro-batch). Ignored with loss.contrastive=triplet."""
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """'no', 'bf16' or 'fp16'. The single source of truth: it fills the DeepSpeed JSON's "auto"
     precision entries, and a launch config that asks for something else is an error."""
     compile: bool = False
@@ -80,6 +88,7 @@ class TrainConfig:
     N full global batches (data.batch_size) of data.val_shards, every eval_every steps and at the
     last step, as val/loss and val/<part>; the same value for any world size. 0: off."""
     progress_bar: bool = True
+    """A progress bar on the main process's console (when it is a terminal)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 guesses it from the GPU name (no MFU on CPU)."""
     stop_after_steps: int = 0
@@ -96,10 +105,6 @@ class TrainConfig:
     its gradient becomes NaN (every rank sees it after the gradient all-reduce)."""
 
     def __post_init__(self):
-        if self.mixed_precision in (False, "False"):  # YAML reads a bare `no` (train.mixed_precision=no) as false
-            self.mixed_precision = "no"
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of 'no', 'bf16', 'fp16'")
         for name in ("max_steps", "grad_accum_steps", "log_every", "save_every", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -108,3 +108,19 @@ def test_deepspeeds_cpu_notice_stays_under_a_launcher(monkeypatch):
         assert len(ext.filters) == len(ext_before) + 1
     finally:
         ext.filters[:] = ext_before
+
+
+def test_train_help_lists_the_fixed_choices_and_ends_at_print_config(capsys):
+    """`mmpretrain train --help` reads the ``Literal`` fields from the config source (no import:
+    the test above checks it stays torch-free); they must be exactly the typed tree's."""
+    from mmpretrain import train
+    from mmpretrain.config import literal_choices
+
+    assert {key: tuple(values) for key, values in train.fixed_choices()} == literal_choices()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key, values in literal_choices().items():
+        assert re.search(rf"^  {re.escape(key)} +{re.escape(' | '.join(values))}$", text, re.M), key
+    assert text.rstrip().splitlines()[-1].strip().startswith("mmpretrain train --print-config")

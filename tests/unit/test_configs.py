@@ -100,3 +100,139 @@ def test_print_config_lists_every_key_with_its_doc_and_round_trips(capsys):
     assert "# (default 32) Global batch size per optimizer micro-step" in text  # docstrings reach the listing
     assert train.main(["--print-config"]) == 0 and "batch_size: 32" in capsys.readouterr().out
     assert train.main([]) == 2 and "--print-config" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Literal choices
+
+FIXED = {"model.arch", "model.image_stem", "model.fusion", "model.pool", "model.fusion_source", "model.itm_readout",
+         "data.train_crop", "loss.contrastive", "loss.itm_exchange", "train.mixed_precision",
+         "eval.itm_rerank_score", "eval.classify_itm_prompts"}
+
+
+def test_the_fixed_string_fields_are_literals():
+    from mmpretrain.config import literal_choices
+
+    choices = literal_choices()
+    assert set(choices) == FIXED
+    assert choices["train.mixed_precision"] == ("no", "bf16", "fp16")
+    assert choices["model.arch"] == ("unified", "dual_encoder")
+
+
+@pytest.mark.parametrize("key", sorted(FIXED))
+def test_a_value_outside_the_choices_is_one_line_naming_key_and_choices(key):
+    from mmpretrain.config import literal_choices
+
+    allowed = literal_choices()[key]
+    for value in allowed:  # every allowed value loads, as its string
+        cfg = load_config(None, [f"{key}={value}"])
+        section, leaf = key.split(".")
+        assert getattr(getattr(cfg, section), leaf) == value
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=nonsense"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{key}: 'nonsense' is not one of ")
+    assert all(repr(v) in msg for v in allowed), msg
+
+
+def test_literal_errors_in_yaml_and_on_the_command_line(tmp_path, capsys):
+    from mmpretrain import train
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  arch: dual\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.arch: 'dual' is not one of 'unified', "
+                                          r"'dual_encoder'; did you mean 'dual_encoder'\?"):
+        load_config(p)
+    assert train.main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.arch" in err and "'unified', 'dual_encoder'" in err
+    # YAML reads a bare no / off as false: the one choice spelled so is meant
+    assert load_config(None, ["train.mixed_precision=off"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: True \(YAML reads a bare yes/no/on/off"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
+def test_every_key_has_a_docstring():
+    import dataclasses
+    import typing
+
+    from mmpretrain.config import Config, field_docs
+
+    missing = []
+
+    def walk(cls, prefix=""):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, prefix + f.name + ".")
+            elif len(docs.get(f.name, "")) < 10:
+                missing.append(prefix + f.name)
+
+    walk(Config)
+    assert not missing, missing
+
+
+def test_print_config_shows_the_choices_and_the_links(capsys):
+    from mmpretrain import train
+
+    assert train.main(["--print-config", "model.fusion_source=towers"]) == 0
+    text = capsys.readouterr().out
+    assert "# (one of unified | dual_encoder) 'unified'" in text
+    assert "# (default inputs; one of inputs | towers) unified: what the fused" in text
+    assert "# model.image_size = data.image_size" in text and "# data.max_length <= model.max_text_length" in text
+
+
+# ----------------------------------------------------------------------------- cross-section facts
+
+def _sides(cfg):
+    return cfg.model.image_size, cfg.data.image_size, cfg.data.max_length, cfg.model.max_text_length
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.image_size=32"], (32, 32, 32, 32)),
+    (["data.image_size=48"], (48, 48, 32, 32)),
+    (["data.max_length=16"], (64, 64, 16, 16)),
+    (["model.max_text_length=40"], (64, 64, 40, 40)),
+    (["data.max_length=16", "model.max_text_length=40"], (64, 64, 16, 40)),  # fewer tokens than positions
+    (["model.image_size=96", "data.image_size=96"], (96, 96, 32, 32)),
+])
+def test_one_side_set_the_other_follows(overrides, expected):
+    assert _sides(load_config(None, overrides)) == expected
+    # on top of a shipped config that sets both sides (64 / 32, as the defaults): the override
+    # still moves both
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    assert _sides(load_config(tiny)) == (64, 64, 32, 32)
+    assert _sides(load_config(tiny, overrides)) == expected
+
+
+def test_a_yaml_file_that_sets_one_side(tmp_path):
+    p = tmp_path / "one.yaml"
+    p.write_text("data:\n  image_size: 32\nmodel:\n  max_text_length: 24\n")
+    assert _sides(load_config(p)) == (32, 32, 24, 24)
+    # the overrides are a later layer: one side there moves both sides of the file
+    assert _sides(load_config(p, ["model.image_size=16", "data.max_length=20"])) == (16, 16, 20, 20)
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    (["model.image_size=32", "data.image_size=64"], ("model.image_size=32", "data.image_size=64")),
+    (["data.max_length=40", "model.max_text_length=32"], ("data.max_length=40", "model.max_text_length=32")),
+])
+def test_both_sides_set_and_disagreeing_is_one_line_naming_both(tmp_path, overrides, keys):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and all(k in msg for k in keys) and "disagree" in msg
+    p = tmp_path / "both.yaml"  # the same two values in one file
+    p.write_text("".join(f"{o.split('.')[0]}:\n  {o.split('.')[1].replace('=', ': ')}\n" for o in overrides))
+    with pytest.raises(ConfigError, match=r"both\.yaml: .*disagree"):
+        load_config(p)
+
+
+def test_a_checkpoint_tree_is_checked_too():
+    tree = to_dict(load_config(None))
+    tree["data"]["image_size"] = 32
+    with pytest.raises(ConfigError, match=r"model.image_size=64 and data.image_size=32 disagree"):
+        config_from_dict(tree)
+    del tree["model"]["image_size"]  # an older or hand-written tree with one side: it follows
+    assert config_from_dict(tree).model.image_size == 32
+    assert tree["model"].get("image_size") is None  # the caller's dict is not changed
