@@ -206,3 +206,53 @@ def test_a_stop_with_loader_workers_checkpoints_and_exits_0(tiny, tmp_path, how)
     k = max(metrics(run))
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{k:08d}"]
     assert (run / "checkpoints" / f"step_{k:08d}" / "mmpretrain.json").is_file()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_checkpoint_behind(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice: the first asks for the graceful stop (the step finishes, a checkpoint is
+    being written); the second, arriving during that write, stops at once (KeyboardInterrupt)
+    without a checkpoint: the half-done ``step_N.tmp`` is no checkpoint, ``resume=latest``
+    removes it and continues from the one before, exactly. Real SIGINTs to this process; the
+    patches only choose their moments (inside step 4, and in the stop's write before its rename)."""
+    import os
+
+    from mmpretrain.trainer import checkpoint as ckpt_mod
+    from mmpretrain.trainer import loop
+
+    common = ["train.max_steps=6", "train.save_every=3"]
+    real_step, real_fsync = loop.train_step, ckpt_mod._fsync_tree
+    calls = {"steps": 0, "writes": []}
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls["steps"] += 1
+        if calls["steps"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: step 4 finishes, step 5 stops
+        return real_step(*args, **kwargs)
+
+    def fsync_then_ctrl_c(root):
+        calls["writes"].append(Path(root).name)
+        if Path(root).name == "step_00000005.tmp":
+            os.kill(os.getpid(), signal.SIGINT)  # the second, while the stop's checkpoint is written
+        return real_fsync(root)
+
+    monkeypatch.setattr(loop, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(ckpt_mod, "_fsync_tree", fsync_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="second Ctrl-C: stopping without a checkpoint"):
+        run_train(tiny, run, *common)
+    assert calls == {"steps": 5, "writes": ["step_00000003.tmp", "step_00000005.tmp"]}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handlers are gone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000005.tmp"]
+    assert sorted(metrics(run)) == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    assert run_train(tiny, run, *common, "train.resume=latest") == 0
+    out = capsys.readouterr().out
+    assert "removed interrupted checkpoint writes step_00000005.tmp" in out and "step_00000003" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    ref = tmp_path / "ref"
+    assert run_train(tiny, ref, *common) == 0
+    assert sorted(metrics(run)) == [1, 2, 3, 4, 5, 6] and losses(run) == losses(ref)
+    assert_same_weights(checkpoint_weights(run / "checkpoints/step_00000006"),
+                        checkpoint_weights(ref / "checkpoints/step_00000006"))
