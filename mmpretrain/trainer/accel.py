@@ -9,6 +9,10 @@ launch/README.md for the commands). What this module adds to the runtime's launc
   DeepSpeed cannot infer batch sizes: this module fills the JSON's ``"auto"`` batch sizes,
   gradient accumulation, clipping and precision from our config, and refuses a JSON whose
   explicit values disagree with it — the two can never say different things.
+
+What the launch takes from the config tree is an ``AcceleratorSpec`` (``from_config``: a few
+values of the data, model, loss, optim and train sections); ``start_runtime`` derives it once
+and every check and the DeepSpeed JSON read only it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 from mmpretrain import runtime
 from mmpretrain.config import Config
+from mmpretrain.models.config import LossConfig
 from mmpretrain.runtime import LaunchError, LaunchInfo, distributed_type_name  # noqa: F401 (the trainer's names)
 
 
@@ -29,6 +35,33 @@ def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
             f"data.batch_size={global_batch_size} (the global batch per micro-step) is not divisible "
             f"by the world size {world_size}; use a multiple of {world_size}")
     return global_batch_size // world_size
+
+
+@dataclass(frozen=True)
+class AcceleratorSpec:
+    """What the Accelerator, its launch checks and the DeepSpeed JSON take from the config."""
+
+    global_batch_size: int
+    """``data.batch_size``: the global batch of one micro-step."""
+    grad_accum_steps: int
+    """``train.grad_accum_steps``."""
+    grad_clip: float
+    """``optim.grad_clip`` (0: none)."""
+    mixed_precision: str
+    """``train.mixed_precision``: 'no', 'bf16' or 'fp16'."""
+    width: int
+    """``model.width``: sizes DeepSpeed's "auto" communication buckets."""
+    compile: bool = False
+    """``train.compile``."""
+    unused_parameters: bool = False
+    """A loss term leaves parameters without a gradient (``may_leave_parameters_unused``)."""
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "AcceleratorSpec":
+        return cls(global_batch_size=cfg.data.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+                   grad_clip=float(cfg.optim.grad_clip), mixed_precision=cfg.train.mixed_precision,
+                   width=cfg.model.width, compile=cfg.train.compile,
+                   unused_parameters=may_leave_parameters_unused(cfg.loss))
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -50,19 +83,19 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int) -> dict:
+def fill_deepspeed_config(ds: dict, spec: AcceleratorSpec, world_size: int) -> dict:
     """The DeepSpeed JSON with every ``"auto"`` batch / accumulation / clipping / precision /
-    bucket entry filled from ``cfg``; an explicit value that disagrees is a ``LaunchError``."""
+    bucket entry filled from ``spec``; an explicit value that disagrees is a ``LaunchError``."""
     ds = json.loads(json.dumps(ds))  # deep copy
-    micro = per_rank_batch_size(cfg.data.batch_size, world_size)
-    accum = cfg.train.grad_accum_steps
-    mp = cfg.train.mixed_precision
-    width = cfg.model.width
+    micro = per_rank_batch_size(spec.global_batch_size, world_size)
+    accum = spec.grad_accum_steps
+    mp = spec.mixed_precision
+    width = spec.width
     ours = {
         "train_micro_batch_size_per_gpu": (micro, "data.batch_size / world size"),
         "gradient_accumulation_steps": (accum, "train.grad_accum_steps"),
-        "train_batch_size": (cfg.data.batch_size * accum, "data.batch_size * train.grad_accum_steps"),
-        "gradient_clipping": (float(cfg.optim.grad_clip), "optim.grad_clip"),
+        "train_batch_size": (spec.global_batch_size * accum, "data.batch_size * train.grad_accum_steps"),
+        "gradient_clipping": (float(spec.grad_clip), "optim.grad_clip"),
         "bf16.enabled": (mp == "bf16", "train.mixed_precision"),
         "fp16.enabled": (mp == "fp16", "train.mixed_precision"),
     }
@@ -117,38 +150,39 @@ def deepspeed_json_from_env() -> dict:
     return {"zero_optimization": zero}
 
 
-def may_leave_parameters_unused(cfg: Config) -> bool:
+def may_leave_parameters_unused(loss: LossConfig) -> bool:
     """DDP must be told when a loss term is off: without ITM the fused head gets no gradient,
     and a non-InfoNCE contrastive loss leaves the logit scale out of the graph."""
-    loss = cfg.loss
     return loss.itm_weight == 0 or loss.contrastive_weight == 0 or loss.contrastive != "infonce"
 
 
-def _check_launch_env(cfg: Config) -> None:
+def _check_launch_env(spec: AcceleratorSpec) -> None:
     """Launcher settings that would silently override our config."""
     env = os.environ
     mp = env.get("ACCELERATE_MIXED_PRECISION")
-    if mp and mp != "no" and mp != cfg.train.mixed_precision:
+    if mp and mp != "no" and mp != spec.mixed_precision:
         raise LaunchError(f"the launcher asks for mixed_precision={mp} but train.mixed_precision="
-                          f"{cfg.train.mixed_precision!r}; set train.mixed_precision={mp} (the config is the "
+                          f"{spec.mixed_precision!r}; set train.mixed_precision={mp} (the config is the "
                           "single source) and leave the launch config at 'no'")
     gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if gas and gas.isdigit() and int(gas) not in (1, cfg.train.grad_accum_steps):
+    if gas and gas.isdigit() and int(gas) not in (1, spec.grad_accum_steps):
         raise LaunchError(f"the launcher asks for gradient_accumulation_steps={gas} but "
-                          f"train.grad_accum_steps={cfg.train.grad_accum_steps}; set it in the config only")
+                          f"train.grad_accum_steps={spec.grad_accum_steps}; set it in the config only")
 
 
 # ----------------------------------------------------------------------------- the Accelerator
 
 def start_runtime(cfg: Config) -> runtime.Runtime:
-    """The training's ``Runtime``: its ``Accelerator`` built for this launch from ``cfg`` and
-    checked against it (``LaunchError`` otherwise, before any work)."""
+    """The training's ``Runtime``: its ``Accelerator`` built for this launch from the
+    ``AcceleratorSpec`` of ``cfg`` and checked against it (``LaunchError`` otherwise, before any
+    work); the trackers (``train.report_to``) from the train section."""
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
+    spec = AcceleratorSpec.from_config(cfg)
     info = runtime.launch_info()
-    per_rank_batch_size(cfg.data.batch_size, info.world_size)  # fail before any process group work
+    per_rank_batch_size(spec.global_batch_size, info.world_size)  # fail before any process group work
     runtime.check_single_process_launch(info)
-    _check_launch_env(cfg)
+    _check_launch_env(spec)
     if info.use_deepspeed and not info.launched:
         raise LaunchError("DeepSpeed needs a launcher: use `accelerate launch --config_file launch/zero2.yaml "
                           "-m mmpretrain.train ...` (or `torchrun --nproc_per_node 1` for one process)")
@@ -157,23 +191,23 @@ def start_runtime(cfg: Config) -> runtime.Runtime:
                           "DDP instead. Unset ACCELERATE_USE_CPU (CPU DeepSpeed runs use gloo by themselves)")
 
     kwargs: dict = dict(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        mixed_precision=spec.mixed_precision,
+        gradient_accumulation_steps=spec.grad_accum_steps,
         step_scheduler_with_optimizer=False,
-        dynamo_backend="inductor" if cfg.train.compile else None,
+        dynamo_backend="inductor" if spec.compile else None,
     )
     if info.use_deepspeed:
-        ds = fill_deepspeed_config(deepspeed_json_from_env(), cfg, info.world_size)
+        ds = fill_deepspeed_config(deepspeed_json_from_env(), spec, info.world_size)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            hf_ds_config=ds, gradient_accumulation_steps=cfg.train.grad_accum_steps,
-            gradient_clipping=float(cfg.optim.grad_clip), zero_stage=ds["zero_optimization"]["stage"])
+            hf_ds_config=ds, gradient_accumulation_steps=spec.grad_accum_steps,
+            gradient_clipping=spec.grad_clip, zero_stage=ds["zero_optimization"]["stage"])
         # DeepSpeed 0.19 calls collectives torch 2.14 deprecates, with a warning on every call
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if cfg.train.report_to:  # Accelerate's trackers, started by trackers.start once the run directory exists
         from mmpretrain.trainer import trackers
 
-        kwargs["log_with"] = trackers.build(cfg)
-    if not info.use_deepspeed and info.world_size > 1 and may_leave_parameters_unused(cfg):
+        kwargs["log_with"] = trackers.build(cfg)  # trackers.py reads the train section
+    if not info.use_deepspeed and info.world_size > 1 and spec.unused_parameters:
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     return runtime.start_accelerator(info, **kwargs)  # adds the CPU/gloo settings, checks the launch
 

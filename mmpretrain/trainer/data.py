@@ -3,14 +3,35 @@
 concatenated rank-major. That one process then trains on exactly the global batches (same
 samples, same order) the N-process run sees, which is how the tests compare one process with
 DDP / ZeRO runs loss for loss.
+
+What it reads of the config is a ``LoaderSpec``: the ``data`` section, the seed and
+``train.emulate_world_size`` (``LoaderSpec.from_config``), not the whole tree.
 """
 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from mmpretrain.data.config import DataConfig
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the training loader takes from the config tree."""
+
+    data: DataConfig
+    seed: int
+    """``seed``: the data order (the same on every rank)."""
+    emulate_world_size: int = 0
+    """``train.emulate_world_size``: one process reads as this many ranks would (0, 1: off)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoaderSpec":
+        return cls(data=cfg.data, seed=int(cfg.seed), emulate_world_size=int(cfg.train.emulate_world_size))
 
 
 def concat_batches(parts: list[dict]) -> dict:
@@ -111,11 +132,14 @@ class TrainData:
     seen twice). At the next epoch the loader plans for the new world size. A cursor saved at
     an epoch boundary needs no remap.
 
-    Same world size: the cursor goes to the loader unchanged (``ShardLoader.load_state_dict``)."""
+    Same world size: the cursor goes to the loader unchanged (``ShardLoader.load_state_dict``).
 
-    def __init__(self, cfg, tokenizer, rank: int, world_size: int):
-        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
-        self.native = _native_loader(cfg, tokenizer, rank, world_size)
+    ``spec``: a ``LoaderSpec``; a whole config tree is read through ``LoaderSpec.from_config``."""
+
+    def __init__(self, spec, tokenizer, rank: int, world_size: int):
+        self.spec = spec if isinstance(spec, LoaderSpec) else LoaderSpec.from_config(spec)
+        self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
+        self.native = _native_loader(self.spec, tokenizer, rank, world_size)
         self.remap: list | None = None  # the saved ranks' loaders read for the rest of their epoch
         self._remap_info: dict = {}
 
@@ -148,7 +172,7 @@ class TrainData:
         return sum(loader.remote_retries for loader in self._owned())
 
     def __getattr__(self, name):  # anything else of the loader (dropped_per_epoch, num_samples, ...)
-        if name in ("native", "remap"):
+        if name in ("native", "remap", "spec"):
             raise AttributeError(name)
         return getattr(self.native, name)
 
@@ -168,8 +192,8 @@ class TrainData:
 
     def _span(self, world: int) -> tuple[int, int]:
         """This process's samples ``[lo, hi)`` of a global batch."""
-        total = self.cfg.data.batch_size
-        if self.cfg.train.emulate_world_size > 1:
+        total = self.spec.data.batch_size
+        if self.spec.emulate_world_size > 1:
             return 0, total
         share = total // self.world_size
         return self.rank * share, (self.rank + 1) * share
@@ -187,10 +211,10 @@ class TrainData:
                     (int(s["epoch"]), int(s["batches"])) != where or s.get("seed") != first.get("seed"):
                 raise ValueError(f"train.resume: the saved data cursors disagree (rank {r}: epoch {s['epoch']} "
                                  f"batch {s['batches']} of world size {s['world_size']}); cannot remap them")
-        if first.get("seed") != self.cfg.seed:
+        if first.get("seed") != self.spec.seed:
             raise ValueError(f"train.resume: the data cursor was saved with seed {first.get('seed')}, this run has "
-                             f"seed {self.cfg.seed}; another world size can only be resumed with the same seed")
-        total = self.cfg.data.batch_size
+                             f"seed {self.spec.seed}; another world size can only be resumed with the same seed")
+        total = self.spec.data.batch_size
         if total % world:
             raise ValueError(f"train.resume: data.batch_size={total} is not the one the checkpoint's {world} "
                              "ranks shared (not divisible); keep data.batch_size when resuming")
@@ -210,11 +234,11 @@ class TrainData:
 
         from mmpretrain.data.loader import ShardLoader
 
-        workers = slots if slots > 1 else min(1, int(self.cfg.data.num_workers))
-        dcfg = replace(self.cfg.data, num_workers=workers)
+        workers = slots if slots > 1 else min(1, int(self.spec.data.num_workers))
+        dcfg = replace(self.spec.data, num_workers=workers)
         self.remap = []
         for r in ranks:
-            loader = ShardLoader(dcfg, self.tokenizer, rank=r, world_size=world, seed=self.cfg.seed, train=True)
+            loader = ShardLoader(dcfg, self.tokenizer, rank=r, world_size=world, seed=self.spec.seed, train=True)
             loader.load_state_dict(streams[r])
             self.remap.append(loader)
         self._remap_info = {"offset": ranks[0] * per, "lo": lo, "hi": hi, "world": world, "per": per,
@@ -223,9 +247,9 @@ class TrainData:
     def _owner(self, saved_rank: int, per: int) -> bool:
         """Whether this process reports the counters of a saved rank's stream (the first process
         that reads it: a stream read by two processes is counted once)."""
-        if self.cfg.train.emulate_world_size > 1:
+        if self.spec.emulate_world_size > 1:
             return True
-        share = self.cfg.data.batch_size // self.world_size
+        share = self.spec.data.batch_size // self.world_size
         return (saved_rank * per) // share == self.rank
 
     def _owned(self) -> list:
@@ -273,20 +297,20 @@ class TrainData:
         yield from self.native.infinite()
 
 
-def _native_loader(cfg, tokenizer, rank: int, world_size: int):
+def _native_loader(spec: LoaderSpec, tokenizer, rank: int, world_size: int):
     from mmpretrain.data.loader import ShardLoader
 
-    emulate = cfg.train.emulate_world_size
+    emulate = spec.emulate_world_size
     if emulate > 1:
         if world_size != 1:
             raise ValueError(f"train.emulate_world_size={emulate} is for a single process; this run has "
                              f"{world_size} processes")
-        return RankConcatLoader([ShardLoader(cfg.data, tokenizer, rank=r, world_size=emulate, seed=cfg.seed,
+        return RankConcatLoader([ShardLoader(spec.data, tokenizer, rank=r, world_size=emulate, seed=spec.seed,
                                              train=True) for r in range(emulate)])
-    return ShardLoader(cfg.data, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed, train=True)
+    return ShardLoader(spec.data, tokenizer, rank=rank, world_size=world_size, seed=spec.seed, train=True)
 
 
-def build_train_loader(cfg, tokenizer, rank: int, world_size: int) -> TrainData:
+def build_train_loader(spec: LoaderSpec, tokenizer, rank: int, world_size: int) -> TrainData:
     """This process's training batches: ``ShardLoader`` for this rank, or the emulation above,
     inside ``TrainData`` (which resumes a cursor of another world size)."""
-    return TrainData(cfg, tokenizer, rank, world_size)
+    return TrainData(spec, tokenizer, rank, world_size)

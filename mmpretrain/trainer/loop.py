@@ -30,9 +30,11 @@ import torch
 
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
+from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.trainer import accel, trackers
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
-from mmpretrain.trainer.data import build_train_loader
+from mmpretrain.trainer.config import TrainConfig
+from mmpretrain.trainer.data import LoaderSpec, build_train_loader
 from mmpretrain.trainer.faults import fault_injection
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
@@ -142,9 +144,9 @@ class StepContext:
     injection): sees the last micro-batch's loss before the skip decision, may replace it."""
 
 
-def uses_feature_cache(cfg: Config) -> bool:
+def uses_feature_cache(tcfg: TrainConfig, loss: LossConfig) -> bool:
     """The features pass runs only where the loss uses it: accumulation with InfoNCE."""
-    return cfg.train.feature_cache and cfg.train.grad_accum_steps > 1 and cfg.loss.contrastive == "infonce"
+    return tcfg.feature_cache and tcfg.grad_accum_steps > 1 and loss.contrastive == "infonce"
 
 
 # ----------------------------------------------------------------------------- one step
@@ -297,13 +299,13 @@ def maybe_evaluation():
     return run_evaluation
 
 
-def flops_per_sample(model, cfg: Config) -> float:
+def flops_per_sample(model_cfg: ModelConfig, loss: LossConfig, text_len: int) -> float:
     try:
         from mmpretrain.models.flops import training_flops_per_sample
     except ImportError:
         return 0.0
     try:
-        return float(training_flops_per_sample(cfg.model, cfg.loss, cfg.data.max_length))
+        return float(training_flops_per_sample(model_cfg, loss, text_len))
     except Exception:  # noqa: BLE001 - MFU is a report, never a reason to fail a run
         return 0.0
 
@@ -332,8 +334,34 @@ class Run:
     val_note_shown: bool = False
 
 
+def fill_token_settings(loss: LossConfig, tokenizer, tokenizer_name: str) -> None:
+    """The loss settings that come from the tokenizer, written into the loss section (and so
+    recorded in the checkpoint config): the MLM mask token id (``loss.mlm_mask_token_id`` -1)
+    and the word sets as token ids (``loss.word_negative_table``) when a loss term uses them."""
+    if loss.mlm_weight > 0 and loss.mlm_mask_token_id < 0:
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {tokenizer_name!r} has no mask token")
+        loss.mlm_mask_token_id = int(tokenizer.mask_token_id)
+    wants_words = (loss.itm_word_negatives > 0 and loss.itm_weight > 0) or \
+        (loss.mlm_word_prob > 0 and loss.mlm_weight > 0) or loss.itc_word_negatives > 0
+    if wants_words and not loss.word_negative_table:
+        try:
+            table = build_table(load_word_sets(loss.word_negative_words), tokenizer)
+        except WordNegativeError as e:
+            raise SetupError(str(e)) from None
+        if not any(row[0] != 3 for row in table):
+            raise SetupError(f"loss.word_negative_words {loss.word_negative_words!r}: no word is a single token "
+                             f"of the tokenizer {tokenizer_name!r}")
+        loss.word_negative_table = table
+
+
 def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointManager, run_eval) -> Run:
-    """Tokenizer, model, optimizer (prepared), schedule, loader; ``ckpt`` restores a checkpoint."""
+    """Tokenizer, model, optimizer (prepared), schedule, loader; ``ckpt`` restores a checkpoint.
+
+    The one function of the loop that reads the whole tree: it records it (``config.yaml``, the
+    checkpoint's description) and hands it to evaluation; every part it builds gets its section
+    or a spec (tokenizer: ``data``; model: ``model`` + ``loss``; optimizer and schedule:
+    ``optim``; loader: ``LoaderSpec``; logger, step context, faults: ``train``)."""
     from accelerate.utils import set_seed
 
     from mmpretrain.data.tokenizer import load_tokenizer
@@ -352,25 +380,11 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
     with accelerator.main_process_first():  # 'auto' may train the tokenizer once, on rank 0
         tokenizer = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
     vocab_size = len(tokenizer)
-    if cfg.loss.mlm_weight > 0 and cfg.loss.mlm_mask_token_id < 0:
-        if getattr(tokenizer, "mask_token_id", None) is None:
-            raise SetupError(f"loss.mlm_weight > 0 but the tokenizer {cfg.data.tokenizer!r} has no mask token")
-        cfg.loss.mlm_mask_token_id = int(tokenizer.mask_token_id)  # recorded in the checkpoint config
-    wants_words = (cfg.loss.itm_word_negatives > 0 and cfg.loss.itm_weight > 0) or \
-        (cfg.loss.mlm_word_prob > 0 and cfg.loss.mlm_weight > 0) or cfg.loss.itc_word_negatives > 0
-    if wants_words and not cfg.loss.word_negative_table:
-        try:
-            table = build_table(load_word_sets(cfg.loss.word_negative_words), tokenizer)
-        except WordNegativeError as e:
-            raise SetupError(str(e)) from None
-        if not any(row[0] != 3 for row in table):
-            raise SetupError(f"loss.word_negative_words {cfg.loss.word_negative_words!r}: no word is a single token "
-                             f"of the tokenizer {cfg.data.tokenizer!r}")
-        cfg.loss.word_negative_table = table  # recorded in the checkpoint config
+    fill_token_settings(cfg.loss, tokenizer, cfg.data.tokenizer)  # recorded in the checkpoint config
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.loss, vocab_size)
-    flops = flops_per_sample(model, cfg)
+    flops = flops_per_sample(cfg.model, cfg.loss, cfg.data.max_length)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     # its state travels in mmpretrain.json, not as an Accelerate custom object: Accelerate loads
@@ -378,7 +392,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
     scheduler = WarmupCosine(optimizer, cfg.optim, tcfg.max_steps)
     set_seed(cfg.seed + rank)  # per-rank randomness (dropout) from here on; a resume restores it
 
-    loader = build_train_loader(cfg, tokenizer, rank, world)
+    loader = build_train_loader(LoaderSpec.from_config(cfg), tokenizer, rank, world)
     counters = Counters()
 
     def describe() -> dict:  # the run beside the states in mmpretrain.json (export and eval read it)
@@ -411,7 +425,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
                        start_step=counters.step, log_every=tcfg.log_every, progress_bar=tcfg.progress_bar,
                        flops_per_sample=flops, peak_tflops=tcfg.peak_tflops, world_size=world,
                        tracker_log=tracker_log if tcfg.report_to else None)
-    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=uses_feature_cache(cfg),
+    ctx = StepContext(accelerator=accelerator, deepspeed=use_ds, feature_cache=uses_feature_cache(tcfg, cfg.loss),
                       gather=cfg.loss.gather, grad_clip=cfg.optim.grad_clip,
                       loss_scaling=tcfg.mixed_precision == "fp16",
                       loss_hook=fault_injection(tcfg, counters, last_rank=rank == world - 1))
@@ -657,10 +671,10 @@ def train(cfg: Config) -> int:
         trackers.check_installed(tcfg.report_to)
         check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
                    need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
-        if uses_feature_cache(cfg) and cfg.loss.itc_word_negatives > 0:
+        if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_word_negatives > 0:
             raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
                               "train.feature_cache=false or loss.itc_word_negatives=0")
-        if uses_feature_cache(cfg) and cfg.model.dropout > 0:
+        if uses_feature_cache(tcfg, cfg.loss) and cfg.model.dropout > 0:
             raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
         ckpt = CheckpointManager.from_config(tcfg)

@@ -252,15 +252,21 @@ def test_launch_checks():
 
     cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
                              "train.mixed_precision=bf16", "model.width=64"])
+    spec = accel.AcceleratorSpec.from_config(cfg)  # what the launch reads of the tree
+    assert spec == accel.AcceleratorSpec(global_batch_size=16, grad_accum_steps=2, grad_clip=0.5,
+                                         mixed_precision="bf16", width=64, compile=False, unused_parameters=False)
+    unused = accel.AcceleratorSpec.from_config(load_config(None, ["loss.itm_weight=0"]))
+    assert unused.unused_parameters and accel.may_leave_parameters_unused(load_config(None, [
+        "loss.contrastive=triplet"]).loss)
     ds = json.loads((REPO / "launch/zero3.json").read_text())
-    filled = accel.fill_deepspeed_config(ds, cfg, world_size=4)
+    filled = accel.fill_deepspeed_config(ds, spec, world_size=4)
     assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["train_batch_size"] == 32
     assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert filled["zero_optimization"]["stage"] == 3 and filled["zero_optimization"]["reduce_bucket_size"] == 4096
     ds["gradient_accumulation_steps"] = 4
     with pytest.raises(accel.LaunchError, match=r"gradient_accumulation_steps=4 .* train.grad_accum_steps gives 2"):
-        accel.fill_deepspeed_config(ds, cfg, world_size=4)
+        accel.fill_deepspeed_config(ds, spec, world_size=4)
 
 
 def test_deepspeed_with_accelerate_use_cpu_is_refused(tiny, tmp_path, monkeypatch, capsys):
@@ -405,3 +411,45 @@ def test_bench_timers_wrap_the_model_from_outside():
     before = dict(timers.seconds)
     model(*batch)  # no longer timed
     assert timers.seconds == before
+
+
+def test_the_train_loader_reads_a_spec_of_the_tree(tiny):
+    """``build_train_loader`` takes a ``LoaderSpec`` (data section, seed, emulated world size);
+    ``TrainData`` given a whole tree reads the same spec of it, batch for batch."""
+    from mmpretrain.config import load_config
+    from mmpretrain.data.tokenizer import load_tokenizer
+    from mmpretrain.trainer.data import LoaderSpec, TrainData, build_train_loader
+
+    cfg = load_config(tiny, ["data.num_workers=0", "seed=3", "train.emulate_world_size=2"])
+    spec = LoaderSpec.from_config(cfg)
+    assert spec == LoaderSpec(data=cfg.data, seed=3, emulate_world_size=2)
+    tok = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
+    streams = [build_train_loader(spec, tok, 0, 1).infinite(), TrainData(cfg, tok, 0, 1).infinite()]
+    try:
+        a, b = (next(s) for s in streams)
+    finally:
+        for s in streams:
+            s.close()
+    assert a["keys"] == b["keys"] and len(a["keys"]) == cfg.data.batch_size
+    assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_token_settings_are_filled_into_the_loss_section(tiny):
+    from types import SimpleNamespace
+
+    from mmpretrain.config import load_config
+    from mmpretrain.data.tokenizer import load_tokenizer
+    from mmpretrain.models.config import LossConfig
+    from mmpretrain.trainer.loop import SetupError, fill_token_settings
+
+    cfg = load_config(tiny)
+    tok = load_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards), cfg.data.vocab_size)
+    loss = LossConfig(mlm_weight=1.0, itm_word_negatives=0.5)
+    fill_token_settings(loss, tok, "auto")
+    assert loss.mlm_mask_token_id == tok.mask_token_id >= 0
+    assert loss.word_negative_table and any(row[0] != 3 for row in loss.word_negative_table)
+    untouched = LossConfig()
+    fill_token_settings(untouched, tok, "auto")
+    assert untouched == LossConfig()  # no term asks: nothing filled
+    with pytest.raises(SetupError, match="the tokenizer 'plain' has no mask token"):
+        fill_token_settings(LossConfig(mlm_weight=1.0), SimpleNamespace(mask_token_id=None), "plain")
