@@ -295,7 +295,7 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 def expand_key(key: str) -> str:
     """Full dotted name for an override key; a bare leaf (``max_steps``) is accepted when it
-    names exactly one field of the tree."""
+    names exactly one field of the tree, or the two sides of one link (``image_size``)."""
     keys = all_keys(Config)
     if key in keys:
         return key
@@ -305,6 +305,9 @@ def expand_key(key: str) -> str:
     matches = [k for k in keys if k.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
+    for link in LINKS:  # ``image_size=96``: both sides of a link (the other follows)
+        if sorted(matches) == sorted((link.first, link.second)):
+            return link.first
     if len(matches) > 1:
         raise ConfigError(f"override key '{key}' is ambiguous: one of {matches}")
     raise ConfigError(f"unknown config key '{key}'" + _suggest(key, keys))

@@ -205,6 +205,12 @@ def test_one_side_set_the_other_follows(overrides, expected):
     assert _sides(load_config(tiny, overrides)) == expected
 
 
+def test_a_bare_leaf_naming_both_sides_of_a_link_sets_both():
+    assert _sides(load_config(None, ["image_size=96"])) == (96, 96, 32, 32)
+    with pytest.raises(ConfigError, match="override key 'batch_size' is ambiguous"):
+        load_config(None, ["batch_size=8"])  # data.batch_size and eval.batch_size are two facts
+
+
 def test_a_yaml_file_that_sets_one_side(tmp_path):
     p = tmp_path / "one.yaml"
     p.write_text("data:\n  image_size: 32\nmodel:\n  max_text_length: 24\n")
