@@ -489,37 +489,78 @@ def quality_metrics(model, cfg, tokenizer, *, accelerator=None, max_images: int 
 # ----------------------------------------------------------------------------- 5. examples
 
 def pick_examples(data: dict, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, num: int,
-                  pixels: dict, accelerator, top: int = 5) -> dict:
+                  pixels: dict, accelerator, top: int = 5, itm_i2t: torch.Tensor | None = None,
+                  itm_t2i: torch.Tensor | None = None, itm_logodds: dict | None = None,
+                  itm_scale: float = 0.0) -> dict:
     """Report examples: ``num`` caption queries and ``num`` image queries spread evenly over the
-    key-sorted set, with their top-``top`` results. The few images shown are fetched from their
-    owners with one gather (every rank calls this)."""
+    key-sorted set, with their top-``top`` results, the ITM re-ranked top ``top`` (``itm_i2t`` /
+    ``itm_t2i``: the re-ranked score matrices; shown with the score that ordered them,
+    ``itm_logodds[(image, caption)] + itm_scale x cosine``) and the 1-based position of the right
+    answer (its image when outside the top). The few
+    images shown are fetched from their owners with one gather (every rank calls this)."""
     rank, _ = _world(accelerator)
     n_img, n_cap = i2t_scores.shape
     cap_q = sorted({int(x) for x in np.linspace(0, n_cap - 1, num).round()}) if num and n_cap else []
     img_q = sorted({int(x) for x in np.linspace(0, n_img - 1, num).round()}) if num and n_img else []
-    order_t2i = torch.sort(t2i_scores, dim=1, descending=True, stable=True)
-    order_i2t = torch.sort(i2t_scores, dim=1, descending=True, stable=True)
+    cap_img = data["caption_image"]
+
+    def order(scores):
+        return None if scores is None else torch.sort(scores, dim=1, descending=True, stable=True)
+
+    order_t2i, order_i2t = order(t2i_scores), order(i2t_scores)
+    itm_t2i_o, itm_i2t_o = order(itm_t2i), order(itm_i2t)
+
+    def position(o, q: int, right) -> int | None:  # 1-based position of the first right candidate
+        if o is None:
+            return None
+        hits = right(o.indices[q]).nonzero()
+        return int(hits[0]) + 1 if len(hits) else None
+
     needed = set(img_q)
     for t in cap_q:
         needed.update(int(i) for i in order_t2i.indices[t, :top])
+        if itm_t2i_o is not None:
+            needed.update(int(i) for i in itm_t2i_o.indices[t, :top])
+        needed.add(int(cap_img[t]))
     iids = data["image_ids"]
     mine = {u: pixels[iids[u]].permute(1, 2, 0).numpy() for u in needed if data["owner"][u] == rank}
     images: dict[int, np.ndarray] = {}
     for part in _gather_objects(mine, accelerator):
         images.update(part)
-    cap_img = data["caption_image"]
-    text_queries = [{
-        "caption": data["captions"][t],
-        "images": [images[int(i)] for i in order_t2i.indices[t, :top]],
-        "correct": [int(i) == int(cap_img[t]) for i in order_t2i.indices[t, :top]],
-        "scores": [float(s) for s in order_t2i.values[t, :top]],
-    } for t in cap_q]
-    image_queries = [{
-        "image": images[u],
-        "captions": [data["captions"][int(t)] for t in order_i2t.indices[u, :top]],
-        "correct": [int(cap_img[int(t)]) == u for t in order_i2t.indices[u, :top]],
-        "scores": [float(s) for s in order_i2t.values[u, :top]],
-    } for u in img_q]
+    known = itm_logodds or {}
+
+    def itm_score(i: int, t: int) -> float | None:
+        return known[(i, t)] + itm_scale * float(i2t_scores[i, t]) if (i, t) in known else None
+
+    text_queries = []
+    for t in cap_q:
+        gt = int(cap_img[t])
+        q = {"caption": data["captions"][t],
+             "images": [images[int(i)] for i in order_t2i.indices[t, :top]],
+             "correct": [int(i) == gt for i in order_t2i.indices[t, :top]],
+             "scores": [float(s) for s in order_t2i.values[t, :top]],
+             "truth": {"rank": position(order_t2i, t, lambda ix: ix == gt),
+                       "itm_rank": position(itm_t2i_o, t, lambda ix: ix == gt), "image": images[gt]}}
+        if itm_t2i_o is not None:
+            idx = [int(i) for i in itm_t2i_o.indices[t, :top]]
+            q["itm"] = {"images": [images[i] for i in idx], "correct": [i == gt for i in idx],
+                        "scores": [itm_score(i, t) for i in idx]}
+        text_queries.append(q)
+    image_queries = []
+    for u in img_q:
+        mine_caps = cap_img == u
+        first = position(order_i2t, u, lambda ix: mine_caps[ix])
+        q = {"image": images[u],
+             "captions": [data["captions"][int(t)] for t in order_i2t.indices[u, :top]],
+             "correct": [int(cap_img[int(t)]) == u for t in order_i2t.indices[u, :top]],
+             "scores": [float(s) for s in order_i2t.values[u, :top]],
+             "truth": {"rank": first, "itm_rank": position(itm_i2t_o, u, lambda ix: mine_caps[ix]),
+                       "caption": data["captions"][int(order_i2t.indices[u, first - 1])]}}
+        if itm_i2t_o is not None:
+            idx = [int(t) for t in itm_i2t_o.indices[u, :top]]
+            q["itm"] = {"captions": [data["captions"][t] for t in idx], "correct": [int(cap_img[t]) == u for t in idx],
+                        "scores": [itm_score(u, t) for t in idx]}
+        image_queries.append(q)
     return {"text_queries": text_queries, "image_queries": image_queries}
 
 
@@ -605,14 +646,17 @@ def run_evaluation(model, cfg, accelerator, tokenizer, step: int, out_dir: str |
         examples = None
         if cfg.eval.report and cfg.eval.num_examples > 0:
             examples = pick_examples(data, show_i2t, show_t2i, int(cfg.eval.num_examples),
-                                     local["pixels"], accelerator)
+                                     local["pixels"], accelerator, itm_i2t=re_i2t if do_itm else None,
+                                     itm_t2i=re_t2i if do_itm else None, itm_logodds=itm_known,
+                                     itm_scale=scale if do_itm else 0.0)
         if rank == 0:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             if cfg.eval.report:
                 source = find_history(cfg, out, checkpoint)
-                report_mod.write_report(out, metrics, report_mod.read_history(source), examples or {}, source)
+                report_mod.write_report(out, metrics, report_mod.read_history(source), examples or {}, source,
+                                        checkpoint=checkpoint, shards=cfg.data.val_shards)
     finally:
         if was_training:
             model.train()
