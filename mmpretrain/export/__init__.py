@@ -12,21 +12,37 @@
 - ``cli``: ``mmpretrain export`` (``export_checkpoint``, ``main(argv)``).
 
 Library code: nothing here imports the trainer, the ``mmpretrain`` CLI or Accelerate
-(``tests/unit/test_library_imports.py``).
+(``tests/unit/test_library_imports.py``). The names below are imported on first use
+(``mmpretrain export --help`` parses its arguments without importing torch).
 """
 
-from mmpretrain.export.cli import export_checkpoint, main
-from mmpretrain.export.format import (CKPT_FORMAT, CKPT_META, EXPORT_FORMAT, FORMAT, META_FILE, MODEL_KEYS,
-                                      PREPROCESSING_KEYS, CheckpointError, ExportError, Loaded,
-                                      find_latest_checkpoint, load_checkpoint, load_state_strict,
-                                      read_checkpoint, read_export, read_meta, step_dir_name)
-from mmpretrain.export.inference import Pretrained, load_pretrained
-from mmpretrain.export.towers import TOWER_ATOL, export_image_tower, export_text_tower, unified_timm_state
-from mmpretrain.export.verify import VERIFY_ATOL
-from mmpretrain.export.vilt import export_itm, vilt_unsupported
+from __future__ import annotations
 
-__all__ = ["CKPT_FORMAT", "CKPT_META", "EXPORT_FORMAT", "FORMAT", "META_FILE", "MODEL_KEYS", "PREPROCESSING_KEYS",
-           "TOWER_ATOL", "VERIFY_ATOL", "CheckpointError", "ExportError", "Loaded", "Pretrained", "export_checkpoint",
-           "export_image_tower", "export_itm", "export_text_tower", "find_latest_checkpoint", "load_checkpoint",
-           "load_pretrained", "load_state_strict", "main", "read_checkpoint", "read_export", "read_meta",
-           "step_dir_name", "unified_timm_state", "vilt_unsupported"]
+import importlib
+
+_WHERE = {
+    "export_checkpoint": "cli", "main": "cli",
+    **{name: "format" for name in ("CKPT_FORMAT", "CKPT_META", "EXPORT_FORMAT", "FORMAT", "META_FILE", "MODEL_KEYS",
+                                   "PREPROCESSING_KEYS", "CheckpointError", "ExportError", "Loaded",
+                                   "find_latest_checkpoint", "load_checkpoint", "load_state_strict",
+                                   "read_checkpoint", "read_export", "read_meta", "step_dir_name")},
+    "Pretrained": "inference", "load_pretrained": "inference",
+    "TOWER_ATOL": "towers", "export_image_tower": "towers", "export_text_tower": "towers",
+    "unified_timm_state": "towers",
+    "VERIFY_ATOL": "verify",
+    "export_itm": "vilt", "vilt_unsupported": "vilt",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mmpretrain.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mmpretrain.export.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -60,7 +60,8 @@ def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = No
     else:
         metrics_md = "No evaluation metrics were found beside the checkpoint (run `mmpretrain eval`).\n"
     notes = "\n".join(f"- **{k}**: {v}" for k, v in config.get("not_exported", {}).items())
-    has_img = (out / "image_encoder").is_dir()
+    image_library = config["towers"].get("image_encoder", {}).get("library")
+    has_img = image_library == "timm"  # small_cnn: transformers PoolFormer (no timm, no ST image route)
     st = config.get("sentence_transformers")
     tags = ["mmpretrain", "image-text-retrieval", "feature-extraction"] + (["sentence-transformers"] if st else [])
     front = "---\n" + "library_name: " + ("sentence-transformers" if st else "transformers") + "\n" + \
@@ -85,6 +86,14 @@ def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = No
                         f'vit = timm.create_model("local-dir:{name}/image_encoder", pretrained=True).eval()\n'
                         "tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=vit))\n"
                         'img = F.normalize(vit(tf(PIL.Image.open("photo.jpg").convert("RGB"))[None]), dim=-1)\n```\n')
+    if image_library == "transformers":
+        snippets.append("```python\nimport timm, torch.nn.functional as F\n"
+                        "from transformers import AutoModelForImageClassification\n\n"
+                        f'enc = AutoModelForImageClassification.from_pretrained("{name}/image_encoder").eval()\n'
+                        "tf = timm.data.create_transform(**timm.data.resolve_data_config({}, "
+                        "pretrained_cfg=enc.config.pretrained_cfg))\n"
+                        'img = F.normalize(enc(pixel_values=tf(PIL.Image.open("photo.jpg").convert("RGB"))[None]).logits, '
+                        "dim=-1)\n```\n")
     if (out / "itm").is_dir():
         snippets.append("```python\nfrom transformers import ViltForImageAndTextRetrieval\n\n"
                         f'itm = ViltForImageAndTextRetrieval.from_pretrained("{name}/itm")\n'
@@ -115,12 +124,16 @@ Image-text retrieval model trained with mmpretrain ({cfg.model.arch}), exported 
   (`model_max_length` {data.max_length}) + `text_projection.safetensors`
 """ + ("- `image_encoder/`: timm model (`local-dir:`), also `transformers.AutoModel` (TimmWrapper) and\n"
        "  `AutoImageProcessor`; its `pretrained_cfg` is this run's preprocessing\n" if has_img else "") + \
+        ("- `image_encoder/`: `transformers.AutoModelForImageClassification` (PoolFormer form of small_cnn),\n"
+         "  `normalize(logits)` = image embedding; `config.json` `pretrained_cfg` is this run's preprocessing\n"
+         "  for timm's transform (`AutoImageProcessor` crops one pixel off centre when the resized long side\n"
+         "  minus the size is 3 modulo 4)\n" if image_library == "transformers" else "") + \
         ("- `itm/`: `transformers.ViltForImageAndTextRetrieval`; `sigmoid(logits)` = ITM match probability\n"
          if (out / "itm").is_dir() else "") + \
         ("- the directory itself: `SentenceTransformer(dir)` (text and image routes)\n" if st else "") + \
         "- `model.safetensors`, `config.json`, `preprocessing.json`: `mmpretrain.load_pretrained(dir)`\n" + \
         ("\nNot exported:\n" + notes + "\n" if notes else "") + \
-        ("\nPixels: timm's transform (shorter side resized, then center crop) equals mmpretrain's evaluation "
-         "(center square crop, then resize) on square images; on other aspect ratios the two can differ.\n") + \
+        ("\nPixels: timm's transform of the `pretrained_cfg` (shorter side resized, bicubic, then center crop) "
+         "is mmpretrain's evaluation preprocessing, on any aspect ratio.\n") + \
         "\n## Usage\n" + "\n".join(snippets)
     (out / "README.md").write_text(front + body)

@@ -19,12 +19,13 @@ with ``deepspeed.utils.zero_to_fp32``. Writes::
                                 (dual encoder); last_hidden_state = encode_text tokens
     OUT/image_encoder/          timm directory whose pretrained_cfg is the run's preprocessing; loads with
                                 timm.create_model("local-dir:...") and transformers.AutoModel (TimmWrapper);
-                                F.normalize(model(x)) = the image embedding (not for the dual encoder's
-                                small_cnn, which has no timm form; a timm image_backbone exports).
+                                F.normalize(model(x)) = the image embedding. The dual encoder's small_cnn has
+                                no timm form: there it is a transformers PoolFormerForImageClassification,
+                                F.normalize(logits) = the image embedding (no sentence-transformers image route).
     OUT/itm/                    ViltForImageAndTextRetrieval, sigmoid(logits) = score_pairs (unified
                                 without experts, model.itm_readout=text_cls, model.fusion_source=inputs)
 
-Parts with no standard form (small_cnn image tower, ITM of VLMo / image_cls / fusion towers / the dual encoder,
+Parts with no standard form (small_cnn under timm / sentence-transformers, ITM of VLMo / image_cls / fusion towers / the dual encoder,
 open_clip) are listed with the reason in config.json "not_exported", in the model card and as one
 line each on stderr. Every file is loaded back with the standard libraries and compared with the
 live model (``export.verify``, 1e-5) before the export is published; a mismatch fails the export.
@@ -46,10 +47,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from mmpretrain.export.format import CKPT_META, FORMAT, ExportError, checkpoint_of_run, load_checkpoint
-from mmpretrain.export.towers import NoStandardForm, export_image_tower, export_text_tower
+# torch and the rest of the package are imported where they are used: `mmpretrain export --help`
+# parses its arguments without importing torch (tests/unit/test_export.py)
 
 PROBE_TEXTS = ["a red circle left of a blue square", "two green stars", "a small yellow triangle above a hexagon"]
 
@@ -64,6 +63,8 @@ def _preprocessing(cfg) -> dict:
 def _check_out(ckpt: Path, out: Path, force: bool) -> None:
     """``--force`` replaces an existing *mmpretrain export* only: never another directory, and
     never one that holds the source checkpoint."""
+    from mmpretrain.export.format import CKPT_META, FORMAT, ExportError
+
     src = ckpt.resolve()
     for path in (out, out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")):  # all we may delete
         dst = path.resolve()
@@ -99,6 +100,12 @@ def _probe_images(size: int) -> list:
 def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, log=None) -> Path:
     """Export checkpoint ``ckpt`` to directory ``out`` (atomic: ``out.tmp`` then rename).
     ``log(line)`` receives one line per skipped part (what has no standard form, and why)."""
+    import torch
+
+    from mmpretrain.export.format import FORMAT, load_checkpoint
+    from mmpretrain.export.towers import (SMALL_CNN_NO_ST, SMALL_CNN_NO_TIMM, NoStandardForm, export_image_tower,
+                                          export_text_tower)
+
     ckpt, out = Path(ckpt), Path(out)
     _check_out(ckpt, out, force)
     loaded = load_checkpoint(ckpt, allow_export=False)
@@ -148,9 +155,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
             towers["itm"] = export_itm(model, tmp / "itm", probe_pixels, tok["input_ids"], tok["attention_mask"])
         else:
             notes["itm"] = why
-        st_why = write_sentence_transformers(tmp, text, image, int(cfg.data.max_length))
+        if image is not None and image["library"] != "timm":  # small_cnn: transformers PoolFormer, not timm
+            notes["image_encoder_timm"] = SMALL_CNN_NO_TIMM
+        st_image = image if image is not None and image["_projection"] is not None else None
+        st_why = write_sentence_transformers(tmp, text, st_image, int(cfg.data.max_length))
         if st_why:
             notes["sentence_transformers"] = st_why
+        elif image is not None and st_image is None:
+            notes["sentence_transformers_image"] = SMALL_CNN_NO_ST
         notes["open_clip"] = ("no open_clip_config.json: open_clip builds its timm tower from a registered "
                               "model name without width/depth overrides and its HF text tower only with its "
                               "own pooler/projection head, so neither tower maps exactly")
@@ -194,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
     args = p.parse_args(argv)
+    from mmpretrain.export.format import ExportError, checkpoint_of_run
+
     try:
         ckpt, from_run = checkpoint_of_run(args.checkpoint)
         if from_run:

@@ -166,10 +166,7 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                 "holds": "whole image path; F.normalize(model(x)) = image embedding (head = projection)",
                 "_projection": (sd["head.weight"], None), "_features": c.width}
     if c.image_backbone == "small_cnn":
-        raise NoStandardForm(
-            "model.image_backbone='small_cnn' is not a timm architecture (strided convs with biases + GroupNorm(1)): "
-            "no image_encoder/ and no image route in the sentence-transformers model; embed_images needs "
-            "load_pretrained (a timm image_backbone such as test_efficientnet_gn exports fully)")
+        return export_small_cnn(backbone, directory, probe_pixels, preprocessing)
     src = backbone.image_tower.backbone
     name = c.image_backbone
     base = {"img_size": c.image_size} if ("vit" in name or "deit" in name) else {}
@@ -206,6 +203,128 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                     "_projection": (head_w, head_b), "_features": int(model.num_features)}
     raise NoStandardForm(f"timm {name!r} with an average-pool head does not reproduce the dual encoder's image "
                          "tower (its feature layout or pooling differs); embed_images needs load_pretrained")
+
+
+# ----------------------------------------------------------------------------- small_cnn
+
+SMALL_CNN_NO_TIMM = ("model.image_backbone='small_cnn' has no timm form: no timm architecture stacks 3x3 stride-2 "
+                     "convs with biases, each followed by a non-residual GroupNorm(1) + GELU (timm's MetaFormer/"
+                     "PoolFormer fixes a 7x7 stride-4 stem, its convolutional stems have no bias); image_encoder/ "
+                     "is a transformers PoolFormerForImageClassification instead (a timm image_backbone such as "
+                     "test_efficientnet_gn exports to timm)")
+SMALL_CNN_NO_ST = ("model.image_backbone='small_cnn': no image route in the sentence-transformers model (its "
+                   "Transformer module loads AutoModel = PoolFormerModel, whose output is a 4-D feature map that no "
+                   "sentence-transformers module pools); text route only, images through "
+                   "AutoModelForImageClassification(OUT/image_encoder)")
+
+
+def small_cnn_poolformer(backbone, preprocessing: dict):
+    """(PoolFormerConfig, state dict) of ``transformers.PoolFormerForImageClassification`` that
+    computes the ``small_cnn`` dual-encoder image embedding: ``F.normalize(logits)`` =
+    ``encode_image(pixels)[1]``.
+
+    ``small_cnn`` is 4 x (3x3 stride-2 conv with bias -> GroupNorm(1) -> GELU), tokens = the final
+    map, embedding = normalize(W_img (W_tower mean(tokens) + b_tower)). PoolFormer's stages are a
+    3x3 stride-2 conv with bias (``patch_sizes``/``strides``/``padding`` per stage) followed by a
+    residual layer ``x + ls1 * (pool(GN(x)) - GN(x))``, then ``x + ls2 * conv2(GELU(conv1(GN(x))))``.
+    Each stage holds two copies ``[h; h]`` of our conv output ``h`` (GroupNorm(1) over the copies
+    has the same mean and variance, so ``GN([h; h]) = [GN(h); GN(h)]``); ``ls1 = 0`` drops the
+    pooling branch, ``conv1``/``conv2`` select the first copy, so the layer gives
+    ``[h + GELU(GN(h)); h]`` and the next stage's conv, with weights ``[W, -W]``, sees exactly
+    ``GELU(GN(h))``. A 1x1 fifth stage applies the folded projection and bias as ``[v; -v]``
+    (``v = P y + c`` per position; its layer is the identity, ``ls1 = ls2 = 0``); the classifier's
+    GroupNorm(1) of ``[v; -v]`` has mean 0 and only rescales, the spatial mean gives mean(v), and
+    the classifier keeps the first copy: ``logits = (P mean(y) + c) / s`` with a per-image
+    ``s > 0``, which the L2 normalisation removes."""
+    from transformers import PoolFormerConfig
+
+    net = backbone.image_tower.backbone.net
+    convs, norms = [net[3 * i] for i in range(4)], [net[3 * i + 1] for i in range(4)]
+    chans = [int(conv.out_channels) for conv in convs]
+    f = lambda t: t.detach().float().clone()  # noqa: E731
+    w_img = f(backbone.image_proj.proj.weight)
+    head_w, head_b = w_img @ f(backbone.image_tower.proj.weight), w_img @ f(backbone.image_tower.proj.bias)
+    emb = int(head_w.shape[0])
+    pcfg = PoolFormerConfig(
+        num_channels=3, num_encoder_blocks=5, depths=[1] * 5, hidden_sizes=[2 * ch for ch in chans] + [2 * emb],
+        patch_sizes=[3, 3, 3, 3, 1], strides=[2, 2, 2, 2, 1], padding=[1, 1, 1, 1, 0], pool_size=3, mlp_ratio=0.5,
+        hidden_act="gelu", hidden_dropout_prob=0.0, drop_path_rate=0.0, use_layer_scale=True,
+        layer_scale_init_value=1.0, num_labels=emb,
+        id2label={i: f"dim_{i}" for i in range(emb)}, label2id={f"dim_{i}": i for i in range(emb)})
+    sd: dict[str, torch.Tensor] = {}
+    enc = "poolformer.encoder."
+    for i, (conv, norm) in enumerate(zip(convs, norms)):
+        w, b = f(conv.weight), f(conv.bias)
+        if i:  # the previous stage holds [h + GELU(GN(h)); h]: [W, -W] reads GELU(GN(h))
+            w = torch.cat([w, -w], 1)
+        sd[f"{enc}patch_embeddings.{i}.projection.weight"] = torch.cat([w, w], 0)
+        sd[f"{enc}patch_embeddings.{i}.projection.bias"] = torch.cat([b, b])
+        ch = chans[i]
+        eye, zero = torch.eye(ch)[:, :, None, None], torch.zeros(ch, ch, 1, 1)
+        layer = f"{enc}block.{i}.0."
+        sd.update({layer + "before_norm.weight": torch.ones(2 * ch), layer + "before_norm.bias": torch.zeros(2 * ch),
+                   layer + "after_norm.weight": torch.cat([f(norm.weight)] * 2),
+                   layer + "after_norm.bias": torch.cat([f(norm.bias)] * 2),
+                   layer + "output.conv1.weight": torch.cat([eye, zero], 1), layer + "output.conv1.bias": torch.zeros(ch),
+                   layer + "output.conv2.weight": torch.cat([eye, zero], 0),
+                   layer + "output.conv2.bias": torch.zeros(2 * ch),
+                   layer + "layer_scale_1": torch.zeros(2 * ch), layer + "layer_scale_2": torch.ones(2 * ch)})
+    pk = torch.cat([head_w, -head_w], 1)[:, :, None, None]
+    sd[f"{enc}patch_embeddings.4.projection.weight"] = torch.cat([pk, -pk], 0)
+    sd[f"{enc}patch_embeddings.4.projection.bias"] = torch.cat([head_b, -head_b])
+    layer = f"{enc}block.4.0."
+    sd.update({layer + "before_norm.weight": torch.ones(2 * emb), layer + "before_norm.bias": torch.zeros(2 * emb),
+               layer + "after_norm.weight": torch.ones(2 * emb), layer + "after_norm.bias": torch.zeros(2 * emb),
+               layer + "output.conv1.weight": torch.zeros(emb, 2 * emb, 1, 1), layer + "output.conv1.bias": torch.zeros(emb),
+               layer + "output.conv2.weight": torch.zeros(2 * emb, emb, 1, 1),
+               layer + "output.conv2.bias": torch.zeros(2 * emb),
+               layer + "layer_scale_1": torch.zeros(2 * emb), layer + "layer_scale_2": torch.zeros(2 * emb)})
+    sd.update({"norm.weight": torch.ones(2 * emb), "norm.bias": torch.zeros(2 * emb),
+               "classifier.weight": torch.cat([torch.eye(emb), torch.zeros(emb, emb)], 1),
+               "classifier.bias": torch.zeros(emb)})
+    return pcfg, sd
+
+
+def poolformer_processor_config(preprocessing: dict) -> dict:
+    """``preprocessor_config.json`` of the PoolFormer image tower, so that ``AutoImageProcessor``
+    loads it: our eval rule in ``PoolFormerImageProcessor``'s terms (shorter side to image_size,
+    bicubic, crop_pct 1.0, center crop, /255, mean/std). It is close, not exact: its resize differs
+    from PIL's by one grey level on a few pixels of a resized image, and it centres the crop at
+    ``(n - S) // 2`` where torchvision and timm round ``(n - S) / 2`` half to even. The exact pixels
+    are timm's transform of the ``pretrained_cfg`` in ``config.json`` (what the export verifies)."""
+    s = int(preprocessing["image_size"])
+    return {"image_processor_type": "PoolFormerImageProcessor", "do_resize": True, "size": {"shortest_edge": s},
+            "crop_pct": 1.0, "resample": 3, "do_center_crop": True, "crop_size": {"height": s, "width": s},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [float(x) for x in preprocessing["mean"]], "image_std": [float(x) for x in preprocessing["std"]]}
+
+
+def export_small_cnn(backbone, directory: Path, probe_pixels: torch.Tensor, preprocessing: dict) -> dict:
+    """Write ``image_encoder/`` for ``small_cnn`` as ``transformers.PoolFormerForImageClassification``
+    (``small_cnn_poolformer``), after checking its embedding against ``encode_image``; its
+    ``config.json`` also carries the run's preprocessing as a timm ``pretrained_cfg``."""
+    from transformers import PoolFormerForImageClassification
+
+    pcfg, sd = small_cnn_poolformer(backbone, preprocessing)
+    model = PoolFormerForImageClassification(pcfg)
+    load_state_strict(model, sd, "image_encoder (PoolFormerForImageClassification)")
+    model.eval()
+    with torch.no_grad():
+        got = F.normalize(model(pixel_values=probe_pixels).logits.float(), dim=-1)
+        want = backbone.encode_image(probe_pixels)[1]
+    _check_close("image_encoder PoolFormerForImageClassification normalize(logits) vs encode_image embedding",
+                 got, want)
+    model.config.pretrained_cfg = timm_pretrained_cfg(preprocessing, pcfg.num_labels, "classifier",
+                                                      "poolformer.encoder.patch_embeddings.0.projection")
+    model.save_pretrained(str(directory), safe_serialization=True)
+    (directory / "preprocessor_config.json").write_text(json.dumps(poolformer_processor_config(preprocessing),
+                                                                   indent=2) + "\n")
+    return {"library": "transformers", "class": "PoolFormerForImageClassification", "num_classes": pcfg.num_labels,
+            "pool": "mean",
+            "holds": "small_cnn as PoolFormer (each stage two copies of the conv output, layer scales 0/1 that make "
+                     "every layer GroupNorm(1) + GELU) with the projection folded into a 1x1 last stage; "
+                     "F.normalize(AutoModelForImageClassification(...)(pixel_values).logits) = image embedding",
+            "_projection": None, "_features": None}
 
 
 # ----------------------------------------------------------------------------- text

@@ -1,7 +1,8 @@
 """Check every standard-library form an export writes against the live model, before publishing.
 
 The files are loaded back the way a user would, with the standard libraries only: timm
-(``local-dir:`` + ``resolve_data_config`` + ``create_transform`` on PIL images), transformers
+(``local-dir:`` + ``resolve_data_config`` + ``create_transform`` on PIL images; for ``small_cnn``
+``AutoModelForImageClassification`` on timm's transform of its ``pretrained_cfg``), transformers
 (``AutoModel`` + the tokenizer with ``padding=True`` + the declared pooling/projection, and
 ``ViltForImageAndTextRetrieval``) and sentence-transformers (``SentenceTransformer(OUT)``), and
 compared with ``embed_texts`` / ``embed_images`` / ``score_pairs`` of the live model within
@@ -79,7 +80,19 @@ def _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt
         _close("transformers text_encoder + pooling + projection vs embed_texts",
                F.normalize(pooled @ w.t(), dim=-1), want_txt, diffs)
         pixels = None
-        if (out / "image_encoder").is_dir():
+        image_library = config["towers"].get("image_encoder", {}).get("library")
+        if image_library == "transformers":  # small_cnn: PoolFormerForImageClassification
+            from timm.data import create_transform, resolve_data_config
+            from transformers import AutoConfig, AutoModelForImageClassification
+
+            d = str(out / "image_encoder")
+            pf = AutoModelForImageClassification.from_pretrained(d).eval()
+            tf = create_transform(**resolve_data_config({}, pretrained_cfg=AutoConfig.from_pretrained(d).pretrained_cfg))
+            pixels = torch.stack([tf(im.convert("RGB")) for im in images])
+            _close("timm transform of image_encoder pretrained_cfg vs our eval pixels", pixels, live.pixels(images), diffs)
+            _close("transformers image_encoder normalize(logits) vs embed_images",
+                   F.normalize(pf(pixel_values=pixels).logits, dim=-1), want_img, diffs)
+        elif image_library == "timm":
             import timm
             from timm.data import create_transform, resolve_data_config
 
@@ -104,6 +117,6 @@ def _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt
             st = SentenceTransformer(str(out), device="cpu")
             _close("SentenceTransformer.encode(texts) vs embed_texts",
                    st.encode(texts, convert_to_tensor=True), want_txt, diffs)
-            if (out / "image_encoder").is_dir():
+            if image_library == "timm":
                 _close("SentenceTransformer.encode(images) vs embed_images",
                        st.encode(images, convert_to_tensor=True), want_img, diffs)

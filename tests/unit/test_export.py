@@ -161,8 +161,12 @@ def test_dual_encoder_text_tower_is_the_whole_bert(shards, tmp_path):
     ckpt = make_checkpoint(tmp_path / "run", shards, ["model.arch=dual_encoder", "model.fusion=linear",
                                                       "model.image_backbone=small_cnn"])
     out = export_checkpoint(ckpt, tmp_path / "out")
-    assert not (out / "image_encoder").exists()  # small_cnn is not a timm model
-    assert "small_cnn" in json.loads((out / "config.json").read_text())["not_exported"]["image_encoder"]
+    config = json.loads((out / "config.json").read_text())
+    # small_cnn is not a timm model: its image_encoder/ is a transformers PoolFormer (tested in
+    # test_export_ecosystem.py), the timm form and the sentence-transformers image route say why not
+    assert config["towers"]["image_encoder"]["class"] == "PoolFormerForImageClassification"
+    assert "small_cnn" in config["not_exported"]["image_encoder_timm"]
+    assert "small_cnn" in config["not_exported"]["sentence_transformers_image"]
     bert = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
     assert bert.config.num_hidden_layers == 2
     w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]
@@ -301,3 +305,32 @@ def test_broken_export_is_one_export_error_naming_the_file(exported, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and name in err and what in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_help_does_not_import_torch():
+    """`mmpretrain export --help` (through the dispatcher, as `python -m mmpretrain export --help`)
+    prints every option without importing torch or the export's libraries (the package's names are
+    imported on first use: every other test here resolves them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from mmpretrain.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        rc = main(['export', '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        rc = e.code\n"
+        "assert rc in (0, None), rc\n"
+        "text = out.getvalue()\n"
+        "assert 'usage: mmpretrain export' in text and '--checkpoint' in text and '--force' in text, text\n"
+        "heavy = [m for m in ('torch', 'transformers', 'timm', 'safetensors', 'sentence_transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "import mmpretrain.export as e\n"
+        "assert {'export_checkpoint', 'load_pretrained', 'ExportError'} <= set(e.__all__) and 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
