@@ -414,8 +414,8 @@ def _load_universal(accelerator, path: Path, saved_world: int) -> None:
         group.update(own)
     _load_buffers(wrapped.engine.module, load_dir / "pytorch_model")
     if accelerator.is_main_process and saved_world != accelerator.num_processes:
-        print(f"mmpretrain train: loaded {path} (written by {saved_world} processes) through its universal form "
-              f"for {accelerator.num_processes}", flush=True)
+        print(f"mmpretrain train: loaded {path} (written by {saved_world} process{'es' * (saved_world != 1)}) "
+              f"through its universal form for {accelerator.num_processes}", flush=True)
 
 
 def check_resume_meta(meta: dict, model_section: dict, accelerator) -> None:

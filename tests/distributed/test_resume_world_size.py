@@ -139,13 +139,46 @@ def _tensor(file: Path) -> torch.Tensor:
     return value["param"] if isinstance(value, dict) else torch.as_tensor(value)
 
 
-def test_zero2_checkpoint_of_2_processes_resumes_in_1(tiny, tmp_path):
+def test_zero2_checkpoint_of_2_processes_resumes_in_1_and_back_in_2(tiny, tmp_path):
+    """2 -> 1 (check_resumes_in_one), then 1 -> 2: the 1-process step-4 checkpoint (in the middle
+    of the remapped epoch: its cursor holds the 2 original ranks' streams) resumed by 2
+    processes (launch/cpu_2proc.sh zero2) through its universal form. Step 5 is a non-finite
+    loss there, so the 2-process step-5 checkpoint holds the fp32 weights loaded: bit-equal to
+    the 1-process ones; the step-5 loss (the loaded weights on the next global batch) equals the
+    1-process run's."""
+    from mmpretrain.export.format import read_checkpoint
+
     run = tmp_path / "two"
     proc = run_subprocess([str(REPO / "launch/cpu_2proc.sh"), "zero2", "--config", str(tiny),
                            f"train.output_dir={run}", "train.stop_after_steps=3"], timeout=400)
     saved = run / "checkpoints/step_00000003"
     assert (saved / "mmpretrain.json").is_file(), (proc.stdout + proc.stderr)[-4000:]
     check_resumes_in_one(tiny, saved, 2, tmp_path)
+
+    one, again = tmp_path / "one", tmp_path / "again"
+    single = one / "checkpoints/step_00000004"
+    proc = run_subprocess([str(REPO / "launch/cpu_2proc.sh"), "zero2", "--config", str(tiny),
+                           f"train.output_dir={again}", f"train.resume={single}", "train.inject_nan_steps=[5]",
+                           "train.save_every=1", "train.keep_last=5"], timeout=400)
+    out = proc.stdout + proc.stderr
+    assert (again / "checkpoints/step_00000006/mmpretrain.json").is_file(), out[-4000:]
+    assert "DeepSpeed ZeRO-2, 2 processes" in proc.stdout, out[-4000:]
+    assert "(written by 1 process) through its universal form for 2" in proc.stdout, out[-4000:]
+    step5 = again / "checkpoints/step_00000005"
+    meta = json.loads((step5 / "mmpretrain.json").read_text())
+    assert meta["world_size"] == 2 and meta["counters"]["step"] == 5 and meta["counters"]["bad_steps_total"] == 2
+    for r in (0, 1):  # each process reads its original rank's stream again
+        streams = json.loads((step5 / f"data_state_{r}.json").read_text())["remap"]["streams"]
+        assert [s["rank"] for s in streams] == [r] and streams[0]["batches"] == 5
+    (_, before), (_, after) = read_checkpoint(single), read_checkpoint(step5)
+    assert before.keys() == after.keys()
+    for name in before:
+        if name.endswith("itm_step"):  # the model's forward counter (a buffer): the skipped step ran forward
+            assert torch.equal(before[name] + 1, after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), f"{name} changed across the world-size change"
+    assert sorted(metrics(again)) == [5, 6]
+    assert abs(metrics(again)[5]["loss"] - metrics(one)[5]["loss"]) <= TOL
 
 
 def check_resumes_in_one(tiny: Path, saved: Path, stage: int, tmp_path: Path) -> dict[int, dict]:
@@ -203,3 +236,4 @@ def test_an_interrupted_universal_conversion_leaves_the_checkpoint_readable(tmp_
     (tmp_path / "universal").mkdir()
     (tmp_path / "universal" / "broken.pt").write_bytes(b"PK\x03\x04 cut short")
     assert "universal/broken.pt: not a complete torch archive" in checkpoint_problem(tmp_path)
+
