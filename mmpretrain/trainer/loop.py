@@ -30,6 +30,7 @@ import torch
 
 from mmpretrain import distributed
 from mmpretrain.config import Config, ConfigError, dump_config, to_dict
+from mmpretrain.data.config import DataConfig
 from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.trainer import accel, trackers
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
@@ -459,7 +460,7 @@ def is_val_part(key: str) -> bool:
     return key == "loss" or key.startswith("loss_") or key.endswith("_acc")
 
 
-def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: torch.dtype,
+def validation_loss(model, data_cfg: DataConfig, seed: int, accelerator, tokenizer, input_dtype: torch.dtype,
                     max_batches: int) -> tuple[dict[str, float], int]:
     """The training loss parts on ``data.val_shards``, no gradient, in eval mode: ``({"val/loss":
     ..., "val/loss_itc": ..., ...}, batches)`` over the first ``max_batches`` *full* global batches
@@ -476,7 +477,7 @@ def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: tor
     from mmpretrain.data.loader import ShardLoader
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    full = cfg.data.batch_size
+    full = data_cfg.batch_size
     b = full // world
     device = accelerator.device
     sums: dict[str, torch.Tensor] = {}
@@ -485,7 +486,7 @@ def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: tor
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            loader = ShardLoader(cfg.data, tokenizer, rank=0, world_size=1, seed=cfg.seed, train=False)
+            loader = ShardLoader(data_cfg, tokenizer, rank=0, world_size=1, seed=seed, train=False)
             batches = iter(loader)
             try:
                 while done < max_batches:
@@ -494,7 +495,7 @@ def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: tor
                     if float(distributed.global_mean(have)) < 1:  # all ranks stop at the same batch
                         break
                     local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items() if torch.is_tensor(v)}
-                    out = model(**model_inputs(local, device, cfg.data, input_dtype))
+                    out = model(**model_inputs(local, device, data_cfg, input_dtype))
                     for key, value in out.items():
                         if torch.is_tensor(value) and value.numel() == 1 and is_val_part(key):
                             sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(())
@@ -512,8 +513,8 @@ def validation_loss(model, cfg: Config, accelerator, tokenizer, input_dtype: tor
 
 
 def validation(run: Run) -> dict[str, float]:
-    values, done = validation_loss(run.model, run.cfg, run.accelerator, run.tokenizer, run.input_dtype,
-                                   run.cfg.train.val_batches)
+    values, done = validation_loss(run.model, run.cfg.data, run.cfg.seed, run.accelerator, run.tokenizer,
+                                   run.input_dtype, run.cfg.train.val_batches)
     if not done and not run.val_note_shown:
         run.val_note_shown = True
         run.logger.info(VAL_BATCH_NOTE.format(run.cfg.data.batch_size))
