@@ -152,7 +152,8 @@ def _evaluate(args, cfg, loaded, runtime, run_evaluation) -> int:
                 from mmpretrain.evaluation.evaluate import find_history
 
                 source = find_history(cfg, out, args.checkpoint)
-                report_mod.write_report(out, metrics, report_mod.read_history(source), {}, source)
+                report_mod.write_report(out, metrics, report_mod.read_history(source), {}, source,
+                                        checkpoint=args.checkpoint)
             for result in zero_shot.values():
                 print(classify_mod.format_table(result))
                 if "skipped" in result.get("itm", {}):

@@ -364,7 +364,7 @@ def provenance(metrics: dict, checkpoint=None, config=None, shards=None, history
     step = metrics.get("step", "?")
     rows = [("step", str(step))]
     rows.append(("checkpoint", str(checkpoint) if checkpoint else
-                 f"— (the training run's own evaluation at step {step})"))
+                 f"— (evaluated during training: the run's weights at step {step})"))
     rows.append(("config", str(config) if config else "— (no config.yaml found beside the checkpoint or run)"))
     if "num_images" in metrics:
         held = f"{metrics.get('num_images')} images, {metrics.get('num_captions')} captions"
@@ -659,7 +659,10 @@ def build_figure(metrics: dict, history: list[dict], examples: dict, about: list
     _draw_curves(fig, gs[0], history)
     spec = {kind: [gs[i] for i, (_, k) in enumerate(rows) if k == kind] for kind in ("charts", "text", "image")}
     if charts:
-        sub = spec["charts"][0].subgridspec(1, len(charts), width_ratios=[w for w, _ in charts], wspace=0.22)
+        widths = [w for w, _ in charts]
+        if sum(widths) < 6.3:  # a lone chart keeps the width it has beside the others, not the whole row
+            widths.append(6.3 - sum(widths))
+        sub = spec["charts"][0].subgridspec(1, len(widths), width_ratios=widths, wspace=0.22)
         for i, (_, draw) in enumerate(charts):
             draw(fig.add_subplot(sub[0, i]))
     for i, (q, cell) in enumerate(zip(tq, spec["text"])):
