@@ -358,7 +358,8 @@ def find_config(checkpoint: str | Path | None, history_source: str | Path | None
     return next((p for p in candidates if p.is_file()), None)
 
 
-def provenance(metrics: dict, checkpoint=None, config=None, shards=None, history_note: str = "") -> list[tuple[str, str]]:
+def provenance(metrics: dict, checkpoint=None, config=None, shards=None,
+               history_note: str = "") -> list[tuple[str, str]]:
     """``(label, text)`` rows naming what the report is about: step, checkpoint, config, the
     held-out and zero-shot sets, the processes and the training history."""
     step = metrics.get("step", "?")
@@ -596,7 +597,8 @@ def _draw_text_query(fig, spec, q: dict, with_itm: bool, with_truth: bool, first
 def _caption_lines(ax, x: float, head: str, captions, correct, scores, fmt) -> None:
     ax.text(x, 1.0, head, va="top", fontsize=9.5, fontweight="bold", transform=ax.transAxes)
     for j, (cap, ok, sc) in enumerate(zip(captions, correct, scores)):
-        ax.text(x, 0.86 - 0.145 * j, f"#{j + 1}{fmt(sc)} {'✔' if ok else '✘'} {_short(cap, 70 if ok else 74)}", va="top",
+        line = f"#{j + 1}{fmt(sc)} {'✔' if ok else '✘'} {_short(cap, 70 if ok else 74)}"  # bold is wider
+        ax.text(x, 0.86 - 0.145 * j, line, va="top",
                 fontsize=9.5, color=GREEN if ok else "black", fontweight="bold" if ok else "normal",
                 transform=ax.transAxes)
 
@@ -739,7 +741,7 @@ def _caption_list(captions, correct, scores, fmt) -> str:
 
 def _image_query_html(q: dict, itm_head: str) -> str:
     e = html.escape
-    cols = [f"<div class='col'><div class='head'>contrastive top 5 (cosine)</div>"
+    cols = ["<div class='col'><div class='head'>contrastive top 5 (cosine)</div>"
             + _caption_list(q["captions"], q["correct"], q["scores"], lambda s: f"{s:.3f}") + "</div>"]
     itm = q.get("itm")
     if itm:
@@ -756,7 +758,8 @@ def _image_query_html(q: dict, itm_head: str) -> str:
 
 STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1280px;color:#222}"
-    "table{border-collapse:collapse;margin:0.6em 0 1.2em}td,th{border:1px solid #ccc;padding:4px 10px;text-align:center}"
+    "table{border-collapse:collapse;margin:0.6em 0 1.2em}"
+    "td,th{border:1px solid #ccc;padding:4px 10px;text-align:center}"
     "th{background:#f3f3f3}table.about td,table.about th{text-align:left}table.about th{width:9em}"
     "table.about td{font-family:monospace;font-size:13px}tr.chance td{color:#555;font-style:italic}"
     ".q{display:flex;align-items:center;gap:10px;margin:14px 0;flex-wrap:wrap}.cap{width:260px;font-style:italic}"
