@@ -10,7 +10,9 @@
   run's preprocessing (input size, mean/std, bicubic, crop_pct 1.0, center crop) and whose
   ``model_args`` carry no ``num_classes`` (so ``transformers.AutoModel`` / TimmWrapper loads it).
   ``unified_timm_state`` maps the unified image path onto a timm ``VisionTransformer``; for the
-  dual encoder the timm backbone gets the tower projection folded into its head.
+  dual encoder the timm backbone gets the tower projection folded into its head. ``small_cnn``
+  has no timm form: ``export_small_cnn`` writes it as an exact ``transformers``
+  ``PoolFormerForImageClassification`` (``small_cnn_poolformer``; docs/export.md).
 
 Every tower is checked against the mmpretrain model on a probe batch (``TOWER_ATOL``) before it
 is written; a mismatch is an ``ExportError``.
@@ -141,9 +143,10 @@ def _save_timm(model, directory: Path, name: str, kwargs: dict, preprocessing: d
 def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                        preprocessing: dict | None = None) -> dict:
     """Write ``image_encoder/``; returns what it holds (for config.json), or raises
-    ``NoStandardForm`` when the image tower has no exact timm form. The returned dict carries
-    ``_projection`` (weight, bias) for the sentence-transformers layout: embedding =
-    normalize(Dense(pooled features))."""
+    ``NoStandardForm`` when the image tower has no exact standard form. The returned dict carries
+    ``library`` ("timm", or "transformers" for ``small_cnn``) and ``_projection`` (weight, bias)
+    for the sentence-transformers layout, embedding = normalize(Dense(pooled features)); None
+    where that layout has no image route (``small_cnn``)."""
     import timm
 
     preprocessing = preprocessing or {"image_size": backbone.cfg.image_size, "mean": [0.485, 0.456, 0.406],

@@ -44,8 +44,7 @@ TEXTS = ["a red circle left of a blue square", "two green stars on a striped bac
 CONFIGS = {
     # case: (config file, extra overrides, image_encoder/ library, expects itm/)
     "tiny": ("tiny", [], "timm", False),  # fusion over the towers: no ViLT form
-    # ViLT's layout: fused over the inputs, linear patches
-    "tiny+inputs_fusion": ("tiny", ["model.fusion_source=inputs", "model.image_stem=patch"], "timm", True),
+    # ViLT's layout (fused over the inputs, linear patches): itm/ too
     "tiny_itm": ("tiny_itm", [], "timm", True),
     "vlmo_tiny": ("vlmo_tiny", [], "timm", False),
     # the default's convolutional stem is timm's R+ViT hybrid; the linear patch stem a plain ViT
@@ -337,8 +336,18 @@ for shard in shards:
         captions.append(s["txt"].decode("utf-8").strip())
         caption_image.append(image_index[image_id])
 st = SentenceTransformer(str(out), device="cpu")
-img = st.encode(images, convert_to_tensor=True)
 txt = st.encode(captions, convert_to_tensor=True)
+if json.loads((out / "image_encoder" / "config.json").read_text()).get("model_type") == "poolformer":
+    # small_cnn: no sentence-transformers image route; transformers + timm's transform
+    import torch.nn.functional as F
+    from timm.data import create_transform, resolve_data_config
+    from transformers import AutoModelForImageClassification
+    pf = AutoModelForImageClassification.from_pretrained(str(out / "image_encoder")).eval()
+    tf = create_transform(**resolve_data_config({}, pretrained_cfg=pf.config.pretrained_cfg))
+    with torch.no_grad():
+        img = F.normalize(pf(pixel_values=torch.stack([tf(im) for im in images])).logits, dim=-1)
+else:
+    img = st.encode(images, convert_to_tensor=True)
 scores = (img @ txt.T).double()
 pos = torch.arange(len(images))[:, None] == torch.tensor(caption_image)[None, :]
 
@@ -354,10 +363,11 @@ result.write_text(json.dumps(r))
 '''
 
 
-def test_held_out_retrieval_with_standard_libraries_equals_mmpretrain_eval(shards, tmp_path):
+@pytest.mark.parametrize("config_name", ["tiny", "dual_encoder_tiny"])
+def test_held_out_retrieval_with_standard_libraries_equals_mmpretrain_eval(config_name, shards, tmp_path):
     from mmpretrain.evaluation import cli as eval_cli
 
-    ckpt = _checkpoint("tiny", tmp_path / "run", shards)
+    ckpt = _checkpoint(config_name, tmp_path / "run", shards)
     out = export_checkpoint(ckpt, tmp_path / "out")
     val = sorted(str(p) for p in shards.glob("val-*.tar"))
     assert eval_cli.main(["--checkpoint", str(out), "--shards", f"{shards}/val-*.tar", "--out",
@@ -369,7 +379,7 @@ def test_held_out_retrieval_with_standard_libraries_equals_mmpretrain_eval(shard
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "r.json").read_text())
-    print("held-out retrieval", json.dumps(got))
+    print("held-out retrieval", config_name, json.dumps(got))
     assert len(got) == 6 and got == {k: want[k] for k in got}, (got, want)
 
 
