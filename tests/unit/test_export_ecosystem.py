@@ -484,3 +484,23 @@ def test_roberta_text_tower_for_any_pad_id(pad_id, tmp_path):
         want = model.encode_text(ids, mask)[0]
     m = mask.bool()
     assert float((got[m] - want[m]).abs().max()) <= ATOL
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "dual_encoder_tiny"])
+def test_a_written_form_that_differs_from_the_model_is_never_published(config_name, shards, tmp_path, monkeypatch):
+    """The export loads what it wrote with the standard libraries before publishing: a
+    pretrained_cfg whose mean is off (the towers' own probe checks cannot see it) fails the
+    export in one line naming the check, and neither OUT nor OUT.tmp is left."""
+    from mmpretrain.export import ExportError, towers
+
+    real = towers.timm_pretrained_cfg
+
+    def off_mean(preprocessing, *args, **kwargs):
+        return real(dict(preprocessing, mean=[m + 0.01 for m in preprocessing["mean"]]), *args, **kwargs)
+
+    monkeypatch.setattr(towers, "timm_pretrained_cfg", off_mean)
+    ckpt = _checkpoint(config_name, tmp_path / "run", shards)
+    with pytest.raises(ExportError, match=r"export check failed: timm transform.* vs our eval pixels") as e:
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
