@@ -126,11 +126,12 @@ Image-text retrieval model trained with mmpretrain ({cfg.model.arch}), exported 
        "  `AutoImageProcessor`; its `pretrained_cfg` is this run's preprocessing\n" if has_img else "") + \
         ("- `image_encoder/`: `transformers.AutoModelForImageClassification` (PoolFormer form of small_cnn),\n"
          "  `normalize(logits)` = image embedding; `config.json` `pretrained_cfg` is this run's preprocessing\n"
-         "  for timm's transform (`AutoImageProcessor` crops one pixel off centre when the resized long side\n"
-         "  minus the size is 3 modulo 4)\n" if image_library == "transformers" else "") + \
+         "  for timm's transform, which gives the exact pixels (`AutoImageProcessor` loads too, within one\n"
+         "  grey level)\n" if image_library == "transformers" else "") + \
         ("- `itm/`: `transformers.ViltForImageAndTextRetrieval`; `sigmoid(logits)` = ITM match probability\n"
          if (out / "itm").is_dir() else "") + \
-        ("- the directory itself: `SentenceTransformer(dir)` (text and image routes)\n" if st else "") + \
+        ("- the directory itself: `SentenceTransformer(dir)` ("
+         + ("text and image routes" if has_img else "text route only") + ")\n" if st else "") + \
         "- `model.safetensors`, `config.json`, `preprocessing.json`: `mmpretrain.load_pretrained(dir)`\n" + \
         ("\nNot exported:\n" + notes + "\n" if notes else "") + \
         ("\nPixels: timm's transform of the `pretrained_cfg` (shorter side resized, bicubic, then center crop) "

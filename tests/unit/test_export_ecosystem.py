@@ -238,6 +238,9 @@ def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
     assert max(config["verified"]["max_abs_diff"].values()) <= ATOL
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "## Usage" in card and "## Evaluation" in card
+    assert ("text route only" in card) == (image_library == "transformers")
+    assert ("AutoModelForImageClassification.from_pretrained" in card) == (image_library == "transformers")
+    assert ('create_model("local-dir:' in card) == (image_library == "timm")
 
     _images(tmp_path / "images", config["model"]["model"]["image_size"])
     images = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "images").glob("*.png"))]
