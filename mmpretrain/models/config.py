@@ -59,6 +59,12 @@ class ModelConfig:
     pool: Literal["mean", "cls"] = "mean"
     """Pooling of the unimodal tokens into the contrastive embedding: 'mean' (over non-padding
     tokens) or 'cls' (the [CLS] token); the dual_encoder image tower always mean-pools."""
+    image_pool: Literal["same", "mean", "cls", "max"] = "same"
+    """unified: pooling of the image tokens into the image embedding, when it differs from
+    ``pool`` ('same': as ``pool``). 'max': the channel-wise max over all image tokens ([CLS]
+    included; timm's ``global_pool='max'`` with ``pool_include_prefix``): a small object is one
+    or two of 64 tokens, and a mean dilutes it with the background (docs/BENCHMARKS.md, "Sixth
+    pass")."""
     fusion_depth: int = 1
     """dual_encoder + cross_attention: number of (text -> image) cross-attention layers;
     unified + ``fusion_source: towers``: number of fusion blocks."""

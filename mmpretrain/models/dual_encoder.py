@@ -147,7 +147,7 @@ class DualEncoder(nn.Module):
         return self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def image_features(self, x):
-        return x, self.image_proj(x.mean(dim=1))
+        return x, self.image_proj(x.amax(dim=1) if self.cfg.image_pool == "max" else x.mean(dim=1))
 
     def text_features(self, x, attention_mask):
         if self.cfg.pool == "cls":

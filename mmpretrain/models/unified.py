@@ -91,9 +91,14 @@ class UnifiedTransformer(nn.Module):
                 x = blk(x, attn_mask, route, n_image)
         return norm(x)
 
-    def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.pool == "cls":
+    def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
+        mode = mode or self.cfg.pool
+        if mode == "cls":
             return tokens[:, 0]
+        if mode == "max":
+            if mask is None:
+                return tokens.amax(dim=1)
+            return tokens.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(tokens.dtype).min).amax(dim=1)
         if mask is None:
             return tokens.mean(dim=1)
         w = mask.to(tokens.dtype).unsqueeze(-1)
@@ -120,7 +125,8 @@ class UnifiedTransformer(nn.Module):
     # ------------------------------------------------------------------ unimodal
     def image_features(self, x: torch.Tensor):
         tokens = x if self.towers else self._run(x, None, [Lx.IMAGE] * self.cfg.depth)
-        return tokens, self.image_proj(self._pool(tokens, None))
+        mode = self.cfg.pool if self.cfg.image_pool == "same" else self.cfg.image_pool
+        return tokens, self.image_proj(self._pool(tokens, None, mode))
 
     def text_features(self, x: torch.Tensor, attention_mask: torch.Tensor):
         tokens = x if self.towers else self._run(x, attention_mask, [Lx.TEXT] * self.cfg.depth)

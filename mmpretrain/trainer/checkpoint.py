@@ -26,9 +26,11 @@ export tests write checkpoints with ``save_checkpoint`` directly).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -93,6 +95,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     loading any tensor: safetensors headers against the file sizes, torch zip archives (CRC of
     every member), the RNG pickles (``weights_only``, as Accelerate loads them — it would ignore
     a broken one and resume inexactly), the data-state JSON."""
+    import pickle
     import zipfile
 
     path = Path(path)
@@ -116,6 +119,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
                 load(file)
             elif file.name.startswith("data_state_") and file.suffix == ".json":
                 json.loads(file.read_text())
+        except pickle.UnpicklingError as e:  # the weights_only unpickler refused a global: not a truncation
+            why = f"{_refused_global(e)}; not unpickled (weights_only: the file holds more than tensors)"
         except Exception as e:  # noqa: BLE001 - any failure to read is the problem to report
             why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if why:
@@ -289,10 +294,14 @@ def restore_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict]:
     accelerator.wait_for_everyone()
     saved_world = int(meta.get("world_size") or 1)
     world = accelerator.num_processes
-    if distributed_type_name(accelerator) == "DEEPSPEED" and (saved_world != world or _wants_universal(accelerator)):
-        _load_universal(accelerator, path, saved_world)
-    else:  # DDP / one process: the weights and optimizer files do not depend on the world size
-        accelerator.load_state(str(path))
+    # every torch file is loaded weights_only (DeepSpeed asks for weights_only=False); a planted
+    # payload is refused in one line naming its file
+    with _refusing_pickles(path):
+        if distributed_type_name(accelerator) == "DEEPSPEED" and (saved_world != world or
+                                                                   _wants_universal(accelerator)):
+            _load_universal(accelerator, path, saved_world)
+        else:  # DDP / one process: the weights and optimizer files do not depend on the world size
+            accelerator.load_state(str(path))
     if saved_world == world:
         own = path / f"data_state_{accelerator.process_index}.json"
         data_state = _read_data_state(own) if own.is_file() else meta.get("data_state", {})
@@ -313,6 +322,74 @@ def _read_data_state(file: Path) -> dict:
         raise CheckpointError(f"{file}: unreadable or not valid JSON ({e})") from None
 
 
+def _trusted() -> bool:
+    from mmpretrain.export.format import TRUST_PICKLE_ENV
+
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _zero_globals():
+    """``torch.serialization.safe_globals`` for those of the ZeRO allow-list not allowed yet:
+    nested inside a guard that already allows them, leaving would otherwise remove them for the
+    rest of the guarded load (the globals form one process-wide set)."""
+    import torch
+
+    from mmpretrain.export.format import zero_safe_globals
+
+    allowed = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([g for g in zero_safe_globals() if g not in allowed])
+
+
+def _refused_global(error: Exception) -> str:
+    """What torch's weights_only unpickler refused (e.g. 'Unsupported global: GLOBAL exec')."""
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand [^\n.]*|"
+                      r"Trying to call reduce for [^\n.]*", str(error))
+    return found.group(0) if found else " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:200]
+
+
+def _pickle_problem(path: Path) -> str:
+    """The first torch file of checkpoint ``path`` (``*.bin``; DeepSpeed's ``*.pt``) that a
+    weights_only load (with ``zero_safe_globals``) refuses, as '<file>: <what it holds>', or ''."""
+    import pickle
+
+    import torch
+
+    files = sorted(path.glob("*.bin")) + sorted(p for d in ("pytorch_model", UNIVERSAL_DIR)
+                                                for p in (path / d).rglob("*.pt"))
+    for file in files:
+        try:
+            with _zero_globals():
+                torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            return f"{file}: {_refused_global(e)}"
+        except Exception:  # noqa: BLE001 - unreadable for another reason: not what is looked for
+            continue
+    return ""
+
+
+@contextlib.contextmanager
+def _refusing_pickles(path: Path):
+    """Around the loads of checkpoint ``path``: every ``torch.load`` is a weights_only load with
+    the ZeRO allow-list (``export.format``), also where DeepSpeed asks for ``weights_only=False``;
+    a file holding anything else (a planted payload) is refused in one line naming it, before any
+    of it runs. ``MMPRETRAIN_TRUST_CHECKPOINT_PICKLE=1`` lets DeepSpeed load a trusted ZeRO
+    checkpoint unrestricted (as for export and eval; Accelerate's own loads stay weights_only)."""
+    import pickle
+
+    from mmpretrain.export.format import TRUST_PICKLE_ENV, _weights_only_torch_load
+
+    if _trusted():
+        yield
+        return
+    try:
+        with _weights_only_torch_load():
+            yield
+    except pickle.UnpicklingError as e:
+        what = _pickle_problem(path) or f"{path}: {_refused_global(e)}"
+        hint = f". If you trust this checkpoint, set {TRUST_PICKLE_ENV}=1" if ".pt:" in what else ""
+        raise CheckpointError(f"{what}; not unpickled (weights_only: the file holds more than tensors){hint}") from None
+
+
 UNIVERSAL_DIR = "universal"
 """Inside a DeepSpeed checkpoint: its world-size-free (universal) form, made on first need."""
 
@@ -320,6 +397,12 @@ UNIVERSAL_DIR = "universal"
 def _wants_universal(accelerator) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     return bool(plugin is not None and plugin.deepspeed_config.get("checkpoint", {}).get("load_universal"))
+
+
+_CONVERT = ("import runpy, sys, torch; from mmpretrain.export.format import zero_safe_globals; "
+            "torch.serialization.add_safe_globals(zero_safe_globals()); sys.argv[0] = 'ds_to_universal'; "
+            "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')")
+"""DeepSpeed's ``ds_to_universal`` with the ZeRO allow-list of weights_only loads registered."""
 
 
 def universal_checkpoint(path: str | Path, *, log=print) -> Path:
@@ -337,12 +420,21 @@ def universal_checkpoint(path: str | Path, *, log=print) -> Path:
     source = path / "pytorch_model"
     if not source.is_dir():
         raise CheckpointError(f"{path}: no DeepSpeed state (pytorch_model/) to convert to a universal checkpoint")
+    if not _trusted() and (problem := _pickle_problem(path)):  # ds_to_universal would unpickle it
+        from mmpretrain.export.format import TRUST_PICKLE_ENV
+
+        raise CheckpointError(f"{problem}; not unpickled (weights_only: the file holds more than tensors). If you "
+                              f"trust this checkpoint, set {TRUST_PICKLE_ENV}=1")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     log(f"mmpretrain train: converting {source} to DeepSpeed's universal checkpoint form (once)")
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(source), "--output_folder", str(tmp / "pytorch_model"), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+    env = dict(os.environ)
+    if not _trusted():  # its torch.loads (weights_only=False) become weights_only ones, ZeRO allow-list
+        env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, "--input_folder", str(source), "--output_folder",
+                           str(tmp / "pytorch_model"), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           "--inject_missing_state"], capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (tmp / "pytorch_model" / "zero").is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -364,7 +456,8 @@ def _load_buffers(module, folder: Path) -> None:
     files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
     if not files:
         raise CheckpointError(f"{folder}: no model-state file (*mp_rank_00_model_states.pt) to read buffers from")
-    saved = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
+    with _zero_globals():
+        saved = torch.load(files[0], map_location="cpu", weights_only=not _trusted()).get("module") or {}
     missing = []
     with torch.no_grad():
         for name, buf in module.named_buffers():

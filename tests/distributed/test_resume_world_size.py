@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,35 @@ def test_zero2_checkpoint_of_2_processes_resumes_in_1_and_back_in_2(tiny, tmp_pa
             assert torch.equal(before[name], after[name]), f"{name} changed across the world-size change"
     assert sorted(metrics(again)) == [5, 6]
     assert abs(metrics(again)[5]["loss"] - metrics(one)[5]["loss"]) <= TOL
+
+    # a payload planted in the model-state file of a copy: refused by the resume (DeepSpeed's own
+    # load, weights_only=False, runs under the trainer's weights_only guard), and it never runs
+    planted, marker = tmp_path / "planted" / single.name, tmp_path / "ran"
+    shutil.copytree(single, planted)
+    target = planted / "pytorch_model" / "mp_rank_00_model_states.pt"
+    state = torch.load(target, map_location="cpu", weights_only=False)  # the test's own file
+    state["payload"] = _Exec(marker)
+    torch.save(state, target)
+    launcher, env = deepspeed_one_process(REPO / "launch/zero2.json")
+    proc = run_subprocess([*launcher, "-m", "mmpretrain.train", "--config", str(tiny),
+                           f"train.output_dir={tmp_path / 'refused'}", f"train.resume={planted}"], env_extra=env,
+                          timeout=400)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmpretrain train")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
+    assert lines[0].startswith(f"mmpretrain train: {target}: Unsupported global") and "weights_only" in lines[0]
+    assert not marker.exists() and not (tmp_path / "refused/checkpoints").exists()
+
+
+class _Exec:
+    """Unpickling this runs ``exec`` (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 def check_resumes_in_one(tiny: Path, saved: Path, stage: int, tmp_path: Path) -> dict[int, dict]:

@@ -8,6 +8,7 @@ The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in tests/distributed/test_
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import sys
@@ -157,6 +158,27 @@ def test_a_planted_pickle_in_a_checkpoint_does_not_run_on_resume(tmp_path):
     assert not marker.exists() and (ckpt / "custom_checkpoint_0.pkl.unread").is_file()
 
 
+@pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_planted_pickle_in_the_optimizer_or_rng_file_is_refused_in_one_line(tiny, one_step_checkpoint, tmp_path,
+                                                                              capsys, victim):
+    """The torch pickles of a one-process / DDP checkpoint are loaded weights_only: a payload in
+    one never runs, and the resume fails in one line naming the file (optimizer.bin used to end
+    in an UnpicklingError traceback; the RNG file's message carried terminal escapes)."""
+    import torch
+
+    ckpt, marker = tmp_path / "run" / "checkpoints" / one_step_checkpoint.name, tmp_path / "ran"
+    shutil.copytree(one_step_checkpoint, ckpt)
+    state = torch.load(ckpt / victim, weights_only=False)  # the test's own file
+    state["payload"] = _Exec(marker)
+    torch.save(state, ckpt / victim)
+    capsys.readouterr()
+    assert run_train(tiny, tmp_path / "run", f"train.resume={ckpt}", "train.max_steps=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmpretrain train: {ckpt / victim}: Unsupported global: GLOBAL"), err
+    assert "exec" in err[0] and "weights_only" in err[0] and "\x1b" not in err[0]
+    assert not marker.exists() and not (ckpt.parent / "step_00000002").exists()
+
+
 @pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
 def test_resume_latest_falls_back_past_an_unreadable_checkpoint(tmp_path, capsys, victim):
     """A truncated file in the newest checkpoint: resume=latest says so and resumes from the one
@@ -256,3 +278,45 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_checkpoint_behind(tiny, tmp
     assert sorted(metrics(run)) == [1, 2, 3, 4, 5, 6] and losses(run) == losses(ref)
     assert_same_weights(checkpoint_weights(run / "checkpoints/step_00000006"),
                         checkpoint_weights(ref / "checkpoints/step_00000006"))
+
+
+class _Exec:
+    """Unpickling this runs ``exec`` (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_planted_pickle_in_a_zero_checkpoint_is_refused_on_resume_before_it_runs(tmp_path, monkeypatch):
+    """DeepSpeed loads its partition files with ``torch.load(weights_only=False)`` (its
+    TorchCheckpointEngine, what ``train.resume`` calls on a ZeRO checkpoint), and so does its
+    ``ds_to_universal`` (a world-size change). Inside the trainer's guard that call is a
+    weights_only load: a payload is refused in one line naming the file and never runs; on a
+    world-size change the files are checked before the conversion starts. A clean file loads
+    through the guard unchanged. (A real launch: test_resume_world_size.py.)"""
+    import torch
+
+    from mmpretrain.trainer.checkpoint import CheckpointError, _refusing_pickles, universal_checkpoint
+
+    monkeypatch.delenv("MMPRETRAIN_TRUST_CHECKPOINT_PICKLE", raising=False)
+    ckpt, marker = tmp_path / "step_00000003", tmp_path / "ran"
+    (ckpt / "pytorch_model").mkdir(parents=True)
+    target = ckpt / "pytorch_model" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _Exec(marker)}, target)
+    with pytest.raises(CheckpointError) as err, _refusing_pickles(ckpt):
+        torch.load(target, map_location="cpu", weights_only=False)  # DeepSpeed's own call
+    assert str(err.value).startswith(f"{target}: Unsupported global: GLOBAL") and "exec" in str(err.value)
+    assert "MMPRETRAIN_TRUST_CHECKPOINT_PICKLE=1" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(target))}: Unsupported global"):
+        universal_checkpoint(ckpt, log=lambda *_: None)
+    assert not marker.exists() and not (ckpt / "universal").exists() and not (ckpt / "universal.tmp").exists()
+
+    torch.save({"module": {"w": torch.ones(2)}}, target)
+    with _refusing_pickles(ckpt):
+        assert torch.equal(torch.load(target, map_location="cpu", weights_only=False)["module"]["w"], torch.ones(2))
+    assert torch.load(target, weights_only=False)  # the guard is gone after it

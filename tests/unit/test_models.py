@@ -306,3 +306,26 @@ def test_itm_contrastive_prior_is_the_lda_log_odds_of_the_contrastive_logit():
     assert mu_p == pytest.approx(float(pos.mean()), rel=1e-4)
     with pytest.raises(ValueError, match="itm_contrastive_prior needs"):
         _build("unified", itm_contrastive_prior=True)
+
+
+@pytest.mark.parametrize("name", ["unified", "unified_towers", "dual_cnn_xattn"])
+def test_image_pool_max_is_the_channel_max_over_the_image_tokens(name):
+    """model.image_pool=max: the image embedding projects the channel-wise max over every image
+    token ([CLS] included for the unified model, timm's global_pool='max' + pool_include_prefix);
+    the text side keeps model.pool; 'same' (default) is the mean, unchanged."""
+    px, ids, mask, _ = _batch()
+    size = {}
+    if name.startswith("dual"):  # small_cnn strides 16: 32 px gives a 2 x 2 token grid (16 px: one token)
+        size = dict(image_size=32)
+        px = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean_model, max_model = _build(name, **size).eval(), _build(name, image_pool="max", **size).eval()
+    bb = max_model.backbone
+    tok, emb = max_model.encode_image(px)
+    want = bb.image_proj(tok.amax(dim=1))
+    torch.testing.assert_close(emb, want, rtol=1e-5, atol=1e-6)
+    mtok, memb = mean_model.encode_image(px)
+    torch.testing.assert_close(mtok, tok)  # the same weights: only the read-out differs
+    torch.testing.assert_close(memb, bb.image_proj(mtok.mean(dim=1)),
+                               rtol=1e-5, atol=1e-6)
+    assert (emb - memb).abs().max() > 1e-3
+    torch.testing.assert_close(max_model.encode_text(ids, mask)[1], mean_model.encode_text(ids, mask)[1])
