@@ -11,8 +11,10 @@
   leaves them unchanged, and the checkpoint written there is compared with the saved one), the
   step counter continues, and the losses equal one process reading the 2 ranks' batches
   (``train.emulate_world_size=2``; ZeRO-3: see docs/training.md for its drift after the first
-  update). DDP 2 -> 1 is not launched here (the suite's time budget); docs/training.md says
-  what was checked by hand.
+  update);
+* ZeRO-2 1 -> 2: the 1-process checkpoint of that resume (inside the remapped epoch) resumed by
+  2 processes, and a payload planted in a copy of it refused by a real DeepSpeed resume.
+DDP 2 -> 1 is in test_torchrun_stop.py (the checkpoint of a SIGTERM to torchrun).
 """
 
 from __future__ import annotations
