@@ -142,3 +142,31 @@ def test_batch_not_divisible_by_world_size_fails_at_start(tiny, tmp_path):
     assert proc.returncode != 0
     assert "data.batch_size=7" in proc.stderr and "not divisible by the world size 2" in proc.stderr
     assert not run.exists()
+
+
+def test_zero2_sigterm_to_the_launcher_with_loader_workers_checkpoints_and_exits_0(tiny, tmp_path):
+    """DeepSpeed under launch/cpu_2proc.sh, 2 loader workers per rank: a SIGTERM to the launcher
+    script ends the run after the same step on both ranks with one complete ZeRO checkpoint
+    (both ranks' partitions and cursors), and the launch exits 0 (the rare DeepSpeed-on-gloo
+    "terminate called" at interpreter exit, after the checkpoint, is the one tolerated failure)."""
+    run = tmp_path / "zero2"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = _proc.popen([str(REPO / "launch/cpu_2proc.sh"), "zero2", "--config", str(tiny), f"train.output_dir={run}",
+                        "train.max_steps=60", "train.save_every=1000", "train.log_every=1000", "data.num_workers=2"],
+                       cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_metric_lines(proc, run, 3, 400)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _proc.communicate(proc, timeout=200)
+    assert "stop requested (SIGTERM)" in out, (out + err)[-4000:]
+    k = max(metrics(run))
+    assert 3 <= k < 60
+    check_finished(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), run, k)
+    ckpt = run / "checkpoints" / f"step_{k:08d}"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [ckpt.name]
+    meta = json.loads((ckpt / "mmpretrain.json").read_text())
+    assert meta["distributed_type"] == "DEEPSPEED" and meta["world_size"] == 2 and meta["step"] == k
+    parts = sorted(p.name for p in (ckpt / "pytorch_model").glob("*optim_states.pt"))
+    assert len(parts) == 2, parts  # each rank's ZeRO partition
+    for r in (0, 1):
+        assert json.loads((ckpt / f"data_state_{r}.json").read_text())["batches"] == k
