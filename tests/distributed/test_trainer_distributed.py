@@ -2,8 +2,10 @@
 DeepSpeed ZeRO-2 / ZeRO-3 run the same trainer and match one process on the same global batches
 (``train.emulate_world_size=2``) loss for loss. Each launch checks several things at once
 (DeepSpeed start-up is slow): a non-finite loss injected on rank 1 only must be skipped by both
-ranks, and so must a NaN gradient with a finite loss (ZeRO-2); a SIGTERM to the DDP launcher and a stop of the ZeRO-3 run must leave checkpoints that
-resume onto the same curve; the checkpoint layout per backend.
+ranks, and so must a NaN gradient with a finite loss (ZeRO-2); a SIGTERM to the DDP launcher
+and a stop of the ZeRO-3 run must leave checkpoints that resume onto the same curve; a SIGTERM
+to the ZeRO-2 launcher with loader workers, a complete checkpoint and exit 0; the checkpoint
+layout per backend.
 
 Outputs are checked, not only exit codes: about 1 in 20 DeepSpeed-on-gloo runs prints
 "terminate called without an active exception" at interpreter exit after finishing.
