@@ -33,10 +33,17 @@ import _proc  # noqa: E402
 TIERS = ("unit", "distributed", "e2e")
 
 
+# The tests of tests/distributed start 2 gloo processes each: under pytest-xdist (launch/test.sh
+# runs 2 workers on the 2-core machine) they share this xdist group, so ``--dist loadgroup`` runs
+# them one after the other on one worker (at most 3 busy processes on 2 cores, never 4).
+TWO_PROCESS_GROUP = "two_processes"
+
+
 def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs a group's tests on one worker")
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +53,7 @@ def _reap_launched_processes():
     _proc.reap_all()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         try:
@@ -54,3 +62,5 @@ def pytest_collection_modifyitems(config, items):
             continue
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+        if tier == "distributed":
+            item.add_marker(pytest.mark.xdist_group(TWO_PROCESS_GROUP))
