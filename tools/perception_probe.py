@@ -12,7 +12,8 @@ Towers: ``patch`` / ``resnet`` (the unified model's image path: ``model.image_st
 width 128, mean-pooled tokens), ``conv3`` / ``conv5`` (3x3 convolution stems with GroupNorm in
 front of the same blocks, stride 8 in 3 or 5 layers), ``small_cnn`` (the dual encoder's 4 strided
 convolutions, no transformer). AdamW, lr 1e-3 (30 warm-up steps), batch 64, one seed. Prints the
-held-out top-1 every 100 steps.
+held-out top-1 every 100 steps. ``--pool``: how the tokens reach the classifier (mean, as the
+fifth pass measured; max, ``model.image_pool=max``; [CLS]) — the sixth pass's finding.
 """
 import argparse
 import glob
@@ -38,6 +39,8 @@ p.add_argument("--steps", type=int, default=300)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--field", default="label", help="sample-json field of the class (label = shape, color)")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--pool", default="mean", choices=["mean", "max", "cls"],
+               help="read-out of the tokens into the classifier (model.image_pool): mean, channel-wise max, [CLS]")
 args = p.parse_args()
 torch.set_num_threads(2)
 torch.manual_seed(args.seed)
@@ -88,13 +91,24 @@ else:
     encode = lambda t: m.encode_image(t)[0]  # noqa: E731
     params = list(m.image_embed.parameters()) + list(m.blocks.parameters()) + list(m.norm.parameters())
 head = nn.Linear(128, len(classes))
+
+
+def pool(tokens):
+    if args.pool == "max":
+        return tokens.amax(1)
+    if args.pool == "cls" and args.tower != "small_cnn":
+        return tokens[:, 0]
+    return tokens.mean(1)
+
+
+
 opt = torch.optim.AdamW(params + list(head.parameters()), lr=args.lr, weight_decay=0.05)
 g = torch.Generator().manual_seed(args.seed)
 t0 = time.time()
 n_train = int((~held).sum())
 for step in range(1, args.steps + 1):
     idx = torch.randint(n_train, (64,), generator=g)
-    loss = F.cross_entropy(head(encode(x[idx]).mean(1)), y[idx])
+    loss = F.cross_entropy(head(pool(encode(x[idx]))), y[idx])
     for group in opt.param_groups:
         group["lr"] = args.lr * min(1.0, step / 30)
     opt.zero_grad()
@@ -102,7 +116,7 @@ for step in range(1, args.steps + 1):
     opt.step()
     if step % 100 == 0 or step == args.steps:
         with torch.no_grad():
-            acc = float((head(encode(x[held]).mean(1)).argmax(1) == y[held]).float().mean())
-        print(json.dumps({"tower": args.tower, "step": step, "train_loss": round(loss.item(), 3),
+            acc = float((head(pool(encode(x[held]))).argmax(1) == y[held]).float().mean())
+        print(json.dumps({"tower": args.tower, "pool": args.pool, "step": step, "train_loss": round(loss.item(), 3),
                           "heldout_top1": round(acc, 3), "chance": round(1 / len(classes), 3),
                           "seconds": round(time.time() - t0, 1)}), flush=True)
