@@ -33,10 +33,13 @@ import _proc  # noqa: E402
 TIERS = ("unit", "distributed", "e2e")
 
 
-# The tests of tests/distributed start 2 gloo processes each: under pytest-xdist (launch/test.sh
-# runs 2 workers on the 2-core machine) they share this xdist group, so ``--dist loadgroup`` runs
-# them one after the other on one worker (at most 3 busy processes on 2 cores, never 4).
+# The tests of tests/distributed start 2 gloo processes each, and so do those of
+# tests/e2e/test_slurm_script.py (2-rank DDP through launch/slurm.sbatch): under pytest-xdist
+# (launch/test.sh runs 2 workers on the 2-core machine) they share this xdist group, so
+# ``--dist loadgroup`` runs them one after the other on one worker (at most 3 busy processes on
+# 2 cores; the README walkthrough's 4-step ZeRO-2 command is the one 2-process run outside it).
 TWO_PROCESS_GROUP = "two_processes"
+TWO_PROCESS_FILES = {("e2e", "test_slurm_script.py")}
 
 
 def pytest_configure(config):
@@ -57,10 +60,11 @@ def _reap_launched_processes():
 def pytest_collection_modifyitems(config, items):
     for item in items:
         try:
-            tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+            parts = Path(str(item.path)).resolve().relative_to(TESTS).parts
         except ValueError:  # a test file outside tests/ (given on the command line)
             continue
+        tier = parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
-        if tier == "distributed":
+        if tier == "distributed" or parts[:2] in TWO_PROCESS_FILES:
             item.add_marker(pytest.mark.xdist_group(TWO_PROCESS_GROUP))
