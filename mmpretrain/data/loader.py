@@ -55,6 +55,23 @@ from mmpretrain.data.stream import EpochDataset, EpochSpec, ignore_stop_signals,
 log = logging.getLogger("mmpretrain.data")
 
 
+def stop_workers(it, timeout_s: float = 5.0) -> None:
+    """Shut a DataLoader iterator's workers down, and SIGKILL any still alive after that.
+
+    The workers ignore SIGTERM (``ignore_stop_signals``), so for a worker slow to quit
+    DataLoader's own fallback (``terminate()``, a SIGTERM) does nothing, and at interpreter exit
+    multiprocessing terminates and then joins its daemonic children without a timeout: the rank
+    hung after its final checkpoint until the launcher killed it. ``_shutdown_workers`` and
+    ``_workers`` are DataLoader internals (``_MultiProcessingDataLoaderIter``)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(it, "_workers", ()):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=timeout_s)
+
+
 class ShardLoader:
     """Per-rank batches from WebDataset shards; see the module docstring.
 
@@ -261,13 +278,20 @@ class ShardLoader:
         else:
             self._finished = set()  # the epoch starts over: every worker reads (and counts) anew
         ds = self._dataset()
-        k = self.slots_per_rank
         if self.num_workers == 0:
             source: Any = iter(ds)
         else:
-            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, shuffle=False,
-                                prefetch_factor=2, persistent_workers=False,
-                                worker_init_fn=ignore_stop_signals)
+            source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, shuffle=False,
+                                     prefetch_factor=2, persistent_workers=False,
+                                     worker_init_fn=ignore_stop_signals))
+        try:
+            yield from self._consume(source)
+        finally:
+            if self.num_workers:
+                stop_workers(source)
+
+    def _consume(self, source) -> Iterator[dict]:
+        k = self.slots_per_rank
         if self._worker_raw is None or len(self._worker_raw) != k:
             self._worker_raw = [0] * k
         epoch_skipped = self._skipped_epoch

@@ -511,3 +511,42 @@ def test_a_cut_tar_loses_only_the_cut_sample(tmp_path, cut):
     good = [s["__key__"] for _, s in got if "__bad__" not in s]
     bad = [s["__bad__"] for _, s in got if "__bad__" in s]
     assert good == whole and bad == ["truncated_tar"]
+
+
+def _sleep_ignoring_sigterm():
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as ignore_stop_signals makes every loader worker
+    time.sleep(120)
+
+
+def test_stop_workers_kills_a_worker_that_ignores_sigterm():
+    """A loader worker slow to quit survives DataLoader's terminate() fallback (it ignores
+    SIGTERM), and multiprocessing's exit handler would then join it forever: stop_workers
+    SIGKILLs what is still alive after the shutdown."""
+    import multiprocessing as mp
+    import time
+
+    from mmpretrain.data.loader import stop_workers
+
+    ctx = mp.get_context("fork")
+    w = ctx.Process(target=_sleep_ignoring_sigterm, daemon=True)
+    w.start()
+    time.sleep(0.5)
+    w.terminate()
+    w.join(timeout=1.0)
+    assert w.is_alive()  # SIGTERM ignored: what DataLoader's own fallback does is not enough
+
+    class _Iter:  # the two DataLoader-iterator attributes stop_workers uses
+        shut_down = False
+        _workers = [w]
+
+        def _shutdown_workers(self):
+            self.shut_down = True
+
+    it = _Iter()
+    t0 = time.monotonic()
+    stop_workers(it)
+    assert it.shut_down and not w.is_alive() and w.exitcode == -9
+    assert time.monotonic() - t0 < 10
