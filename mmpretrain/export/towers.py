@@ -69,9 +69,14 @@ def unified_timm_state(backbone) -> tuple[str, dict, dict[str, torch.Tensor]]:
                   num_classes=c.embed_dim, fc_norm=False)
     # mmpretrain pools the final-norm tokens: 'cls' = [CLS]; 'mean' = mean over all tokens, [CLS]
     # included (timm 'avg' with pool_include_prefix; fc_norm off so the final norm stays put)
+    # image_pool 'max': the channel-wise max over all tokens (timm 'max' with pool_include_prefix)
     pool = getattr(c, "pool", "cls")
+    if getattr(c, "image_pool", "same") != "same":
+        pool = c.image_pool
     if pool == "mean":
         kwargs.update(global_pool="avg", pool_include_prefix=True)
+    elif pool == "max":
+        kwargs.update(global_pool="max", pool_include_prefix=True)
     elif pool == "cls":
         kwargs.update(global_pool="token")
     else:
@@ -168,6 +173,9 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
                 "num_classes": c.embed_dim, "pool": c.pool,
                 "holds": "whole image path; F.normalize(model(x)) = image embedding (head = projection)",
                 "_projection": (sd["head.weight"], None), "_features": c.width}
+    if getattr(c, "image_pool", "same") == "max":
+        raise NoStandardForm("model.image_pool='max' on a dual encoder: the max is taken after the tower's "
+                             "projection (with bias), which no pooled standard head reproduces")
     if c.image_backbone == "small_cnn":
         return export_small_cnn(backbone, directory, probe_pixels, preprocessing)
     src = backbone.image_tower.backbone

@@ -334,3 +334,21 @@ def test_export_help_does_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_image_pool_max_exports_as_timms_max_pool(shards, tmp_path):
+    """model.image_pool=max (unified): the timm tower pools with global_pool='max' over every token
+    ([CLS] included) and reproduces embed_images; the export's own verify step passed too."""
+    import timm
+
+    out = export_checkpoint(make_checkpoint(tmp_path / "run", shards, extra=["model.image_pool=max"]), tmp_path / "out")
+    cfg = json.loads((out / "image_encoder" / "config.json").read_text())
+    assert cfg["model_args"]["global_pool"] == "max" and cfg["model_args"]["pool_include_prefix"] is True
+    vit = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True).eval()
+    p = load_pretrained(out)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, emb = p.model.encode_image(x)
+        torch.testing.assert_close(F.normalize(vit(x), dim=-1), emb, rtol=0, atol=1e-6)
+        mean_emb = F.normalize(p.model.backbone.image_proj.proj(p.model.encode_image(x)[0].mean(1)), dim=-1)
+    assert (emb - mean_emb).abs().max() > 1e-3  # it really is the max, not the mean
