@@ -119,6 +119,17 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k] - b[k]).abs().max()}"
 
 
+def assert_unchanged_across_a_skipped_step(before: dict, after: dict) -> None:
+    """Weights bit-equal across a skipped (non-finite) step; only the model's forward counter (the
+    ``itm_step`` buffer) moved by one, since the skipped step still ran forward."""
+    assert before.keys() == after.keys()
+    for name in before:
+        if name.endswith("itm_step"):
+            assert torch.equal(before[name] + 1, after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), f"{name} changed across the world-size change"
+
+
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("ACCELERATE_USE_CPU", None)
