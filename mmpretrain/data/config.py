@@ -59,6 +59,10 @@ class DataConfig:
     """Socket timeout of remote reads, per operation (connect, each read)."""
 
     def __post_init__(self):
+        for name, low in (("max_length", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_workers", 0),
+                          ("shuffle_buffer", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {getattr(self, name)}")
         scale = list(self.train_crop_scale)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")

@@ -12,8 +12,9 @@ network.
   trained from the captions of ``shard_sources`` and saved there (written to a temporary
   directory and renamed, so several ranks racing on it end up loading the same files);
 * a local directory holding a saved tokenizer;
-* anything else: a hub name passed to ``AutoTokenizer.from_pretrained`` (needs a network or a
-  populated cache).
+* anything else: a hub name already in the local Hugging Face cache (``local_files_only``: no
+  download is tried; without a network the hub client retries for about a minute). A name that
+  is neither fails at once (``check_tokenizer``, run by the trainer before anything is written).
 """
 
 from __future__ import annotations
@@ -88,21 +89,40 @@ def read_captions(urls: list[str]) -> list[str]:
     return captions
 
 
+def _load_named(spec: str):
+    """A tokenizer that is not 'auto': a local directory, or a hub name in the local cache (never
+    downloaded); ``ValueError`` on one line naming ``data.tokenizer`` otherwise."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - rephrase for the offline default
+        if os.path.isdir(spec):
+            why = " ".join(str(e).split())[:200]
+            what = f"is a directory that holds no loadable tokenizer ({type(e).__name__}: {why})"
+        elif os.path.exists(spec):
+            what = "is a file, not a tokenizer directory (one saved with save_pretrained)"
+        else:
+            what = ("is not a local tokenizer directory or file, nor a hub name in the local cache "
+                    "(no download is tried)")
+        raise ValueError(f"data.tokenizer={spec!r} {what}; use 'auto' to train one from the shard captions, or "
+                         "a directory saved with save_pretrained") from None
+
+
+def check_tokenizer(spec: str) -> None:
+    """Start-up check of ``data.tokenizer``: 'auto', or a tokenizer ``load_tokenizer`` loads
+    without a network (it is loaded once here); ``ValueError`` naming the key otherwise."""
+    if spec != "auto":
+        _load_named(spec)
+
+
 def load_tokenizer(spec: str, shard_sources: list[str] | str | None, vocab_size: int = 4096, *,
                    save: bool = True):
     """Resolve ``data.tokenizer`` (see module docstring). ``save=False`` trains in memory only."""
     from transformers import AutoTokenizer
 
     if spec != "auto":
-        if os.path.isdir(spec):
-            return AutoTokenizer.from_pretrained(spec)
-        try:
-            return AutoTokenizer.from_pretrained(spec)
-        except Exception as e:  # noqa: BLE001 - rephrase for the offline default
-            raise ValueError(
-                f"data.tokenizer={spec!r} is neither a local tokenizer directory nor a hub name "
-                f"that could be loaded ({type(e).__name__}: {e}); use 'auto' to train one from "
-                "the shard captions") from None
+        return _load_named(spec)
 
     urls = expand_sources(shard_sources or [])
     if not urls:

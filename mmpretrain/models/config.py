@@ -85,6 +85,18 @@ class ModelConfig:
     fusion learns the residual: what a cosine of pooled embeddings cannot see (binding,
     relations)."""
 
+    def check_image_grid(self) -> None:
+        """``ValueError`` naming both keys unless the patches tile the image (unified): timm's
+        patch embedding would silently drop the pixels past the last whole patch. Run by the
+        trainer at start-up, before anything is written; the 'resnet' stem's own rule too."""
+        if self.arch != "unified":
+            return  # the dual_encoder image tower has no patches
+        if self.patch_size < 1 or self.image_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"model.patch_size={self.patch_size} must divide model.image_size={self.image_size} "
+                             "(the token grid is image_size / patch_size)")
+        if self.image_stem == "resnet" and self.patch_size % 4:
+            raise ValueError(f"model.image_stem='resnet' needs model.patch_size a multiple of 4, got {self.patch_size}")
+
 
 @dataclass
 class LossConfig:

@@ -270,15 +270,35 @@ def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
 
 # ----------------------------------------------------------------------------- set-up checks
 
+def _matches_nothing(spec: str) -> str | None:
+    """Why the shard pattern ``spec`` matches nothing (``None`` when it matches a shard): no
+    URL at all, or a brace pattern / path whose local files are all missing (named)."""
+    import os
+
+    from mmpretrain.data.shardio import expand_sources, is_remote
+
+    urls = expand_sources(spec)
+    if not urls:
+        return f"no shards match {spec!r}"
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    if len(missing) < len(urls):
+        return None
+    files = missing[0] if len(missing) == 1 else f"{missing[0]} ... {missing[-1]}"
+    return f"no shards match {spec!r}: none of its {len(missing)} files exist ({files})"
+
+
 def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None:
-    """Fail before any work when a shard pattern matches nothing (names the pattern, and the
-    settings that would train without the held-out shards)."""
-    from mmpretrain.data.shardio import expand_sources
+    """Fail before any work when a shard pattern matches nothing (names the pattern and its
+    missing files, and the settings that would train without the held-out shards), or when
+    ``data.tokenizer`` names no local tokenizer (``mmpretrain.data.tokenizer.check_tokenizer``)."""
+    from mmpretrain.data.tokenizer import check_tokenizer
 
     for spec in cfg.data.train_shards:
-        if not expand_sources(spec):
-            raise FileNotFoundError(f"data.train_shards: no shards match {spec!r}")
-    if (need_val or need_val_loss) and not expand_sources(cfg.data.val_shards):
+        why = _matches_nothing(spec)
+        if why:
+            raise FileNotFoundError(f"data.train_shards: {why}")
+    val_missing = _matches_nothing(cfg.data.val_shards) if (need_val or need_val_loss) else None
+    if val_missing:
         tcfg = cfg.train
         uses, fix = [], []
         if tcfg.eval_at_end and need_val:
@@ -287,8 +307,9 @@ def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None
         if tcfg.eval_every > 0:
             uses.append(f"evaluation every {tcfg.eval_every} steps")
             fix.append("train.eval_every=0")
-        raise FileNotFoundError(f"data.val_shards: no shards match {cfg.data.val_shards!r} ({' and '.join(uses)} "
+        raise FileNotFoundError(f"data.val_shards: {val_missing} ({' and '.join(uses)} "
                                 f"read them; set {' '.join(fix)} to train without them)")
+    check_tokenizer(cfg.data.tokenizer)
 
 
 def maybe_evaluation():
@@ -672,6 +693,7 @@ def train(cfg: Config) -> int:
         trackers.check_installed(tcfg.report_to)
         check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
                    need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
+        cfg.model.check_image_grid()  # model.patch_size tiles model.image_size
         if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_word_negatives > 0:
             raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
                               "train.feature_cache=false or loss.itc_word_negatives=0")

@@ -1,0 +1,135 @@
+"""Start-up checks (issue 11): each bad input is one line on stderr naming the config key (and the
+file), exit 2, before anything is written: no run directory created, an existing one untouched.
+
+Every case goes through the real CLI entry, ``mmpretrain.train.main``, in this process, on
+``configs/tiny.yaml``. The cases that get past the config need shards that exist: an empty file
+named ``.tar`` is enough, the checks only look for the files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mmpretrain import train
+from mmpretrain.config import ConfigError, config_from_dict, load_config, to_dict
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def shard(tmp_path) -> Path:
+    path = tmp_path / "shards" / "train-000000.tar"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    return path
+
+
+def run(tmp_path: Path, capsys, *overrides: str) -> tuple[int, str, Path]:
+    """``mmpretrain train --config configs/tiny.yaml train.output_dir=RUN overrides``: exit code,
+    stderr, the run directory."""
+    out = tmp_path / "run"
+    code = train.main(["--config", str(TINY), f"train.output_dir={out}", *overrides])
+    return code, capsys.readouterr().err, out
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mmpretrain train: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("data.max_length=0", "data.max_length", "must be >= 1, got 0"),
+    ("data.max_image_pixels=0", "data.max_image_pixels", "must be >= 1, got 0"),
+    ("data.max_image_pixels=-5", "data.max_image_pixels", "must be >= 1, got -5"),
+    ("data.num_workers=-1", "data.num_workers", "must be >= 0, got -1"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer", "must be >= 0, got -1"),
+    ("data.batch_size=0", "data.batch_size", "must be >= 1, got 0"),
+])
+def test_a_bad_data_value_is_one_line_naming_the_file_and_the_key(tmp_path, capsys, override, key, expected):
+    code, err, out = run(tmp_path, capsys, override)
+    line = one_line(err)
+    assert code == 2 and key in line and expected in line and "tiny.yaml" in line, line
+    assert not out.exists()
+    # the same section check holds for a checkpoint's tree (what `mmpretrain eval` overrides)
+    tree = to_dict(load_config(TINY))
+    section, leaf = key.split(".")
+    tree[section][leaf] = int(override.split("=")[1])
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(tree)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.patch_size=7", "model.image_size=32"], "model.patch_size=7 must divide model.image_size=32"),
+    (["model.patch_size=6", "model.image_size=32", "model.image_stem=patch"], "model.patch_size=6 must divide "
+                                                                                 "model.image_size=32"),
+    (["model.patch_size=6", "model.image_size=48"], "model.image_stem='resnet' needs model.patch_size a multiple "
+                                                    "of 4, got 6"),
+])
+def test_patches_that_do_not_tile_the_image_are_refused_naming_both_keys(tmp_path, capsys, shard, overrides,
+                                                                         expected):
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}", *overrides)
+    line = one_line(err)
+    assert code == 2 and expected in line, line
+    assert not out.exists()
+
+
+def test_patches_that_tile_the_image_pass_the_check():
+    load_config(TINY, ["model.patch_size=4", "model.image_size=32"]).model.check_image_grid()
+    load_config(TINY, ["model.arch=dual_encoder", "model.patch_size=7", "model.image_size=32"]).model.check_image_grid()
+
+
+def test_a_brace_pattern_matching_no_files_names_the_pattern_and_writes_nothing(tmp_path, capsys, shard):
+    pattern = str(shard.parent / "train-{000010..000013}.tar")
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{pattern}]", f"data.val_shards={shard}")
+    line = one_line(err)
+    assert code == 2 and "data.train_shards" in line and f"no shards match {pattern!r}" in line, line
+    assert "none of its 4 files exist" in line and str(shard.parent / "train-000010.tar") in line, line
+    assert "batch_size" not in line
+    assert not out.exists()
+    # the held-out shards the same way (evaluation at the end reads them)
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={pattern}")
+    line = one_line(err)
+    assert code == 2 and "data.val_shards" in line and "none of its 4 files exist" in line, line
+    assert not out.exists()
+    # an earlier run's directory is left exactly as it was
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, err, _ = run(tmp_path, capsys, f"data.train_shards=[{pattern}]", f"data.val_shards={shard}")
+    assert code == 2 and "no shards match" in one_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_brace_pattern_with_some_files_present_is_accepted(shard):
+    from mmpretrain.trainer.loop import _matches_nothing
+
+    assert _matches_nothing(str(shard.parent / "train-{000000..000003}.tar")) is None
+
+
+def test_a_hub_tokenizer_name_fails_at_once_without_trying_the_hub(tmp_path, capsys, shard):
+    if (Path.home() / ".cache" / "huggingface" / "hub" / "models--bert-base-uncased").exists():
+        pytest.skip("bert-base-uncased is in the local Hugging Face cache here")
+    start = time.monotonic()
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
+                         "data.tokenizer=bert-base-uncased")
+    took = time.monotonic() - start
+    line = one_line(err)
+    assert code == 2 and "data.tokenizer='bert-base-uncased' is not a local tokenizer directory or file" in line, line
+    assert "no download is tried" in line
+    assert took < 20, f"{took:.1f} s: the hub client retries for about a minute without a network"
+    assert not out.exists()
+    # a directory that holds no tokenizer, and a file, are named as such
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for spec, expected in ((empty, "is a directory that holds no loadable tokenizer"),
+                           (shard, "is a file, not a tokenizer directory")):
+        code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
+                             f"data.tokenizer={spec}")
+        line = one_line(err)
+        assert code == 2 and f"data.tokenizer={str(spec)!r} {expected}" in line, line
+        assert not out.exists()
