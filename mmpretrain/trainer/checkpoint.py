@@ -469,6 +469,25 @@ def _load_buffers(module, folder: Path) -> None:
         raise CheckpointError(f"{files[0]}: lacks the buffers {', '.join(missing)} of the model")
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Give each optimizer state its own ``step`` tensor. DeepSpeed 0.19's ZeRO-3 universal load
+    puts one and the same step tensor into the state of every flat fp32 partition (one per param
+    group here: decay, no_decay); torch's AdamW increments it in place once per partition, so
+    after the load the step moved by 2 per update and the bias correction of the second group
+    was off (a ~0.3 % loss drift after the first update, also for a 1 -> 1 universal load; a
+    checkpoint after a skipped step looked right, as it holds the shared value once per state)."""
+    import torch
+
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper -> torch AdamW
+    seen: set[int] = set()
+    for state in base.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+
+
 def _load_universal(accelerator, path: Path, saved_world: int) -> None:
     """Load a ZeRO checkpoint of another world size (collective): the main process converts it
     once (``universal_checkpoint``), every rank waits, then DeepSpeed loads the universal form
@@ -505,6 +524,7 @@ def _load_universal(accelerator, path: Path, saved_world: int) -> None:
     optimizer = wrapped.engine.optimizer
     for group, own in zip(optimizer.param_groups, groups):
         group.update(own)
+    _unshare_adam_steps(optimizer)
     _load_buffers(wrapped.engine.module, load_dir / "pytorch_model")
     if accelerator.is_main_process and saved_world != accelerator.num_processes:
         print(f"mmpretrain train: loaded {path} (written by {saved_world} process{'es' * (saved_world != 1)}) "
