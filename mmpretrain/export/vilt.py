@@ -45,6 +45,9 @@ def vilt_unsupported(backbone) -> str | None:
     if getattr(c, "image_stem", "patch") != "patch":
         return (f"model.image_stem={c.image_stem!r}: ViLT embeds linear patches, not a convolutional stem; "
                 "ITM needs load_pretrained(...).score_pairs")
+    if getattr(c, "itm_head", "pooler") != "pooler":
+        return (f"model.itm_head={c.itm_head!r}: ViLT's ITM is a pooler + classifier on one fused token, not a "
+                "product of the pooled, projected fused towers; ITM needs load_pretrained(...).score_pairs")
     if getattr(c, "itm_readout", "image_cls") != "text_cls":
         return (f"model.itm_readout={getattr(c, 'itm_readout', 'image_cls')!r}: ViLT reads the fused *text* [CLS]; "
                 "ITM needs load_pretrained(...).score_pairs")

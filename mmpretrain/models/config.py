@@ -76,6 +76,18 @@ class ModelConfig:
     itm_readout: Literal["text_cls", "image_cls"] = "text_cls"
     """unified: the fused-pass token the ITM head reads (through its dense+tanh pooler):
     'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""
+    itm_head: Literal["pooler", "match"] = "pooler"
+    """unified: how the ITM logit is read from the fused pass. 'pooler': the ``itm_readout``
+    token through a dense+tanh pooler and a 2-way classifier (ViLT's layout; exported as
+    ``ViltForImageAndTextRetrieval``). 'match': the fused image tokens pooled as the image
+    embedding is (``image_pool``) and the fused text tokens as the text embedding is (``pool``),
+    each through the contrastive projection (the same weights), L2-normalised, and the match
+    logit a learned per-dimension weighting of their product plus a bias (a diagonal bilinear
+    form, initialised to ``logit_scale_init`` x cosine). A pooler over additive features has no
+    first-order signal for "do these two match" (each image and each text is a positive in one
+    row of three, so the label is uncorrelated with any function of one side alone) and sat at
+    the 1:2 prior from scratch; the product gives the fusion blocks a gradient from step 0
+    (docs/BENCHMARKS.md "Seventh pass")."""
     itm_contrastive_prior: bool = False
     """unified + ``fusion_source: towers``: the ITM match logit is the head's output plus the
     log-odds that the pair's contrastive logit (``logit_scale`` x cosine of the two embeddings,

@@ -214,6 +214,21 @@ class ItmHead(nn.Module):
         return self.fc(torch.tanh(self.pooler(cls)))
 
 
+class MatchHead(nn.Module):
+    """ITM from two L2-normalised embeddings of one fused pair: match logit
+    ``sum_k weight_k u_k v_k + bias`` (the no-match logit 0), ``weight`` initialised to ``scale``
+    everywhere, so the head starts as ``scale`` x cosine. Returns [B, 2] like ``ItmHead``."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(scale)))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = (u * v * self.weight.to(u.dtype)).sum(-1) + self.bias.to(u.dtype)
+        return torch.stack([torch.zeros_like(s), s], dim=-1)
+
+
 class MlmHead(nn.Module):
     """BERT's prediction head: dense + GELU + LayerNorm, then a decoder to the vocabulary (its own
     weights, not tied to the word embeddings: ZeRO-3 reads a parameter only inside its owner)."""

@@ -92,6 +92,9 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.itm_word_negatives must be in [0, 1], got {loss_cfg.itm_word_negatives}")
         if loss_cfg.itm_exchange not in ("all_to_all", "all_gather"):
             raise ValueError(f"loss.itm_exchange: {loss_cfg.itm_exchange!r} is not 'all_to_all' or 'all_gather'")
+        if model_cfg.itm_head != "pooler" and model_cfg.arch != "unified":
+            raise ValueError(f"model.itm_head={model_cfg.itm_head!r} needs model.arch=unified (the dual encoder's "
+                             "fusion head is its own)")
         if model_cfg.itm_contrastive_prior and not (model_cfg.arch == "unified" and model_cfg.fusion_source == "towers"):
             raise ValueError("model.itm_contrastive_prior needs model.arch=unified and model.fusion_source=towers "
                              "(the prior reads the embeddings of the fused pair's unimodal tokens)")
@@ -128,7 +131,11 @@ class PretrainModel(nn.Module):
     def itm_from_inputs(self, image_inputs, text_inputs, text_mask) -> torch.Tensor:
         """[B, 2] fp32 ITM logits of ``image_inputs`` / ``text_inputs`` rows (with the prior)."""
         bb = self.backbone
-        logits = bb.itm_logits_from_fused(bb.fuse(image_inputs, text_inputs, text_mask)).float()
+        if hasattr(bb, "itm_logits_from_tokens"):  # unified: every fused token (the match head reads them all)
+            tokens = bb.fuse_tokens(image_inputs, text_inputs, text_mask)
+            logits = bb.itm_logits_from_tokens(tokens, image_inputs.shape[1], text_mask).float()
+        else:
+            logits = bb.itm_logits_from_fused(bb.fuse(image_inputs, text_inputs, text_mask)).float()
         if self.model_cfg.itm_contrastive_prior:
             prior = self.contrastive_logit(bb.image_features(image_inputs)[1], bb.text_features(text_inputs, text_mask)[1])
             logits = self._add_prior(logits, prior)
@@ -331,9 +338,11 @@ class PretrainModel(nn.Module):
                 parts["loss_mlm"], parts["mlm_acc"] = L.mlm_loss(bb.mlm_logits(text_tok[chosen]),
                                                                  mlm_labels[chosen])
             if use_itm:
-                readout = torch.cat(pieces)[:, bb.readout_index(n_img)]
+                n_itm = sum(sizes[:3])
+                logits = bb.itm_logits_from_tokens(torch.cat(pieces), n_img, fused_in[2][:n_itm])
         if use_itm:
-            logits = bb.itm_logits_from_fused(readout)
+            if not hasattr(bb, "fuse_tokens"):
+                logits = bb.itm_logits_from_fused(readout)
             if self.model_cfg.itm_contrastive_prior:  # towers: the pairs' embeddings only pool + project
                 ie_k, te_k = (img_emb, txt_emb) if bool(keep.all()) else (img_emb[keep], txt_emb[keep])
                 prior = torch.cat([self.contrastive_logit(ie_k, te_k),

@@ -14,7 +14,9 @@ One set of weights:
   ``image_inputs``/``text_inputs``) concatenated ``[image; text]`` and run through the same
   stack (padding keys masked); returns the final-norm output of the ITM read-out token
   (``itm_readout``: the text [CLS] — ViLT's layout, the default — or the image [CLS]), which
-  feeds ``itm_head`` (dense + tanh pooler, 2-way classifier). ``fuse_tokens`` returns every
+  feeds ``itm_head`` (dense + tanh pooler, 2-way classifier); with ``itm_head: match`` the
+  fused image and text tokens are pooled and projected as the embeddings are and
+  ``itm_match`` (a learned per-dimension weighting of their product) gives the logit. ``fuse_tokens`` returns every
   fused token; ``mlm_logits(fused_text_tokens)`` predicts the vocabulary for MLM.
 
 With ``fusion_source: towers`` (ALBEF/BLIP-style) the fused pass starts from the unimodal
@@ -54,7 +56,10 @@ class UnifiedTransformer(nn.Module):
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.image_proj = Lx.Projection(w, cfg.embed_dim)
         self.text_proj = Lx.Projection(w, cfg.embed_dim)
-        self.itm_head = Lx.ItmHead(w)
+        if cfg.itm_head not in ("pooler", "match"):
+            raise ValueError(f"model.itm_head: {cfg.itm_head!r} is not 'pooler' or 'match'")
+        # 'match' reads the fused pass through the contrastive projections (MatchHead, built last)
+        self.itm_head = Lx.ItmHead(w) if cfg.itm_head == "pooler" else None
         if cfg.fusion_source not in ("inputs", "towers"):
             raise ValueError(f"model.fusion_source: {cfg.fusion_source!r} is not 'inputs' or 'towers'")
         self.towers = cfg.fusion_source == "towers"
@@ -68,7 +73,8 @@ class UnifiedTransformer(nn.Module):
         Lx.init_weights(self.norm)
         Lx.init_weights(self.image_proj)
         Lx.init_weights(self.text_proj)
-        Lx.init_weights(self.itm_head)
+        if self.itm_head is not None:
+            Lx.init_weights(self.itm_head)
         if self.towers:  # built last: the other weights draw the same random numbers as without it
             if cfg.fusion_depth < 1:
                 raise ValueError(f"model.fusion_depth must be >= 1 with fusion_source=towers, got {cfg.fusion_depth}")
@@ -77,6 +83,8 @@ class UnifiedTransformer(nn.Module):
             self.fusion_norm = nn.LayerNorm(w, eps=1e-6)
             Lx.init_weights(self.fusion_blocks)
             Lx.init_weights(self.fusion_norm)
+        # constant initialisation: no random draws, the weights above are those of 'pooler'
+        self.itm_match = Lx.MatchHead(cfg.embed_dim, cfg.logit_scale_init) if cfg.itm_head == "match" else None
         self.grad_checkpointing = cfg.grad_checkpointing
 
     # ------------------------------------------------------------------ stack
@@ -161,4 +169,19 @@ class UnifiedTransformer(nn.Module):
         return self.mlm_head(text_tokens)
 
     def itm_logits_from_fused(self, fused: torch.Tensor) -> torch.Tensor:
+        """[B, 2] ITM logits of the ``fuse`` read-out (``itm_head: pooler``)."""
+        if self.itm_head is None:
+            raise ValueError("model.itm_head='match' reads every fused token: use itm_logits_from_tokens")
         return self.itm_head(fused)
+
+    def itm_logits_from_tokens(self, tokens: torch.Tensor, n_image: int, text_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2] ITM logits of ``fuse_tokens`` output (``n_image`` image tokens first, then the
+        text tokens with ``text_mask``): the read-out token through the pooler head, or (match)
+        the fused image and text tokens pooled and projected as the embeddings are, then
+        ``MatchHead``."""
+        if self.itm_match is None:
+            return self.itm_head(tokens[:, self.readout_index(n_image)])
+        mode = self.cfg.pool if self.cfg.image_pool == "same" else self.cfg.image_pool
+        u = self.image_proj(self._pool(tokens[:, :n_image], None, mode))
+        v = self.text_proj(self._pool(tokens[:, n_image:], text_mask))
+        return self.itm_match(u, v)  # Projection gives >= fp32

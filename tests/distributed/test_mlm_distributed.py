@@ -43,6 +43,9 @@ CASES = {
     # the ITM contrastive prior: its running centre comes from global sums and counts
     "towers_prior": dict(itm_weight=1.0, itm_fraction=0.6, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,
                          _model=dict(fusion_source="towers", fusion_depth=1, itm_contrastive_prior=True)),
+    # the match head (pooled, projected fused towers; image max-pool): no collective of its own
+    "towers_match_head": dict(itm_weight=1.0, itm_fraction=0.5, mlm_weight=0.5, mlm_prob=0.4,
+                              _model=dict(fusion_source="towers", fusion_depth=1, image_pool="max", itm_head="match")),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
 KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",

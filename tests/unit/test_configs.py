@@ -104,7 +104,7 @@ def test_print_config_lists_every_key_with_its_doc_and_round_trips(capsys):
 
 # ----------------------------------------------------------------------------- Literal choices
 
-FIXED = {"model.arch", "model.image_stem", "model.fusion", "model.pool", "model.image_pool", "model.fusion_source", "model.itm_readout",
+FIXED = {"model.arch", "model.image_stem", "model.fusion", "model.pool", "model.image_pool", "model.fusion_source", "model.itm_readout", "model.itm_head",
          "data.train_crop", "loss.contrastive", "loss.itm_exchange", "train.mixed_precision",
          "eval.itm_rerank_score", "eval.classify_itm_prompts"}
 

@@ -292,6 +292,7 @@ def test_vilt_refuses_what_it_cannot_hold():
 
     small = dict(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, embed_dim=8, max_text_length=8)
     for kw, word in ((dict(modality_experts=True), "modality_experts"), (dict(itm_readout="image_cls"), "image_cls"),
+                     (dict(itm_head="match"), "itm_head"),
                      (dict(fusion_source="towers"), "fusion_source"), (dict(arch="dual_encoder"), "dual_encoder")):
         model = build_model(ModelConfig(**small, **kw), LossConfig(), 50)
         with pytest.raises(ExportError, match=word) as e:

@@ -16,6 +16,7 @@ VARIANTS = {
     "unified_experts": (dict(modality_experts=True, vl_expert_layers=1), dict()),
     "unified_towers": (dict(fusion_source="towers", fusion_depth=2), dict(mlm_weight=1.0, mlm_mask_token_id=2)),
     "unified_resnet_stem": (dict(fusion_source="towers", fusion_depth=1, image_stem="resnet"), dict()),
+    "unified_match": (dict(fusion_source="towers", fusion_depth=1, image_pool="max", itm_head="match"), dict()),
     "dual_cnn_xattn": (dict(arch="dual_encoder", fusion="cross_attention"), dict()),
     "dual_triplet": (dict(arch="dual_encoder", fusion="linear"), dict(contrastive="triplet", triplet_margin=0.2)),
 }
@@ -134,6 +135,35 @@ def test_towers_fusion_runs_on_the_unimodal_outputs():
     assert set(sd_plain) < set(sd_towers)
     for k, v in sd_plain.items():
         torch.testing.assert_close(sd_towers[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_match_head_reads_the_pooled_projected_fused_towers():
+    model = _build("unified_match").eval()
+    bb = model.backbone
+    assert bb.itm_head is None and bb.itm_match is not None
+    px, ids, mask, image_ids = _batch()
+    xi, xt = bb.image_inputs(px), bb.text_inputs(ids, mask)
+    tok = bb.fuse_tokens(xi, xt, mask)
+    n = xi.shape[1]
+    u = bb.image_proj(tok[:, :n].amax(dim=1))  # image_pool=max over the fused image tokens
+    w = mask.float().unsqueeze(-1)
+    v = bb.text_proj((tok[:, n:] * w).sum(1) / w.sum(1))  # pool=mean over the fused text tokens
+    want = (u * v * bb.itm_match.weight).sum(-1) + bb.itm_match.bias
+    logits = model.itm_logits(px, ids, mask)
+    torch.testing.assert_close(logits[:, 1], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits[:, 0], torch.zeros(4))
+    # initialised as logit_scale_init x cosine: no random draws, every other weight as with 'pooler'
+    torch.testing.assert_close(bb.itm_match.weight, torch.full((16,), 1 / 0.07))
+    # the ITM loss alone reaches the fusion blocks, the head and (through the tokens) the towers
+    model.train()
+    out = model(px, ids, mask, image_ids)
+    (out["loss"] - out["loss_itc"]).backward()
+    assert bb.fusion_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert bb.itm_match.weight.grad.abs().sum() > 0 and bb.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="itm_head"):
+        _build("dual_cnn_xattn", itm_head="match")
+    with pytest.raises(ValueError, match="itm_head"):
+        _build("unified", itm_head="bilinear")
 
 
 def test_experts_route_by_modality():
