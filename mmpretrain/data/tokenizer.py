@@ -12,9 +12,11 @@ network.
   trained from the captions of ``shard_sources`` and saved there (written to a temporary
   directory and renamed, so several ranks racing on it end up loading the same files);
 * a local directory holding a saved tokenizer;
-* anything else: a hub name already in the local Hugging Face cache (``local_files_only``: no
-  download is tried; without a network the hub client retries for about a minute). A name that
-  is neither fails at once (``check_tokenizer``, run by the trainer before anything is written).
+* anything else: a hub name, taken from the local Hugging Face cache when it is there, else
+  downloaded — unless ``HF_HUB_OFFLINE=1`` (then a name not in the cache fails at once; without
+  a network and without that variable the hub client retries for about a minute). Either way a
+  name that cannot be loaded fails on one line naming ``data.tokenizer`` (``check_tokenizer``,
+  run by the trainer before anything is written).
 """
 
 from __future__ import annotations
@@ -90,13 +92,24 @@ def read_captions(urls: list[str]) -> list[str]:
 
 
 def _load_named(spec: str):
-    """A tokenizer that is not 'auto': a local directory, or a hub name in the local cache (never
-    downloaded); ``ValueError`` on one line naming ``data.tokenizer`` otherwise."""
+    """A tokenizer that is not 'auto': a local directory, or a hub name (the local cache first,
+    then a download unless ``HF_HUB_OFFLINE=1``); ``ValueError`` on one line naming
+    ``data.tokenizer`` otherwise."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(spec, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - rephrase for the offline default
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if not offline and not os.path.exists(spec):
+            try:  # a hub name not cached yet: download it
+                return AutoTokenizer.from_pretrained(spec)
+            except Exception as e2:  # noqa: BLE001
+                why = " ".join(str(e2).split())[:200]
+                raise ValueError(f"data.tokenizer={spec!r} is not a local tokenizer directory or file, not in the "
+                                 f"local Hugging Face cache, and its download failed ({type(e2).__name__}: {why}); "
+                                 "use 'auto' to train one from the shard captions, or a directory saved with "
+                                 "save_pretrained") from None
         if os.path.isdir(spec):
             why = " ".join(str(e).split())[:200]
             what = f"is a directory that holds no loadable tokenizer ({type(e).__name__}: {why})"
@@ -104,7 +117,7 @@ def _load_named(spec: str):
             what = "is a file, not a tokenizer directory (one saved with save_pretrained)"
         else:
             what = ("is not a local tokenizer directory or file, nor a hub name in the local cache "
-                    "(no download is tried)")
+                    "(HF_HUB_OFFLINE=1: no download is tried)")
         raise ValueError(f"data.tokenizer={spec!r} {what}; use 'auto' to train one from the shard captions, or "
                          "a directory saved with save_pretrained") from None
 
