@@ -53,13 +53,43 @@ train:
 
 
 def make_shards(base: Path) -> Path:
-    """256 train + 2x16 val synthetic samples of 32 px in ``base/trainer_shards`` (made once)."""
+    """256 train + 2x16 val synthetic samples of 32 px in ``base/trainer_shards`` (made once),
+    byte-identical in every session, tokenizer included (``_fixed_tokenizer``)."""
     from mmpretrain.data.synthetic import generate
 
     out = base / "trainer_shards"
-    if not (out / "manifest.json").is_file():
-        generate(str(out), num_samples=256, num_val=16, samples_per_shard=64, image_size=32, vocab_size=300)
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        generate(str(out), num_samples=256, num_val=16, samples_per_shard=64, image_size=32, vocab_size=300,
+                 train_tokenizer=False)
+        _fixed_tokenizer(out)
     return out
+
+
+def _fixed_tokenizer(shards: Path) -> None:
+    """``shards/tokenizer``: the BERT-style WordPiece pipeline of ``train_tokenizer`` with a
+    vocabulary fixed by the train captions alone. The trained one is not reproducible (the
+    ``tokenizers`` trainer breaks ties in hash-map order: its tokenizer.json differed in 3 of 3
+    sessions, 30 ids of the alphabet moved and 16 sub-word tokens came and went), so the token
+    ids, hence the embedding rows and the losses of every test on these shards, changed from
+    session to session. Here: the special tokens (ids 0-4, as trained), the characters, their
+    ``##`` continuations (sorted), then every other caption word by falling count (ties by
+    spelling): 150 tokens, each caption word one token (a trained vocabulary of 300 split a few
+    rare words: 16 of the 288 train + val captions tokenized differently in one session)."""
+    from collections import Counter
+
+    from tokenizers import models
+
+    from mmpretrain.data.tokenizer import SPECIAL_TOKENS, read_captions, train_tokenizer
+
+    captions = read_captions(sorted(str(p) for p in shards.glob("train-*.tar")))
+    fast = train_tokenizer(captions, None, 300)
+    backend = fast.backend_tokenizer
+    words = Counter(w for c in captions for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(c)))
+    chars = sorted({ch for w in words for ch in w})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{ch}" for ch in chars),
+             *sorted((w for w in words if w not in chars), key=lambda w: (-words[w], w))]
+    backend.model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
+    fast.save_pretrained(str(shards / "tokenizer"))
 
 
 def make_config(base: Path) -> Path:
