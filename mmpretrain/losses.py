@@ -356,6 +356,23 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, acc
 
 
+def itm_rank_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise ranking over the ITM passes (RankNet, as re-rankers are trained in retrieval):
+    ``softplus(s_neg - s_pos)`` for each row's (image, negative text) and (negative image, text)
+    pass against the row's positive, ``s`` the match log-odds; negatives whose label is 1 (a
+    duplicate of the positive) are left out. ``logits`` [3R, 2] in ``itm_labels`` order. Averaged
+    over the pairs of all ranks; returns ``(loss, share of pairs ranked right)``."""
+    logits = _f32(logits)
+    s = logits[:, 1] - logits[:, 0]
+    r = s.shape[0] // 3
+    pos, negs = s[:r], torch.stack([s[r:2 * r], s[2 * r:]])
+    valid = (labels.view(3, r)[1:] == 0).to(s.dtype)
+    n = valid.sum().detach()
+    loss = global_item_mean((F.softplus(negs - pos) * valid).sum(), n)
+    right = ((pos > negs).to(s.dtype) * valid).sum().detach()
+    return loss, global_item_mean(right, n).detach()
+
+
 def itm_uniform_share(step: int, curriculum_steps: int, final_mix: float) -> float:
     """The curriculum: uniform share 1 at forward 0 falling linearly to ``final_mix`` at
     ``curriculum_steps`` (constant ``final_mix`` without a curriculum)."""
@@ -433,11 +450,13 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 # ----------------------------------------------------------------------------- combined
 
 def combined(parts: dict, loss_cfg) -> dict:
-    """``{"loss": contrastive_weight * loss_itc + itm_weight * loss_itm + mlm_weight * loss_mlm,
-    **detached parts}``."""
+    """``{"loss": contrastive_weight * loss_itc + itm_weight * loss_itm + itm_rank_weight *
+    loss_itm_rank + mlm_weight * loss_mlm, **detached parts}``."""
     total = loss_cfg.contrastive_weight * _f32(parts["loss_itc"])
     if "loss_itm" in parts and loss_cfg.itm_weight:
         total = total + loss_cfg.itm_weight * _f32(parts["loss_itm"])
+    if "loss_itm_rank" in parts and getattr(loss_cfg, "itm_rank_weight", 0.0):
+        total = total + loss_cfg.itm_rank_weight * _f32(parts["loss_itm_rank"])
     if "loss_mlm" in parts and getattr(loss_cfg, "mlm_weight", 0.0):
         total = total + loss_cfg.mlm_weight * _f32(parts["loss_mlm"])
     out = {"loss": total}

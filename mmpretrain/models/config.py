@@ -88,6 +88,12 @@ class ModelConfig:
     row of three, so the label is uncorrelated with any function of one side alone) and sat at
     the 1:2 prior from scratch; the product gives the fusion blocks a gradient from step 0
     (docs/BENCHMARKS.md "Seventh pass")."""
+    fusion_gates: bool = False
+    """unified + ``fusion_source: towers``: each fusion block's attention and MLP branch is scaled
+    by a per-channel gate initialised to 0, so the fused pass starts as the identity of the
+    towers' tokens; with ``itm_head: match`` (which then reads the fused residual stream, before
+    ``fusion_norm``) the ITM logit starts as exactly ``logit_scale_init`` x the contrastive cosine
+    and the fusion learns only what changes it."""
     itm_contrastive_prior: bool = False
     """unified + ``fusion_source: towers``: the ITM match logit is the head's output plus the
     log-odds that the pair's contrastive logit (``logit_scale`` x cosine of the two embeddings,
@@ -141,6 +147,13 @@ class LossConfig:
     itm_fraction: float = 1.0
     """Share of the global batch whose ITM triplets (positive, negative text, negative image) are
     scored, hardest mined negatives first (1: every row). Cuts the 3 fused passes per sample."""
+    itm_rank_weight: float = 0.0
+    """Weight of a pairwise ranking term over the ITM passes (``losses.itm_rank_loss``): each
+    row's positive must score above its text negative and its image negative,
+    ``softplus(s_neg - s_pos)`` on the match log-odds (RankNet, as retrieval re-rankers are
+    trained). ITM's cross-entropy classifies each pair against the 1:2 prior; re-ranking needs the
+    order within a row, which this asks for directly. Needs ``itm_weight > 0`` (the same passes,
+    no extra cost); reported as ``loss_itm_rank`` / ``itm_rank_acc``."""
     mlm_weight: float = 0.0
     """Masked language modelling on the fused pass (image + masked caption; ViLT/ALBEF/VLMo).
     0 disables it. unified arch only."""

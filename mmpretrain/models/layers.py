@@ -62,9 +62,15 @@ class Block(nn.Module):
     """Pre-norm transformer block; ``route`` picks the feed-forward expert(s)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 experts: bool = False):
+                 experts: bool = False, gated: bool = False):
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        # gated: per-channel gates on both residual branches, initialised to 0 (LayerScale at 0,
+        # as ReZero / Flamingo's gated cross-attention): the block starts as the identity
+        if gated and experts:
+            raise ValueError("a gated block has no modality experts")
+        self.gate_attn = nn.Parameter(torch.zeros(dim)) if gated else None
+        self.gate_mlp = nn.Parameter(torch.zeros(dim)) if gated else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -78,6 +84,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, route: str = IMAGE,
                 n_image: int = 0) -> torch.Tensor:
+        if self.gate_attn is not None:
+            x = x + self.gate_attn.to(x.dtype) * self.attn(self.norm1(x), attn_mask)
+            return x + self.gate_mlp.to(x.dtype) * self.mlp(self.norm2(x))
         x = x + self.attn(self.norm1(x), attn_mask)
         if not self.experts:
             return x + self.mlp(self.norm2(x))

@@ -82,6 +82,8 @@ class PretrainModel(nn.Module):
             raise ValueError(f"loss.mlm_prob must be in (0, 1), got {loss_cfg.mlm_prob}")
         if not 0 <= loss_cfg.itm_random_mix <= 1 or loss_cfg.itm_curriculum_steps < 0:
             raise ValueError("loss.itm_random_mix must be in [0, 1] and loss.itm_curriculum_steps >= 0")
+        if loss_cfg.itm_rank_weight < 0 or (loss_cfg.itm_rank_weight > 0 and loss_cfg.itm_weight <= 0):
+            raise ValueError("loss.itm_rank_weight must be >= 0 and needs loss.itm_weight > 0 (it ranks the ITM passes)")
         if not 0 <= loss_cfg.itc_word_negatives <= 1:
             raise ValueError(f"loss.itc_word_negatives must be in [0, 1], got {loss_cfg.itc_word_negatives}")
         if loss_cfg.itc_word_negatives > 0 and loss_cfg.contrastive != "infonce":
@@ -132,7 +134,7 @@ class PretrainModel(nn.Module):
         """[B, 2] fp32 ITM logits of ``image_inputs`` / ``text_inputs`` rows (with the prior)."""
         bb = self.backbone
         if hasattr(bb, "itm_logits_from_tokens"):  # unified: every fused token (the match head reads them all)
-            tokens = bb.fuse_tokens(image_inputs, text_inputs, text_mask)
+            tokens = bb.fuse_tokens(image_inputs, text_inputs, text_mask, normed=not bb.match_reads_stream)
             logits = bb.itm_logits_from_tokens(tokens, image_inputs.shape[1], text_mask).float()
         else:
             logits = bb.itm_logits_from_fused(bb.fuse(image_inputs, text_inputs, text_mask)).float()
@@ -331,9 +333,12 @@ class PretrainModel(nn.Module):
         if not hasattr(bb, "fuse_tokens"):  # dual encoder: its fusion head returns the read-out
             readout = bb.fuse(*fused_in)
         else:  # unified: one fused pass over the ITM and MLM pairs together
-            pieces = list(torch.split(bb.fuse_tokens(*fused_in), sizes))
+            stream = bb.match_reads_stream and use_itm
+            pieces = list(torch.split(bb.fuse_tokens(*fused_in, normed=not stream), sizes))
             if use_mlm:
                 text_tok = pieces.pop()[:, n_img:]
+                if stream:  # MLM reads the final-norm tokens
+                    text_tok = bb.fusion_norm(text_tok)
                 chosen = mlm_labels != -100
                 parts["loss_mlm"], parts["mlm_acc"] = L.mlm_loss(bb.mlm_logits(text_tok[chosen]),
                                                                  mlm_labels[chosen])
@@ -354,6 +359,8 @@ class PretrainModel(nn.Module):
                 mu_p, mu_n, var = self.itm_prior_stats.detach().unbind(0)
                 parts["itm_prior_slope"] = ((mu_p - mu_n) / var.clamp(min=1e-6)).reshape(())
             parts["loss_itm"], parts["itm_acc"] = L.itm_loss(logits, labels.to(logits.device))
+            if lc.itm_rank_weight > 0:
+                parts["loss_itm_rank"], parts["itm_rank_acc"] = L.itm_rank_loss(logits, labels.to(logits.device))
             parts["itm_uniform_share"] = torch.tensor(float(share), device=logits.device)
         return L.combined(parts, lc)
 

@@ -79,17 +79,23 @@ class UnifiedTransformer(nn.Module):
             if cfg.fusion_depth < 1:
                 raise ValueError(f"model.fusion_depth must be >= 1 with fusion_source=towers, got {cfg.fusion_depth}")
             self.fusion_blocks = nn.ModuleList(
-                Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.fusion_depth))
+                Lx.Block(w, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, gated=cfg.fusion_gates)
+                for _ in range(cfg.fusion_depth))
             self.fusion_norm = nn.LayerNorm(w, eps=1e-6)
             Lx.init_weights(self.fusion_blocks)
             Lx.init_weights(self.fusion_norm)
         # constant initialisation: no random draws, the weights above are those of 'pooler'
         self.itm_match = Lx.MatchHead(cfg.embed_dim, cfg.logit_scale_init) if cfg.itm_head == "match" else None
+        if cfg.fusion_gates and not self.towers:
+            raise ValueError("model.fusion_gates needs model.fusion_source=towers (it gates the fusion blocks)")
+        # match + towers: the head reads the fused residual stream (the towers' tokens plus what the
+        # fusion blocks add), not fusion_norm's output, so that identity blocks give the embeddings
+        self.match_reads_stream = cfg.itm_head == "match" and self.towers
         self.grad_checkpointing = cfg.grad_checkpointing
 
     # ------------------------------------------------------------------ stack
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, routes: list[str], n_image: int = 0,
-             fusion: bool = False):
+             fusion: bool = False, normed: bool = True):
         blocks, norm = (self.fusion_blocks, self.fusion_norm) if fusion else (self.blocks, self.norm)
         attn_mask = None if mask is None else Lx.key_padding_mask(mask, x.dtype)
         for blk, route in zip(blocks, routes):
@@ -97,7 +103,7 @@ class UnifiedTransformer(nn.Module):
                 x = checkpoint(blk, x, attn_mask, route, n_image, use_reentrant=False)
             else:
                 x = blk(x, attn_mask, route, n_image)
-        return norm(x)
+        return norm(x) if normed else x
 
     def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.cfg.pool
@@ -147,14 +153,16 @@ class UnifiedTransformer(nn.Module):
         return self.text_features(self.text_inputs(input_ids, attention_mask), attention_mask)
 
     # ------------------------------------------------------------------ fused
-    def fuse_tokens(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Every final-norm token of the fused pass ``[image; text]``: [B, N_img + L, width]."""
+    def fuse_tokens(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                    normed: bool = True) -> torch.Tensor:
+        """Every final-norm token of the fused pass ``[image; text]``: [B, N_img + L, width]
+        (``normed=False``, towers: the residual stream before ``fusion_norm``)."""
         b, n_img = image_tokens.shape[:2]
         text_tokens = text_tokens.to(image_tokens.dtype)
         x = torch.cat([image_tokens, text_tokens], dim=1)
         mask = torch.cat([torch.ones(b, n_img, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
         if self.towers:
-            return self._run(x, mask, [Lx.IMAGE] * self.cfg.fusion_depth, n_img, fusion=True)
+            return self._run(x, mask, [Lx.IMAGE] * self.cfg.fusion_depth, n_img, fusion=True, normed=normed)
         return self._run(x, mask, self._fused_routes(), n_img)
 
     def readout_index(self, n_image_tokens: int) -> int:
@@ -178,7 +186,7 @@ class UnifiedTransformer(nn.Module):
         """[B, 2] ITM logits of ``fuse_tokens`` output (``n_image`` image tokens first, then the
         text tokens with ``text_mask``): the read-out token through the pooler head, or (match)
         the fused image and text tokens pooled and projected as the embeddings are, then
-        ``MatchHead``."""
+        ``MatchHead``. With ``match_reads_stream`` the tokens are ``fuse_tokens(..., normed=False)``."""
         if self.itm_match is None:
             return self.itm_head(tokens[:, self.readout_index(n_image)])
         mode = self.cfg.pool if self.cfg.image_pool == "same" else self.cfg.image_pool

@@ -46,9 +46,13 @@ CASES = {
     # the match head (pooled, projected fused towers; image max-pool): no collective of its own
     "towers_match_head": dict(itm_weight=1.0, itm_fraction=0.5, mlm_weight=0.5, mlm_prob=0.4,
                               _model=dict(fusion_source="towers", fusion_depth=1, image_pool="max", itm_head="match")),
+    # with zero-initialised fusion gates the MLM head reads fusion_norm of the residual stream
+    "towers_match_gates": dict(itm_weight=1.0, itm_fraction=0.75, mlm_weight=0.5, mlm_prob=0.4, itm_rank_weight=0.7,
+                               _model=dict(fusion_source="towers", fusion_depth=2, itm_head="match",
+                                           fusion_gates=True)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
-KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",
+KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_itm_rank", "itm_rank_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",
         "itc_word_share")
 
 

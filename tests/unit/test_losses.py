@@ -157,3 +157,20 @@ def test_itm_loss_and_combined():
     assert out["loss"].requires_grad and not out["loss_itc"].requires_grad
     out = L.combined({"loss_itc": itc}, LossConfig(itm_weight=0.0))
     assert set(out) == {"loss", "loss_itc"}
+
+
+def test_itm_rank_loss_orders_each_row_and_skips_duplicate_negatives():
+    # 2 rows: match log-odds s = logit[1] - logit[0]; order [positives, text negatives, image negatives]
+    s = torch.tensor([2.0, 0.5, 1.0, 3.0, -1.0, 0.0], requires_grad=True)
+    logits = torch.stack([torch.zeros(6), s], dim=-1)
+    labels = torch.tensor([1, 1, 0, 1, 0, 0])  # row 1's text negative is a duplicate positive: left out
+    loss, acc = L.itm_rank_loss(logits, labels)
+    pairs = [(2.0, 1.0), (2.0, -1.0), (0.5, 0.0)]  # (positive, negative) of the 3 valid pairs
+    want = sum(F.softplus(torch.tensor(n - p)) for p, n in pairs) / 3
+    torch.testing.assert_close(loss, want)
+    assert math.isclose(float(acc), 1.0)
+    loss.backward()
+    assert s.grad[3] == 0 and s.grad[0] < 0 and s.grad[2] > 0
+    cfg = LossConfig(itm_weight=0.5, itm_rank_weight=2.0)
+    out = L.combined({"loss_itc": torch.tensor(1.0), "loss_itm": torch.tensor(0.4), "loss_itm_rank": loss}, cfg)
+    torch.testing.assert_close(out["loss"], 1.0 + 0.5 * 0.4 + 2.0 * loss.detach())

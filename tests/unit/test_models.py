@@ -143,7 +143,8 @@ def test_match_head_reads_the_pooled_projected_fused_towers():
     assert bb.itm_head is None and bb.itm_match is not None
     px, ids, mask, image_ids = _batch()
     xi, xt = bb.image_inputs(px), bb.text_inputs(ids, mask)
-    tok = bb.fuse_tokens(xi, xt, mask)
+    tok = bb.fuse_tokens(xi, xt, mask, normed=False)  # the residual stream, before fusion_norm
+    assert bb.match_reads_stream
     n = xi.shape[1]
     u = bb.image_proj(tok[:, :n].amax(dim=1))  # image_pool=max over the fused image tokens
     w = mask.float().unsqueeze(-1)
@@ -164,6 +165,32 @@ def test_match_head_reads_the_pooled_projected_fused_towers():
         _build("dual_cnn_xattn", itm_head="match")
     with pytest.raises(ValueError, match="itm_head"):
         _build("unified", itm_head="bilinear")
+
+
+def test_fusion_gates_start_the_match_head_at_the_contrastive_score():
+    model = _build("unified_match", fusion_gates=True, fusion_depth=2).eval()
+    bb = model.backbone
+    px, ids, mask, image_ids = _batch()
+    xi, xt = bb.image_inputs(px), bb.text_inputs(ids, mask)
+    # zero gates: the fused residual stream is the towers' tokens, the ITM logit scale x cosine
+    torch.testing.assert_close(bb.fuse_tokens(xi, xt, mask, normed=False), torch.cat([xi, xt], dim=1))
+    cos = (model.encode_image(px)[1] * model.encode_text(ids, mask)[1]).sum(-1)
+    torch.testing.assert_close(model.itm_logits(px, ids, mask)[:, 1], cos / 0.07, rtol=1e-5, atol=1e-5)
+    # the gates get the ITM gradient at once (the blocks' weights once the gates have moved)
+    model.train()
+    out = model(px, ids, mask, image_ids)
+    (out["loss"] - out["loss_itc"]).backward()
+    assert bb.fusion_blocks[0].gate_attn.grad.abs().sum() > 0 and bb.fusion_blocks[1].gate_mlp.grad.abs().sum() > 0
+    with torch.no_grad():
+        for blk in bb.fusion_blocks:
+            blk.gate_attn.fill_(0.5)
+            blk.gate_mlp.fill_(0.5)
+    model.zero_grad()
+    out = model(px, ids, mask, image_ids)
+    (out["loss"] - out["loss_itc"]).backward()
+    assert bb.fusion_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fusion_gates"):
+        _build("unified", fusion_gates=True)
 
 
 def test_experts_route_by_modality():
