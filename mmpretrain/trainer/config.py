@@ -23,10 +23,18 @@ class OptimConfig:
     """Cosine decays to lr * min_lr_ratio."""
     grad_clip: float = 1.0
     """Clip the global L2 norm of the gradients to this (0 disables clipping)."""
+    itm_head_lr_mult: float = 1.0
+    """The ITM head's learning rate is ``lr`` x this (its own AdamW groups, the same schedule).
+    AdamW moves a parameter by about ``lr`` per step whatever its gradient, so a head whose
+    calibration needs its bias moved by several units (``model.itm_head: match`` starts at
+    ``logit_scale_init`` x cosine, all pairs "match") cannot get there in a few hundred steps at
+    ``lr`` and the fusion blocks shift every score instead (docs/BENCHMARKS.md "Seventh pass")."""
 
     def __post_init__(self):
         if self.betas is None:
             self.betas = [0.9, 0.98]
+        if self.itm_head_lr_mult <= 0:
+            raise ValueError(f"optim.itm_head_lr_mult must be > 0, got {self.itm_head_lr_mult}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optim: need lr > 0, warmup_steps >= 0, grad_clip >= 0, 0 <= min_lr_ratio <= 1")
         if len(self.betas) != 2:

@@ -38,21 +38,32 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``decay`` (weight matrices) and ``no_decay`` (everything else)."""
+ITM_HEAD_PREFIXES = ("backbone.itm_head.", "backbone.itm_match.")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, itm_head_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: ``decay`` (weight matrices) and ``no_decay`` (everything else); with
+    ``itm_head_lr_mult != 1`` the ITM head's parameters form ``itm_head_decay`` /
+    ``itm_head_no_decay`` with ``lr_mult`` (read by ``WarmupCosine``)."""
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    split = itm_head_lr_mult != 1.0
+    buckets: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (False, True)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+            head = split and name.startswith(ITM_HEAD_PREFIXES)
+            buckets[(head, name not in skip)].append(p)
+    groups = [{"params": buckets[(False, True)], "weight_decay": weight_decay, "name": "decay"},
+              {"params": buckets[(False, False)], "weight_decay": 0.0, "name": "no_decay"},
+              {"params": buckets[(True, True)], "weight_decay": weight_decay, "name": "itm_head_decay",
+               "lr_mult": itm_head_lr_mult},
+              {"params": buckets[(True, False)], "weight_decay": 0.0, "name": "itm_head_no_decay",
+               "lr_mult": itm_head_lr_mult}]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps)
+    groups = param_groups(model, cfg.weight_decay, cfg.itm_head_lr_mult)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -96,7 +107,7 @@ class WarmupCosine:
     def apply(self) -> None:
         """Write the rate of the next optimizer step into the param groups."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_mult", 1.0)
 
     def step(self) -> None:
         """Call once per training step, skipped (non-finite) steps included: the rate is a

@@ -48,6 +48,33 @@ def test_optimizer_groups_and_schedule():
     assert all(g["lr"] == pytest.approx(0.55) for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("head", ["pooler", "match"])
+def test_itm_head_lr_mult_puts_the_head_in_its_own_groups(head):
+    from mmpretrain.config import load_config
+    from mmpretrain.models import build_model
+    from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
+
+    over = ["model.width=32", "model.depth=1", "model.num_heads=2", "model.embed_dim=16", "model.image_size=32",
+            "model.fusion_source=towers", f"model.itm_head={head}", "optim.lr=1.0", "optim.warmup_steps=0"]
+    cfg = load_config(None, over + ["optim.itm_head_lr_mult=50"])
+    model = build_model(cfg.model, cfg.loss, vocab_size=50)
+    opt = build_optimizer(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    head_names = {n for n, _ in model.named_parameters() if n.startswith(("backbone.itm_head.", "backbone.itm_match."))}
+    assert head_names and groups["itm_head_no_decay"] | groups.get("itm_head_decay", set()) == head_names
+    assert not head_names & (groups["decay"] | groups["no_decay"])
+    WarmupCosine(opt, cfg.optim, 10)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["decay"] == pytest.approx(1.0) and lrs["itm_head_no_decay"] == pytest.approx(50.0)
+    # the default keeps the two groups of earlier versions (checkpoints resume)
+    cfg1 = load_config(None, over)
+    assert [g["name"] for g in build_optimizer(build_model(cfg1.model, cfg1.loss, 50), cfg1.optim).param_groups] \
+        == ["decay", "no_decay"]
+    with pytest.raises(ValueError, match="itm_head_lr_mult"):
+        load_config(None, over + ["optim.itm_head_lr_mult=0"])
+
+
 @pytest.mark.parametrize("warmup, total", [(4, 20), (0, 20), (0, 2), (3, 4)])
 def test_schedule_as_the_loop_steps_it(warmup, total):
     """The rate each optimizer step uses, stepped as ``fit`` does (read, optimizer step,
