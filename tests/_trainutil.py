@@ -68,10 +68,10 @@ def make_shards(base: Path) -> Path:
 def _fixed_tokenizer(shards: Path) -> None:
     """``shards/tokenizer``: the BERT-style WordPiece pipeline of ``train_tokenizer`` with a
     vocabulary fixed by the train captions alone. The trained one is not reproducible (the
-    ``tokenizers`` trainer breaks ties in hash-map order: its tokenizer.json differed in 3 of 3
-    sessions, 30 ids of the alphabet moved and 16 sub-word tokens came and went), so the token
-    ids, hence the embedding rows and the losses of every test on these shards, changed from
-    session to session. Here: the special tokens (ids 0-4, as trained), the characters, their
+    ``tokenizers`` trainer breaks ties in hash-map order: 3 trainings gave 3 different
+    tokenizer.json; between two of them 30 ids moved and 16 sub-word tokens came and went),
+    so the token ids, hence the embedding rows and the losses of every test on these shards,
+    changed from session to session. Here: the special tokens (ids 0-4, as trained), the characters, their
     ``##`` continuations (sorted), then every other caption word by falling count (ties by
     spelling): 150 tokens, each caption word one token (a trained vocabulary of 300 split a few
     rare words: 16 of the 288 train + val captions tokenized differently in one session)."""
