@@ -472,8 +472,8 @@ def _load_buffers(module, folder: Path) -> None:
 def _unshare_adam_steps(optimizer) -> None:
     """Give each optimizer state its own ``step`` tensor. DeepSpeed 0.19's ZeRO-3 universal load
     puts one and the same step tensor into the state of every flat fp32 partition (one per param
-    group here: decay, no_decay); torch's AdamW increments it in place once per partition, so
-    after the load the step moved by 2 per update and the bias correction of the second group
+    group: decay, no_decay and, with optim.itm_head_lr_mult, the head groups); torch's AdamW increments it in place once per partition, so
+    after the load the step moved by 2 per update and the bias correction of every later group
     was off (a ~0.3 % loss drift after the first update, also for a 1 -> 1 universal load; a
     checkpoint after a skipped step looked right, as it holds the shared value once per state)."""
     import torch
