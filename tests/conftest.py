@@ -22,6 +22,10 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test reaches the Hugging Face hub: a tokenizer or model named by hub id that is not in the
+# local cache fails at once with the one-line error instead of retrying a download for ~25 s
+# (CI has no network; the 2026-12-02 CI run failed on exactly that).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

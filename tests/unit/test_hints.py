@@ -20,7 +20,8 @@ def test_missing_val_shards_hint_names_every_setting_that_reads_them(tmp_path, c
 
     write_raw_shard(str(tmp_path / "train-000000.tar"), [{"__key__": "a", "txt": "x", "jpg": b"x"}])
     base = [f"data.train_shards=[{tmp_path}/train-*.tar]", f"data.val_shards={tmp_path}/val-*.tar",
-            "train.eval_every=50", "train.eval_at_end=true"]
+            "train.eval_every=50", "train.eval_at_end=true",
+            "data.tokenizer=auto"]  # vilt_b32 names bert-base-uncased: no hub in tests
     cfg = load_config(config, base)
     with pytest.raises(FileNotFoundError) as err:
         check_data(cfg, need_val=True, need_val_loss=True)
