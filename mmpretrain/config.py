@@ -9,6 +9,11 @@ the key and the choices.
 Facts that two sections hold (``LINKS``: the image side, the text length) are kept consistent
 here and only here: a YAML file or the overrides that set one side only set the other to the same
 value, and a tree whose two sides disagree is a ``ConfigError`` naming both keys.
+
+Renamed keys (``RENAMED``: ``data.batch_size`` -> ``data.global_batch_size``) still read, here and
+only here, in every tree a config is read from (a YAML file, the overrides, the config a checkpoint
+or a run directory saved), with one ``FutureWarning`` naming both keys; the old and the new key
+both set to different values is a ``ConfigError`` naming both.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import re
 import textwrap
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,7 @@ class Config:
 # ----------------------------------------------------------------------------- helpers
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a dataclass tree, e.g. ``data.batch_size``."""
+    """Every dotted leaf key of a dataclass tree, e.g. ``data.global_batch_size``."""
     keys = []
     for f in dataclasses.fields(cls):
         t = _resolve(cls, f)
@@ -71,9 +77,10 @@ def _resolve(cls: type, f: dataclasses.Field) -> Any:
 # which would send ``optim.learning_rate`` to ``optim.min_lr_ratio``).
 _SYNONYMS = {
     "learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay", "decay": "weight_decay",
-    "bs": "batch_size", "batchsize": "batch_size", "warmup": "warmup_steps", "steps": "max_steps",
-    "num_steps": "max_steps", "total_steps": "max_steps", "clip_grad": "grad_clip",
-    "max_grad_norm": "grad_clip", "grad_norm": "grad_clip",
+    "bs": ("global_batch_size", "batch_size"), "batchsize": ("global_batch_size", "batch_size"),
+    "batch_size": "global_batch_size", "global_batch": "global_batch_size", "global_bs": "global_batch_size",
+    "warmup": "warmup_steps", "steps": "max_steps", "num_steps": "max_steps", "total_steps": "max_steps",
+    "clip_grad": "grad_clip", "max_grad_norm": "grad_clip", "grad_norm": "grad_clip",
 }
 
 
@@ -82,14 +89,18 @@ def _by_words(key: str, candidates: list[str]) -> str | None:
     (``learning_rate`` -> ``lr``), preferring the key's own section."""
     section, _, leaf = key.rpartition(".")
     words = [w for w in re.split(r"[_\-]+", leaf.lower()) if w]
-    wanted = [_SYNONYMS.get(leaf.lower())]
+    synonym = _SYNONYMS.get(leaf.lower()) or ()
+    wanted = [synonym] if isinstance(synonym, str) else list(synonym)
     if len(words) > 1:
         wanted.append("".join(w[0] for w in words))
-    for name in filter(None, wanted):
-        hits = [c for c in candidates if c.rsplit(".", 1)[-1] == name]
-        same = [c for c in hits if c.rpartition(".")[0] == section]
-        if same or len(hits) == 1:
-            return (same or hits)[0]
+    hits = {name: [c for c in candidates if c.rsplit(".", 1)[-1] == name] for name in wanted}
+    for name in wanted:  # the key's own section first (``eval.bs`` -> ``eval.batch_size``)
+        same = [c for c in hits[name] if c.rpartition(".")[0] == section]
+        if same:
+            return same[0]
+    for name in wanted:
+        if len(hits[name]) == 1:
+            return hits[name][0]
     return None
 
 
@@ -211,6 +222,47 @@ def literal_choices(cls: type = Config, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
+# ----------------------------------------------------------------------------- renamed keys
+
+RENAMED = {
+    "data.batch_size": "data.global_batch_size",  # it is the global batch of one micro-step
+}
+"""Old dotted key -> its new name in the same section. The old one still reads everywhere a config is read (YAML,
+overrides, a saved run's config.yaml or checkpoint config), with one ``FutureWarning``."""
+
+
+_RENAME_WARNED: dict = {}  # the warnings registry of the renamed keys: each message once per process
+
+
+def _warn_renamed(old: str, new: str, value: Any, where: str = "") -> None:
+    """One ``FutureWarning`` line naming both keys (no source line under it: it is the config's)."""
+    warnings.warn_explicit(f"{where}{old} is deprecated: renamed {new}, read as {new}={value!r}; write {new}",
+                           FutureWarning, filename="mmpretrain config", lineno=0, module="mmpretrain.config",
+                           registry=_RENAME_WARNED)
+
+
+def _both_set(old: str, new: str, old_value: Any, new_value: Any, where: str = "") -> ConfigError:
+    return ConfigError(f"{where}{old}={old_value!r} and {new}={new_value!r} are both set and differ "
+                       f"({old} is the old name of {new}); set {new} alone")
+
+
+def _renamed(tree: dict, where: str = "") -> dict:
+    """``tree`` (one YAML file, a saved config) with every old key of ``RENAMED`` under its new
+    name, in its place; a ``FutureWarning`` for each old key found. Copies the sections it changes."""
+    out = tree
+    for old, new in RENAMED.items():
+        (has_old, old_value), (has_new, new_value) = _get_dotted(out, old), _get_dotted(out, new)
+        if not has_old:
+            continue
+        if has_new and new_value != old_value:
+            raise _both_set(old, new, old_value, new_value, where)
+        _warn_renamed(old, new, old_value, where)
+        (section, old_leaf), new_leaf = old.split("."), new.split(".")[1]  # one section: a new leaf name
+        out = {**out, section: {(new_leaf if k == old_leaf else k): v for k, v in out[section].items()
+                                if not (has_new and k == new_leaf)}}
+    return out
+
+
 # ----------------------------------------------------------------------------- cross-section facts
 
 @dataclasses.dataclass(frozen=True)
@@ -297,12 +349,14 @@ def expand_key(key: str) -> str:
     """Full dotted name for an override key; a bare leaf (``max_steps``) is accepted when it
     names exactly one field of the tree, or the two sides of one link (``image_size``)."""
     keys = all_keys(Config)
-    if key in keys:
-        return key
+    if key in keys or key in RENAMED:
+        return key  # an old name: ``parse_overrides`` reads it as the new one
     sections = {k.split(".", 1)[0] for k in keys if "." in k}
     if key in sections:
         raise ConfigError(f"override '{key}' names a whole section; set one of its keys")
     matches = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if key in {old.rsplit(".", 1)[-1] for old in RENAMED}:  # bare ``batch_size``: the old data key too
+        matches += [new for old, new in RENAMED.items() if old.rsplit(".", 1)[-1] == key and new not in matches]
     if len(matches) == 1:
         return matches[0]
     for link in LINKS:  # ``image_size=96``: both sides of a link (the other follows)
@@ -365,13 +419,26 @@ def _override_value(raw: str) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
+    """``(full dotted key, value)`` of each ``key=value``; an old key (``RENAMED``) under its new
+    name, with a ``FutureWarning``, and set beside its new name to another value a ``ConfigError``."""
+    out, old_names = [], []
+    spelled: dict[str, tuple[str, Any]] = {}  # key -> (the name it was last set by, value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = expand_key(key.strip())
-        out.append((key, _override_value(raw)))
+        name = expand_key(key.strip())
+        value = _override_value(raw)
+        key = RENAMED.get(name, name)
+        before = spelled.get(key)
+        if before is not None and before[0] != name and before[1] != value:  # the old and the new name
+            (old, old_value), (_, new_value) = sorted([before, (name, value)], key=lambda nv: nv[0] not in RENAMED)
+            raise _both_set(old, key, old_value, new_value)
+        spelled[key] = (name, value)
+        old_names += [(name, key, value)] if name in RENAMED else []
+        out.append((key, value))
+    for name, key, value in old_names:  # after the checks: an error is the only line
+        _warn_renamed(name, key, value)
     return out
 
 
@@ -388,6 +455,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = _renamed(tree, f"{p}: ")
     layer: dict = {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(layer, key, value)
@@ -403,8 +471,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(tree: dict) -> Config:
-    """The typed tree of a plain dict (a checkpoint's config), checked as ``load_config`` checks."""
-    return _with_links(_follow(tree))
+    """The typed tree of a plain dict (a checkpoint's config), checked as ``load_config`` checks
+    (an old key of ``RENAMED`` reads as its new one, with a ``FutureWarning``)."""
+    return _with_links(_follow(_renamed(tree, "saved config: ")))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -11,7 +11,7 @@ from mmpretrain.config import load_config, to_dict
 
 TINY = ["model.image_size=32", "data.image_size=32", "model.width=32", "model.depth=2", "model.num_heads=2",
         "model.embed_dim=16", "model.patch_size=8", "data.max_length=16", "model.max_text_length=16",
-        "data.batch_size=8", "data.num_workers=0", "eval.batch_size=16", "eval.itm_rerank_k=4",
+        "data.global_batch_size=8", "data.num_workers=0", "eval.batch_size=16", "eval.itm_rerank_k=4",
         "eval.num_examples=3"]
 REPO = Path(__file__).resolve().parents[1]  # tests/_exportutil.py -> the checkout
 

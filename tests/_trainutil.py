@@ -26,7 +26,7 @@ data:
   tokenizer: {shards}/tokenizer
   max_length: 16
   image_size: 32
-  batch_size: 8
+  global_batch_size: 8
   num_workers: 0
   shuffle_buffer: 32
   train_crop: center

@@ -93,8 +93,8 @@ def loader_rate(shards: list[str], tok, *, workers: int, batches: int, batch_siz
                 max_length: int, seed: int = 0) -> dict:
     from mmpretrain.data.loader import ShardLoader
 
-    cfg = DataConfig(train_shards=shards, batch_size=batch_size, num_workers=workers, image_size=image_size,
-                     max_length=max_length)
+    cfg = DataConfig(train_shards=shards, global_batch_size=batch_size, num_workers=workers,
+                     image_size=image_size, max_length=max_length)
     loader = ShardLoader(cfg, tok, rank=0, world_size=1, seed=seed)
     t_start = time.perf_counter()
     it = loader.infinite()
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {d.num_workers}, data.num_workers)")
     p.add_argument("--batches", type=int, default=50, metavar="N",
                    help="batches timed after the first one (default: 50)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
-                   help=f"samples per batch (default: {d.batch_size}, data.batch_size)")
+    p.add_argument("--batch-size", type=int, default=d.global_batch_size, metavar="B",
+                   help=f"samples per batch, one process (default: {d.global_batch_size}, data.global_batch_size)")
     p.add_argument("--image-size", type=int, default=d.image_size, metavar="PX",
                    help=f"crop/resize side of both loops (default: {d.image_size}, data.image_size)")
     p.add_argument("--max-length", type=int, default=d.max_length, metavar="N",

@@ -29,9 +29,10 @@ class DataConfig:
     """Per-channel (RGB) mean subtracted from the pixels scaled to [0, 1] (ImageNet's)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel (RGB) standard deviation the pixels are divided by after the mean (ImageNet's)."""
-    batch_size: int = 32
-    """Global batch size per optimizer micro-step: all ranks together (each rank gets
-    batch_size / world size); an optimizer step sees batch_size x train.grad_accum_steps samples."""
+    global_batch_size: int = 32
+    """The global batch of one micro-step: all ranks together, split across them (each rank gets
+    global_batch_size // world size; it must divide); an optimizer step sees global_batch_size x
+    train.grad_accum_steps samples. Formerly ``data.batch_size`` (still read, with a warning)."""
     num_workers: int = 2
     """DataLoader workers per rank."""
     shuffle_buffer: int = 1000
@@ -59,7 +60,7 @@ class DataConfig:
     """Socket timeout of remote reads, per operation (connect, each read)."""
 
     def __post_init__(self):
-        for name, low in (("max_length", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_workers", 0),
+        for name, low in (("max_length", 1), ("global_batch_size", 1), ("max_image_pixels", 1), ("num_workers", 0),
                           ("shuffle_buffer", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {getattr(self, name)}")

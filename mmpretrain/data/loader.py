@@ -84,15 +84,15 @@ class ShardLoader:
                  train: bool = True, sources=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if cfg.batch_size % world_size != 0:
-            raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the world size "
-                             f"{world_size}; the per-rank batch is data.batch_size // world_size")
+        if cfg.global_batch_size % world_size != 0:
+            raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by the world size "
+                             f"{world_size}; the per-rank batch is data.global_batch_size // world_size")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rank, self.world_size, self.seed, self.train = rank, world_size, int(seed), bool(train)
-        self.batch = cfg.batch_size // world_size
+        self.batch = cfg.global_batch_size // world_size
         if self.batch < 1:
-            raise ValueError(f"data.batch_size={cfg.batch_size} gives an empty per-rank batch")
+            raise ValueError(f"data.global_batch_size={cfg.global_batch_size} gives an empty per-rank batch")
         self.num_workers = max(0, int(cfg.num_workers))
         self.slots_per_rank = max(1, self.num_workers)
         weights: list[float] = []
@@ -149,8 +149,8 @@ class ShardLoader:
         self._retries_epoch: dict[int, int] = {}
         self._plans: dict[int, Plan] = {}
         if self.train and self.batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the {self.num_samples} samples "
-                             f"of {name}; no full batch per epoch")
+            raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is larger than the "
+                             f"{self.num_samples} samples of {name}; no full batch per epoch")
 
     # -- plan
     @property

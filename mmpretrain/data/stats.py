@@ -72,7 +72,7 @@ def _accumulate(shards, *, tokenizer, max_length, image_size, num_workers, batch
     from mmpretrain.data.loader import ShardLoader
 
     defaults = DataConfig()
-    cfg = DataConfig(batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+    cfg = DataConfig(global_batch_size=batch_size, num_workers=num_workers, image_size=image_size,
                      max_length=max_length,
                      max_image_pixels=max_image_pixels or defaults.max_image_pixels)
     loader = ShardLoader(cfg, tokenizer, rank=0, world_size=1, seed=0, train=False, sources=shards)

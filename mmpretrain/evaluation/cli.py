@@ -1,14 +1,14 @@
 """`mmpretrain eval`: zero-shot retrieval + ITM re-ranking of a checkpoint (or an export).
 
     mmpretrain eval --checkpoint runs/x/checkpoints/step_00000200 --shards 'shards/synthetic/val-*.tar' \
-        [--out DIR] [eval.itm_rerank_k=32 data.batch_size=64 ...]
+        [--out DIR] [eval.itm_rerank_k=32 data.global_batch_size=64 ...]
 
 Runs in one process (no process group), or on N processes under a launcher
 (``torchrun --nproc_per_node N -m mmpretrain.evaluation.cli ...`` or ``accelerate launch``):
 each rank embeds its share of the shards and the results are merged (evaluation.evaluate).
 ``mmpretrain.runtime.start_if_launched`` builds and checks the Accelerator (no DDP/DeepSpeed
 wrapping: every rank holds the full model) and ends it.
-Overrides apply to the checkpoint's own config (``eval.*``, ``data.batch_size``,
+Overrides apply to the checkpoint's own config (``eval.*``, ``data.global_batch_size``,
 ``data.num_workers``, ...). Writes ``metrics.json``, ``report.html`` and ``report.png`` into
 ``--out`` (default: ``RUN/eval/step_N`` beside the run's checkpoints) and prints the metrics
 JSON as its last line. ``--classify DIR`` adds zero-shot classification (an ImageFolder tree
@@ -116,8 +116,8 @@ def _evaluate(args, cfg, loaded, runtime, run_evaluation) -> int:
     out = Path(args.out) if args.out else default_out_dir(Path(args.checkpoint), loaded.step)
     # A world size that does not divide the batch is not an error for evaluation: round it up.
     world = runtime.world_size
-    if cfg.data.batch_size % world:
-        cfg.data.batch_size += world - cfg.data.batch_size % world
+    if cfg.data.global_batch_size % world:
+        cfg.data.global_batch_size += world - cfg.data.global_batch_size % world
     from mmpretrain.evaluation import classify as classify_mod
     from mmpretrain.evaluation import report as report_mod
 

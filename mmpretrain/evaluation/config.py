@@ -20,7 +20,7 @@ class EvalConfig:
     batch_size: int = 64
     """Per-rank batch of evaluation's model passes after the held-out set is read: ITM re-scoring
     pairs, re-encoded texts, classified images (the held-out set itself is read in
-    ``data.batch_size`` batches)."""
+    ``data.global_batch_size`` batches)."""
     max_samples: int = 0
     """At most this many held-out samples are evaluated, an equal share per rank (0: the whole
     held-out set)."""

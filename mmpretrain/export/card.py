@@ -102,6 +102,8 @@ def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = No
     snippets.append("```python\nimport mmpretrain\n\n"
                     f'm = mmpretrain.load_pretrained("{name}")   # embed_images / embed_texts / score_pairs\n```\n')
     data = cfg.data
+    accum_steps = cfg.train.grad_accum_steps
+    accum = f", {accum_steps} micro-steps per optimizer step" if accum_steps > 1 else ""
     body = f"""
 # {name}
 
@@ -112,8 +114,9 @@ Image-text retrieval model trained with mmpretrain ({cfg.model.arch}), exported 
 
 ## Training
 - data: `{data.train_shards}` (validation: `{data.val_shards}`)
-- steps: {loaded.step}; batch size {data.batch_size} per process; losses: {cfg.loss.contrastive}
-  (weight {cfg.loss.contrastive_weight}), ITM weight {cfg.loss.itm_weight}, MLM weight {cfg.loss.mlm_weight}
+- steps: {loaded.step}; global batch {data.global_batch_size} (per micro-step, all processes together){accum}
+- losses: {cfg.loss.contrastive} (weight {cfg.loss.contrastive_weight}), ITM weight {cfg.loss.itm_weight},
+  MLM weight {cfg.loss.mlm_weight}
 - preprocessing: {data.image_size}px, shorter side resized (bicubic) then center crop, mean {list(data.mean)},
   std {list(data.std)}; text: up to {data.max_length} tokens
 

@@ -29,10 +29,10 @@ from mmpretrain.runtime import LaunchError, LaunchInfo, distributed_type_name  #
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
-    """``data.batch_size`` is the global batch of one micro-step; every rank gets an equal share."""
+    """``data.global_batch_size`` is the global batch of one micro-step; every rank gets an equal share."""
     if global_batch_size < 1 or global_batch_size % world_size:
         raise LaunchError(
-            f"data.batch_size={global_batch_size} (the global batch per micro-step) is not divisible "
+            f"data.global_batch_size={global_batch_size} (the global batch per micro-step) is not divisible "
             f"by the world size {world_size}; use a multiple of {world_size}")
     return global_batch_size // world_size
 
@@ -42,7 +42,7 @@ class AcceleratorSpec:
     """What the Accelerator, its launch checks and the DeepSpeed JSON take from the config."""
 
     global_batch_size: int
-    """``data.batch_size``: the global batch of one micro-step."""
+    """``data.global_batch_size``: the global batch of one micro-step."""
     grad_accum_steps: int
     """``train.grad_accum_steps``."""
     grad_clip: float
@@ -58,7 +58,7 @@ class AcceleratorSpec:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "AcceleratorSpec":
-        return cls(global_batch_size=cfg.data.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+        return cls(global_batch_size=cfg.data.global_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
                    grad_clip=float(cfg.optim.grad_clip), mixed_precision=cfg.train.mixed_precision,
                    width=cfg.model.width, compile=cfg.train.compile,
                    unused_parameters=may_leave_parameters_unused(cfg.loss))
@@ -92,9 +92,9 @@ def fill_deepspeed_config(ds: dict, spec: AcceleratorSpec, world_size: int) -> d
     mp = spec.mixed_precision
     width = spec.width
     ours = {
-        "train_micro_batch_size_per_gpu": (micro, "data.batch_size / world size"),
+        "train_micro_batch_size_per_gpu": (micro, "data.global_batch_size / world size"),
         "gradient_accumulation_steps": (accum, "train.grad_accum_steps"),
-        "train_batch_size": (spec.global_batch_size * accum, "data.batch_size * train.grad_accum_steps"),
+        "train_batch_size": (spec.global_batch_size * accum, "data.global_batch_size * train.grad_accum_steps"),
         "gradient_clipping": (float(spec.grad_clip), "optim.grad_clip"),
         "bf16.enabled": (mp == "bf16", "train.mixed_precision"),
         "fp16.enabled": (mp == "fp16", "train.mixed_precision"),

@@ -55,7 +55,7 @@ class TrainConfig:
     metrics.jsonl, tensorboard/, eval/) is refused unless this is true; then those are deleted
     first, so nothing of the old run is read or reported as the new one."""
     grad_accum_steps: int = 1
-    """Micro-batches of ``data.batch_size`` per optimizer step."""
+    """Micro-batches of ``data.global_batch_size`` per optimizer step."""
     feature_cache: bool = True
     """With grad_accum_steps > 1 and the InfoNCE loss, contrast against the whole accumulated
     batch (extra no-grad forward per micro-batch). Ignored with loss.contrastive=triplet."""
@@ -93,7 +93,7 @@ class TrainConfig:
     """false drops 'tensorboard' from train.report_to (the older switch, kept)."""
     val_batches: int = 4
     """With eval_every > 0: the validation loss (the training loss parts, no gradient) on the first
-    N full global batches (data.batch_size) of data.val_shards, every eval_every steps and at the
+    N full global batches (data.global_batch_size) of data.val_shards, every eval_every steps and at the
     last step, as val/loss and val/<part>; the same value for any world size. 0: off."""
     progress_bar: bool = True
     """A progress bar on the main process's console (when it is a terminal)."""

@@ -192,7 +192,7 @@ class TrainData:
 
     def _span(self, world: int) -> tuple[int, int]:
         """This process's samples ``[lo, hi)`` of a global batch."""
-        total = self.spec.data.batch_size
+        total = self.spec.data.global_batch_size
         if self.spec.emulate_world_size > 1:
             return 0, total
         share = total // self.world_size
@@ -214,10 +214,10 @@ class TrainData:
         if first.get("seed") != self.spec.seed:
             raise ValueError(f"train.resume: the data cursor was saved with seed {first.get('seed')}, this run has "
                              f"seed {self.spec.seed}; another world size can only be resumed with the same seed")
-        total = self.spec.data.batch_size
+        total = self.spec.data.global_batch_size
         if total % world:
-            raise ValueError(f"train.resume: data.batch_size={total} is not the one the checkpoint's {world} "
-                             "ranks shared (not divisible); keep data.batch_size when resuming")
+            raise ValueError(f"train.resume: data.global_batch_size={total} is not the one the checkpoint's {world} "
+                             "ranks shared (not divisible); keep data.global_batch_size when resuming")
         per = total // world
         lo, hi = self._span(world)
         ranks = list(range(lo // per, (hi - 1) // per + 1))
@@ -249,7 +249,7 @@ class TrainData:
         that reads it: a stream read by two processes is counted once)."""
         if self.spec.emulate_world_size > 1:
             return True
-        share = self.spec.data.batch_size // self.world_size
+        share = self.spec.data.global_batch_size // self.world_size
         return (saved_rank * per) // share == self.rank
 
     def _owned(self) -> list:

@@ -453,7 +453,7 @@ def setup(cfg: Config, accelerator, info: accel.LaunchInfo, ckpt: CheckpointMana
                       loss_hook=fault_injection(tcfg, counters, last_rank=rank == world - 1))
     input_dtype = next(model.parameters()).dtype if use_ds else torch.float32
     mode = accel.launch_mode(accel.distributed_type_name(accelerator), accel.zero_stage(accelerator), world)
-    logger.info(f"mmpretrain train: {mode} on {accelerator.device.type}, global batch {cfg.data.batch_size} x "
+    logger.info(f"mmpretrain train: {mode} on {accelerator.device.type}, global batch {cfg.data.global_batch_size} x "
                 f"{tcfg.grad_accum_steps} accumulation, {loader.batches_per_epoch} batches/epoch/rank, steps {counters.step}->{tcfg.max_steps}"
                 + (f", resumed from {ckpt.resume_from}" if ckpt.resume_from else ""))
     return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -471,8 +471,8 @@ def evaluate(run: Run) -> None:
     run.logger.log_eval(step, results)
 
 
-VAL_BATCH_NOTE = ("validation loss: data.val_shards holds no full batch of data.batch_size={} samples; "
-                  "no val/loss (lower data.batch_size or add held-out samples)")
+VAL_BATCH_NOTE = ("validation loss: data.val_shards holds no full batch of data.global_batch_size={} samples; "
+                  "no val/loss (lower data.global_batch_size or add held-out samples)")
 
 
 def is_val_part(key: str) -> bool:
@@ -485,7 +485,7 @@ def validation_loss(model, data_cfg: DataConfig, seed: int, accelerator, tokeniz
                     max_batches: int) -> tuple[dict[str, float], int]:
     """The training loss parts on ``data.val_shards``, no gradient, in eval mode: ``({"val/loss":
     ..., "val/loss_itc": ..., ...}, batches)`` over the first ``max_batches`` *full* global batches
-    (``data.batch_size`` samples) of the held-out shards in their fixed order.
+    (``data.global_batch_size`` samples) of the held-out shards in their fixed order.
 
     Every rank reads those same global batches and runs its slice (rows ``rank * b ...``), so the
     model sees the batches one process would: with ``loss.gather`` the value is the same for any
@@ -498,7 +498,7 @@ def validation_loss(model, data_cfg: DataConfig, seed: int, accelerator, tokeniz
     from mmpretrain.data.loader import ShardLoader
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    full = data_cfg.batch_size
+    full = data_cfg.global_batch_size
     b = full // world
     device = accelerator.device
     sums: dict[str, torch.Tensor] = {}
@@ -538,7 +538,7 @@ def validation(run: Run) -> dict[str, float]:
                                    run.input_dtype, run.cfg.train.val_batches)
     if not done and not run.val_note_shown:
         run.val_note_shown = True
-        run.logger.info(VAL_BATCH_NOTE.format(run.cfg.data.batch_size))
+        run.logger.info(VAL_BATCH_NOTE.format(run.cfg.data.global_batch_size))
     return values
 
 
@@ -556,7 +556,7 @@ def fit(run: Run, stop: StopRequest) -> None:
 
 def _steps(run: Run, stop: StopRequest, batches) -> None:
     cfg, tcfg, c = run.cfg, run.cfg.train, run.counters
-    samples_per_step = cfg.data.batch_size * tcfg.grad_accum_steps
+    samples_per_step = cfg.data.global_batch_size * tcfg.grad_accum_steps
     steps_here = 0
     run.model.train()
     while c.step < tcfg.max_steps:

@@ -96,7 +96,7 @@ def test_two_gloo_processes_give_the_metrics_of_one(which, request, tmp_path, ca
     """Also for fusion over the towers, whose ITM scoring runs three padded stages per rank."""
     shards, ckpt = request.getfixturevalue("run" if which == "inputs" else "towers_run")
     argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
-            "data.batch_size=6"]
+            "data.global_batch_size=6"]
     assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     logs = tmp_path / "logs"

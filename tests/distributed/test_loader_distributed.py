@@ -36,7 +36,7 @@ def _rank_main(rank: int, world: int, port: int, data_dir: str, tok_dir: str, ou
     from mmpretrain.data.loader import ShardLoader
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = DataConfig(train_shards=[os.path.join(data_dir, "train-*.tar")], batch_size=6, num_workers=2,
+    cfg = DataConfig(train_shards=[os.path.join(data_dir, "train-*.tar")], global_batch_size=6, num_workers=2,
                      image_size=8, max_length=8, shuffle_buffer=4)
     loader = ShardLoader(cfg, tok, rank=rank, world_size=world, seed=11)
     n, total, keys = 0, 0, []

@@ -61,7 +61,7 @@ def test_loader_cursor_remaps_across_world_sizes(tiny):
     from mmpretrain.data.loader import ShardLoader
     from mmpretrain.trainer.data import TrainData, concat_batches
 
-    saved_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=2", "train.emulate_world_size=2")
+    saved_cfg = _cfg(tiny, "data.global_batch_size=32", "data.num_workers=2", "train.emulate_world_size=2")
     tok = _tokenizer(saved_cfg)
     saved = TrainData(saved_cfg, tok, 0, 1)  # the global batches of 2 ranks x 2 workers
     assert saved.batches_per_epoch == 8  # 256 samples / 32
@@ -69,7 +69,7 @@ def test_loader_cursor_remaps_across_world_sizes(tiny):
     state = saved.state_dict()
     ranks = {"checkpoint_ranks": state["emulated_ranks"]}  # what a 2-process checkpoint holds
     rest = _take(saved, 5)  # the rest of epoch 0 as the uninterrupted run reads it
-    one_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=0")
+    one_cfg = _cfg(tiny, "data.global_batch_size=32", "data.num_workers=0")
     native = ShardLoader(one_cfg.data, tok, rank=0, world_size=1, seed=one_cfg.seed, train=True)
     native.set_epoch(1)
     epoch1 = list(native)
@@ -88,7 +88,7 @@ def test_loader_cursor_remaps_across_world_sizes(tiny):
     assert "remap" not in one.state_dict() and one.state_dict()["world_size"] == 1
 
     # 2 -> 4: every process reads its saved rank's stream and keeps its half of it
-    four_cfg = _cfg(tiny, "data.batch_size=32", "data.num_workers=0")
+    four_cfg = _cfg(tiny, "data.global_batch_size=32", "data.num_workers=0")
     fours = [TrainData(four_cfg, tok, r, 4) for r in range(4)]
     for loader in fours:
         loader.load_state_dict(ranks)

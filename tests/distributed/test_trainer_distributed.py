@@ -103,7 +103,7 @@ def test_zero2_with_accumulation_and_feature_cache_matches_one_process(tiny, tmp
     """DeepSpeed owns the accumulation boundary and the step; the feature cache gathers the
     accumulated batch across ranks; the bad steps are skipped through DeepSpeed's overflow path:
     without fp16 loss scaling, an update refused with a finite loss is a bad step too."""
-    accum = ["data.batch_size=4", "train.grad_accum_steps=2", f"train.inject_nan_steps=[{NAN_STEP}]",
+    accum = ["data.global_batch_size=4", "train.grad_accum_steps=2", f"train.inject_nan_steps=[{NAN_STEP}]",
              f"train.inject_nan_grad_steps=[{NAN_GRAD_STEP}]"]
     run, ref = tmp_path / "zero2", tmp_path / "ref"
     proc = launch("zero2", tiny, run, *accum)
@@ -140,9 +140,9 @@ def test_zero3_stop_and_resume_matches_one_process(tiny, reference, tmp_path):
 
 def test_batch_not_divisible_by_world_size_fails_at_start(tiny, tmp_path):
     run = tmp_path / "run"
-    proc = launch("torchrun", tiny, run, "data.batch_size=7", timeout=200)
+    proc = launch("torchrun", tiny, run, "data.global_batch_size=7", timeout=200)
     assert proc.returncode != 0
-    assert "data.batch_size=7" in proc.stderr and "not divisible by the world size 2" in proc.stderr
+    assert "data.global_batch_size=7" in proc.stderr and "not divisible by the world size 2" in proc.stderr
     assert not run.exists()
 
 

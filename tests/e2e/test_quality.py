@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 def test_bench_quality_prints_every_headline_number_per_seed(tmp_path, capsys):
     rc = cli.main(["bench", "quality", "--steps", "4", "--seeds", "0,1", "--shards", str(tmp_path / "shards"),
                    "--num-samples", "192", "--num-val", "24", "--out", str(tmp_path / "runs"),
-                   "data.batch_size=16", "data.num_workers=0", "eval.batch_size=64"])
+                   "data.global_batch_size=16", "data.num_workers=0", "eval.batch_size=64"])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)

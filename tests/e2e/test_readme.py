@@ -86,7 +86,7 @@ def test_main_command_runs(workdir):
     first = README.split("## The two commands", 1)[1]
     assert "mmpretrain pipeline" in first and "bash launch/test.sh" in first
     proc = _proc.run(["mmpretrain", "pipeline", "--num-samples", "300", "--num-val", "40",
-                      "train.max_steps=3", "data.batch_size=16", "eval.itm_rerank_k=4"],
+                      "train.max_steps=3", "data.global_batch_size=16", "eval.itm_rerank_k=4"],
                      timeout=600, cwd=workdir, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,7 +109,7 @@ def test_main_command_runs(workdir):
     vilt = section.split("```python", 2)[2].split("```", 1)[0]
     assert "mmpretrain pipeline --config configs/tiny_itm.yaml --out runs/tiny_itm" in section
     proc = _proc.run(["mmpretrain", "pipeline", "--config", "configs/tiny_itm.yaml", "--out", "runs/tiny_itm",
-                      "--num-samples", "300", "--num-val", "40", "train.max_steps=3", "data.batch_size=16",
+                      "--num-samples", "300", "--num-val", "40", "train.max_steps=3", "data.global_batch_size=16",
                       "eval.itm_rerank_k=4"], timeout=600, cwd=workdir, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _proc.run([sys.executable, "-c", vilt + "\nassert 0.0 <= float(p_match[0]) <= 1.0\n"], timeout=300,

@@ -138,7 +138,7 @@ def test_every_tracker_holds_the_metrics_jsonl_scalars_the_config_and_the_eval_m
             wb_config.update(r["config"].get("update", {}))
     wb_config.pop("_wandb", None)
     assert wb_config.keys() == config.keys()
-    assert wb_config["train.max_steps"] == 4 and wb_config["data.batch_size"] == 8
+    assert wb_config["train.max_steps"] == 4 and wb_config["data.global_batch_size"] == 8
 
     # MLflow file store: one run, every metric's history ('@' -> '_at_'), the config as params
     client = MlflowClient(store)

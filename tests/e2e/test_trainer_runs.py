@@ -120,8 +120,8 @@ def test_grad_accumulation_with_feature_cache_equals_the_big_batch(tiny, tmp_pat
     """
     common = ["loss.itm_weight=0", "train.save_every=100", "train.tensorboard=false"]
     assert run_train(tiny, tmp_path / "big", *common) == 0
-    assert run_train(tiny, tmp_path / "acc", *common, "data.batch_size=4", "train.grad_accum_steps=2") == 0
-    assert run_train(tiny, tmp_path / "nocache", *common, "data.batch_size=4", "train.grad_accum_steps=2",
+    assert run_train(tiny, tmp_path / "acc", *common, "data.global_batch_size=4", "train.grad_accum_steps=2") == 0
+    assert run_train(tiny, tmp_path / "nocache", *common, "data.global_batch_size=4", "train.grad_accum_steps=2",
                      "train.feature_cache=false") == 0
     big, acc, nocache = metrics(tmp_path / "big"), metrics(tmp_path / "acc"), metrics(tmp_path / "nocache")
     assert sorted(big) == sorted(acc) == list(range(1, 7))
@@ -228,7 +228,7 @@ def test_triplet_loss_skips_the_feature_pass_and_allows_dropout(tiny, tmp_path, 
         raise AssertionError("features pass run for a loss that ignores the cache")
 
     monkeypatch.setattr(FeatureCache, "from_local", no_cache)
-    assert run_train(tiny, tmp_path / "run", "loss.contrastive=triplet", "data.batch_size=4",
+    assert run_train(tiny, tmp_path / "run", "loss.contrastive=triplet", "data.global_batch_size=4",
                      "train.grad_accum_steps=2", "model.dropout=0.1", "train.max_steps=2") == 0
     assert sorted(metrics(tmp_path / "run")) == [1, 2]
 

@@ -51,9 +51,9 @@ def _contrastive_losses(run: Path) -> list[float]:
 def _train(config: str, synthetic: Path, run: Path, lr: str) -> list[float]:
     rc = train_main(["--config", str(REPO / "configs" / f"{config}.yaml"), f"train.output_dir={run}",
                      f"data.train_shards=[{synthetic}/train-*.tar]", f"data.val_shards={synthetic}/val-*.tar",
-                     "data.batch_size=32", "data.num_workers=1", f"train.max_steps={STEPS}", "optim.warmup_steps=5",
-                     f"optim.lr={lr}", "train.log_every=100", "train.save_every=1000", "train.eval_at_end=false",
-                     "train.tensorboard=false", "train.progress_bar=false"])
+                     "data.global_batch_size=32", "data.num_workers=1", f"train.max_steps={STEPS}",
+                     "optim.warmup_steps=5", f"optim.lr={lr}", "train.log_every=100", "train.save_every=1000",
+                     "train.eval_at_end=false", "train.tensorboard=false", "train.progress_bar=false"])
     assert rc == 0
     itc = _contrastive_losses(run)
     assert len(itc) == STEPS

@@ -225,8 +225,8 @@ def shards(tmp_path_factory):
 
 def _cfg(shards: Path, extra=()):
     return load_config(None, [f"data.val_shards={shards}/val-*.tar", f"data.train_shards=[{shards}/train-*.tar]",
-                              "data.image_size=32", "data.max_length=32", "data.batch_size=8", "data.num_workers=0",
-                              "eval.batch_size=5", *extra])
+                              "data.image_size=32", "data.max_length=32", "data.global_batch_size=8",
+                              "data.num_workers=0", "eval.batch_size=5", *extra])
 
 
 def _tokenizer(shards: Path):

@@ -16,7 +16,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_parses(path):
     cfg = load_config(path)
-    assert cfg.data.batch_size > 0
+    assert cfg.data.global_batch_size > 0
     assert cfg.model.image_size == cfg.data.image_size, "model and data image sizes disagree"
     assert cfg.model.max_text_length >= cfg.data.max_length
     # round trip through a plain dict (what checkpoints store)
@@ -24,8 +24,8 @@ def test_shipped_config_parses(path):
 
 
 def test_dotted_overrides_and_bare_leaf():
-    cfg = load_config(CONFIGS[0], ["data.batch_size=8", "max_steps=7", "optim.lr=3e-4"])
-    assert cfg.data.batch_size == 8
+    cfg = load_config(CONFIGS[0], ["data.global_batch_size=8", "max_steps=7", "optim.lr=3e-4"])
+    assert cfg.data.global_batch_size == 8
     assert cfg.train.max_steps == 7
     assert cfg.optim.lr == pytest.approx(3e-4)
 
@@ -33,14 +33,15 @@ def test_dotted_overrides_and_bare_leaf():
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("data.batch_sise=3", "did you mean 'data.batch_size'"),
+        ("data.global_batch_sise=3", "did you mean 'data.global_batch_size'"),
+        ("data.bs=3", "did you mean 'data.global_batch_size'"),
         ("modle.width=3", "did you mean 'model.width'"),
         ("optim.learning_rate=3e-4", "did you mean 'optim.lr'"),  # initials / synonym, not spelling
         ("learning_rate=3e-4", "did you mean 'optim.lr'"),
         ("optim.wd=0.1", "did you mean 'optim.weight_decay'"),
         ("eval.bs=8", "did you mean 'eval.batch_size'"),
         ("optim.lr=fast", "optim.lr"),
-        ("data.batch_size=2.5", "data.batch_size"),
+        ("data.global_batch_size=2.5", "data.global_batch_size"),
         ("train.tensorboard=maybe", "train.tensorboard"),
         ("nonsense", "key=value"),
     ],
@@ -65,7 +66,7 @@ def test_brace_patterns_with_urls_in_overrides():
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     p = tmp_path / "bad.yaml"
-    p.write_text("data:\n  batch_size: 4\n  shufle_buffer: 3\n")
+    p.write_text("data:\n  global_batch_size: 4\n  shufle_buffer: 3\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
@@ -79,7 +80,8 @@ def test_missing_config_file(tmp_path):
 
 def test_all_keys_are_dotted_leaves():
     keys = all_keys()
-    assert "data.batch_size" in keys and "train.max_steps" in keys and "seed" in keys
+    assert "data.global_batch_size" in keys and "train.max_steps" in keys and "seed" in keys
+    assert "data.batch_size" not in keys  # the old name reads (RENAMED) but is no key of the tree
 
 
 def test_print_config_lists_every_key_with_its_doc_and_round_trips(capsys):
@@ -97,8 +99,8 @@ def test_print_config_lists_every_key_with_its_doc_and_round_trips(capsys):
         for part in key.split("."):
             node = node[part]  # every key is listed
     assert "# (default 4096) Vocabulary size" in text  # the value differs from the default: both shown
-    assert "# (default 32) Global batch size per optimizer micro-step" in text  # docstrings reach the listing
-    assert train.main(["--print-config"]) == 0 and "batch_size: 32" in capsys.readouterr().out
+    assert "# (default 32) The global batch of one micro-step" in text  # docstrings reach the listing
+    assert train.main(["--print-config"]) == 0 and "global_batch_size: 32" in capsys.readouterr().out
     assert train.main([]) == 2 and "--print-config" in capsys.readouterr().err
 
 
@@ -208,7 +210,7 @@ def test_one_side_set_the_other_follows(overrides, expected):
 def test_a_bare_leaf_naming_both_sides_of_a_link_sets_both():
     assert _sides(load_config(None, ["image_size=96"])) == (96, 96, 32, 32)
     with pytest.raises(ConfigError, match="override key 'batch_size' is ambiguous"):
-        load_config(None, ["batch_size=8"])  # data.batch_size and eval.batch_size are two facts
+        load_config(None, ["batch_size=8"])  # data.global_batch_size (formerly data.batch_size) and eval.batch_size
 
 
 def test_a_yaml_file_that_sets_one_side(tmp_path):

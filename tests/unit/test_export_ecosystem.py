@@ -456,6 +456,8 @@ def test_model_card_carries_the_runs_eval_metrics_and_the_gaps(shards, tmp_path)
     assert "library_name: sentence-transformers" in front and "pipeline_tag: feature-extraction" in front
     assert "| i2t_R@1 | 12.50 |" in card and "| t2i_R@10 | 61.25 |" in card
     assert "modality experts" in card and "steps: 3" in card
+    # data.global_batch_size is the batch of all processes together, not a per-process one
+    assert "global batch 8 (per micro-step, all processes together)" in card and "per process" not in card
     # the one-line reason for the missing ITM directory, in the card and in config.json
     itm_line = [line for line in card.splitlines() if line.startswith("- **itm**")]
     assert len(itm_line) == 1 and "ViLT has one feed-forward per block" in itm_line[0]

@@ -38,7 +38,7 @@ def uneven(tmp_path_factory):
 
 
 def cfg_for(pattern, **kw) -> DataConfig:
-    base = dict(train_shards=[pattern] if isinstance(pattern, str) else pattern, batch_size=8,
+    base = dict(train_shards=[pattern] if isinstance(pattern, str) else pattern, global_batch_size=8,
                 num_workers=2, image_size=12, shuffle_buffer=8, max_length=12)
     base.update(kw)
     return DataConfig(**base)
@@ -67,7 +67,7 @@ def test_expand_sources(uneven):
 def test_reads_plain_webdataset_without_manifest_and_pipe(tmp_path, tok):
     write_test_shards(str(tmp_path), 2, 5, manifest=False, captions_per_image=5)  # counted at start-up
     files = expand_sources(str(tmp_path))
-    cfg = cfg_for(["pipe:cat " + files[0], files[1]], batch_size=2, num_workers=0)
+    cfg = cfg_for(["pipe:cat " + files[0], files[1]], global_batch_size=2, num_workers=0)
     ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0, train=False, sources=cfg.train_shards)
     batches = run_epoch(ld)
     keys = [k for b in batches for k in b["keys"]]
@@ -95,7 +95,7 @@ def check_balanced(loaders, results, total):
     keys = [k for r in results for b in r for k in b["keys"]]
     assert len(keys) == len(set(keys)), "a sample was read twice"
     lost = total - len(keys)
-    global_batch = loaders[0].cfg.batch_size
+    global_batch = loaders[0].cfg.global_batch_size
     assert lost == loaders[0].dropped_per_epoch
     assert 0 <= lost < global_batch
     for r in results:
@@ -235,7 +235,7 @@ def test_same_seed_same_batches_other_epoch_other_order(uneven, tok):
 
 @pytest.mark.parametrize("use_raw_cursor", [True, False])
 def test_resume_mid_epoch_yields_exactly_the_rest(bad_dir, tok, use_raw_cursor):
-    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, global_batch_size=4)
     ref = ShardLoader(cfg, tok, rank=0, world_size=2, seed=5)
     ref.set_epoch(2)
     full = run_epoch(ref)
@@ -264,7 +264,7 @@ def test_resume_keeps_skip_and_refill_counts(bad_dir, tok, use_raw_cursor):
     of the current epoch is not counted a second time."""
     import json
 
-    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, global_batch_size=4)
     ref = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
     run_epoch(ref)
     run_epoch(ref)
@@ -294,7 +294,7 @@ def test_a_pass_read_in_two_parts_counts_every_skip(bad_dir, tok, train):
     the skips of one uninterrupted read. The second part's workers replay the first part without
     counting it; its counts used to be overwritten (an eval loader then reported none of the
     corrupt images it had skipped)."""
-    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, global_batch_size=4)
     kw = dict(rank=0, world_size=1, seed=5, train=train, sources=cfg.train_shards)
     ref = ShardLoader(cfg, tok, **kw)
     full = run_epoch(ref)
@@ -320,7 +320,7 @@ def test_a_pass_read_in_two_parts_counts_every_skip(bad_dir, tok, train):
 def test_a_resumed_epoch_read_in_two_parts_yields_exactly_the_rest(bad_dir, tok):
     """After load_state_dict, a first iteration that stops early and a second one continue from
     the cursor (the second used to restart at the checkpoint's raw cursor and repeat batches)."""
-    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, batch_size=4)
+    cfg = cfg_for(os.path.join(bad_dir, "train-*.tar"), max_image_pixels=5000, global_batch_size=4)
     ref = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
     full = run_epoch(ref)
     first = ShardLoader(cfg, tok, rank=0, world_size=1, seed=5)
@@ -356,7 +356,7 @@ def test_mixing_weights_roughly_respected(tmp_path, tok):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_test_shards(a, 4, 20)                   # keys 0..79
     write_test_shards(b, 4, 20, key_offset=1000)  # keys 1000..1079
-    cfg = cfg_for([a, b], train_weights=[3.0, 1.0], batch_size=16, num_workers=1)
+    cfg = cfg_for([a, b], train_weights=[3.0, 1.0], global_batch_size=16, num_workers=1)
     ld = ShardLoader(cfg, tok, rank=0, world_size=1, seed=0)
     keys = [k for _ in range(2) for bt in run_epoch(ld) for k in bt["keys"]]
     share_a = sum(int(k) < 1000 for k in keys) / len(keys)
@@ -364,7 +364,7 @@ def test_mixing_weights_roughly_respected(tmp_path, tok):
 
 
 def test_eval_mode_every_sample_once_no_drop(uneven, tok):
-    cfg = cfg_for(os.path.join(uneven, "train-*.tar"), batch_size=6)
+    cfg = cfg_for(os.path.join(uneven, "train-*.tar"), global_batch_size=6)
     loaders, results = all_ranks(cfg, tok, train=False, sources=cfg.train_shards)
     keys = [k for r in results for b in r for k in b["keys"]]
     assert sorted(keys) == [f"{n:09d}" for n in range(40)]
@@ -375,8 +375,8 @@ def test_eval_mode_every_sample_once_no_drop(uneven, tok):
 
 
 def test_batch_size_must_divide(uneven, tok):
-    with pytest.raises(ValueError, match="data.batch_size"):
-        ShardLoader(cfg_for(uneven, batch_size=9), tok, rank=0, world_size=2, seed=0)
+    with pytest.raises(ValueError, match="data.global_batch_size"):
+        ShardLoader(cfg_for(uneven, global_batch_size=9), tok, rank=0, world_size=2, seed=0)
     with pytest.raises(ValueError, match="no shards match"):
         ShardLoader(cfg_for(uneven + "/none-*.tar"), tok, rank=0, world_size=1, seed=0)
 
@@ -481,8 +481,8 @@ def test_skip_warnings_name_the_shard_and_the_key(tmp_path, tok, caplog):
     shard = write_raw_shard(str(tmp_path / "s-000000.tar"), bad + good)  # read before the quota fills
     stream_mod._last_warning.clear()  # at most one warning per reason per 30 s: start afresh
     with caplog.at_level(logging.WARNING, logger=stream_mod.log.name):
-        ld = ShardLoader(cfg_for(shard, num_workers=0, batch_size=4, shuffle_buffer=0), tok, rank=0, world_size=1,
-                         seed=0)
+        ld = ShardLoader(cfg_for(shard, num_workers=0, global_batch_size=4, shuffle_buffer=0), tok, rank=0,
+                         world_size=1, seed=0)
         run_epoch(ld)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert ld.skipped == {"missing_caption": 1, "corrupt_image": 1}

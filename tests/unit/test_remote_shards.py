@@ -142,7 +142,7 @@ def server(shard_dir):
 
 
 def cfg_for(shards, **kw):
-    base = dict(train_shards=[shards] if isinstance(shards, str) else shards, batch_size=8, num_workers=0,
+    base = dict(train_shards=[shards] if isinstance(shards, str) else shards, global_batch_size=8, num_workers=0,
                 image_size=12, shuffle_buffer=8, max_length=12, remote_retries=3, remote_backoff_s=0.01,
                 remote_timeout_s=2.0)
     base.update(kw)
@@ -263,7 +263,7 @@ def test_exact_resume_on_http_shards_two_ranks_two_workers(server, tok):
     an uninterrupted run."""
     import json
 
-    cfg = cfg_for(server.url(PATTERN), num_workers=2, batch_size=4)
+    cfg = cfg_for(server.url(PATTERN), num_workers=2, global_batch_size=4)
     for rank in range(2):
         full = list(ShardLoader(cfg, tok, rank=rank, world_size=2, seed=7))
         assert len(full) == 12

@@ -48,7 +48,7 @@ def one_line(err: str) -> str:
     ("data.max_image_pixels=-5", "data.max_image_pixels", "must be >= 1, got -5"),
     ("data.num_workers=-1", "data.num_workers", "must be >= 0, got -1"),
     ("data.shuffle_buffer=-1", "data.shuffle_buffer", "must be >= 0, got -1"),
-    ("data.batch_size=0", "data.batch_size", "must be >= 1, got 0"),
+    ("data.global_batch_size=0", "data.global_batch_size", "must be >= 1, got 0"),
 ])
 def test_a_bad_data_value_is_one_line_naming_the_file_and_the_key(tmp_path, capsys, override, key, expected):
     code, err, out = run(tmp_path, capsys, override)

@@ -149,11 +149,11 @@ def test_fp16_overflow_skip_is_not_a_bad_step():
 def test_start_up_value_errors_are_one_line_and_loop_errors_are_not_swallowed(tiny, tmp_path, capsys,
                                                                                monkeypatch):
     # the loader refuses a batch larger than the data (a ValueError raised during set-up)
-    assert run_train(tiny, tmp_path / "big", "data.batch_size=512") == 2
+    assert run_train(tiny, tmp_path / "big", "data.global_batch_size=512") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("mmpretrain train")]
-    assert len(lines) == 1 and lines[0].startswith("mmpretrain train: ") and "data.batch_size=512" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("mmpretrain train: ") and "data.global_batch_size=512" in lines[0]
 
     from mmpretrain.trainer import loop
 
@@ -189,7 +189,7 @@ def test_one_helper_for_accelerate_reset_and_step_dir_names():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.batch_sise=8", "unknown config key 'data.batch_sise'; did you mean 'data.batch_size'"),
+    ("data.batch_sise=8", "unknown config key 'data.batch_sise'; did you mean 'data.global_batch_size'"),
     ("data.train_shards=[/nonexistent/train-*.tar]", "no shards match '/nonexistent/train-*.tar'"),
     ("train.resume=/nonexistent/step_00000003", "no such checkpoint directory"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
@@ -264,7 +264,7 @@ def test_launch_checks():
     from mmpretrain.config import load_config
     from mmpretrain.trainer import accel
 
-    with pytest.raises(accel.LaunchError, match=r"data.batch_size=6 .* not divisible by the world size 4"):
+    with pytest.raises(accel.LaunchError, match=r"data.global_batch_size=6 .* not divisible by the world size 4"):
         accel.per_rank_batch_size(6, 4)
     # Accelerate seeing 1 process where the launcher started 2 (e.g. `accelerate launch --cpu`)
     info = runtime.LaunchInfo(launched=True, world_size=2, use_deepspeed=False, has_gpu=False)
@@ -277,7 +277,7 @@ def test_launch_checks():
     with pytest.raises(runtime.LaunchError, match="DEEPSPEED was launched"):
         runtime.check_accelerator(ddp, info_ds)
 
-    cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
+    cfg = load_config(None, ["data.global_batch_size=16", "train.grad_accum_steps=2", "optim.grad_clip=0.5",
                              "train.mixed_precision=bf16", "model.width=64"])
     spec = accel.AcceleratorSpec.from_config(cfg)  # what the launch reads of the tree
     assert spec == accel.AcceleratorSpec(global_batch_size=16, grad_accum_steps=2, grad_clip=0.5,
@@ -457,7 +457,7 @@ def test_the_train_loader_reads_a_spec_of_the_tree(tiny):
     finally:
         for s in streams:
             s.close()
-    assert a["keys"] == b["keys"] and len(a["keys"]) == cfg.data.batch_size
+    assert a["keys"] == b["keys"] and len(a["keys"]) == cfg.data.global_batch_size
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
