@@ -53,6 +53,10 @@ class Config:
     seed: int = 0
     """Global seed: data order, init, ITM negative sampling."""
 
+    source = None
+    """Not a field (never dumped, compared or saved): the config file ``load_config`` read the
+    tree from, which ``config_error`` names; None for the defaults or a tree of a dict."""
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -465,9 +469,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if found:
             _set_dotted(tree, key, value)
     try:
-        return _with_links(tree)
+        cfg = _with_links(tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    cfg.source = str(path) if path else None  # not a field: never dumped, compared or saved
+    return cfg
+
+
+def config_error(cfg: Config, message: Any) -> ConfigError:
+    """A ``ConfigError`` for a value of ``cfg`` found bad after loading (a start-up check), named
+    the way ``load_config`` names its own errors: ``FILE: message``, ``FILE`` the config file the
+    tree was read from (``Config.source``; nothing for a tree of the defaults or of a dict)."""
+    source = getattr(cfg, "source", None)
+    return ConfigError(f"{source}: {message}" if source else str(message))
 
 
 def config_from_dict(tree: dict) -> Config:

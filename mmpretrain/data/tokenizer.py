@@ -16,7 +16,8 @@ network.
   downloaded — unless ``HF_HUB_OFFLINE=1`` (then a name not in the cache fails at once; without
   a network and without that variable the hub client retries for about a minute). Either way a
   name that cannot be loaded fails on one line naming ``data.tokenizer`` (``check_tokenizer``,
-  run by the trainer before anything is written).
+  run by the trainer before anything is written; for 'auto' it checks, writing nothing, that the
+  shards hold a caption to train on unless the tokenizer is there already).
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def _shard_dir(first_source: str) -> Path | None:
     return Path(path).parent
 
 
-def read_captions(urls: list[str]) -> list[str]:
-    """Every non-empty caption of the shards (raw read, no image decoding)."""
-    captions = []
+def iter_captions(urls: list[str]):
+    """Each non-empty caption of the shards in order (raw read, no image decoding): the text of a
+    sample's ``txt`` member, UTF-8, stripped; samples without one, or whose text is not UTF-8 or
+    only white space, are passed over."""
     for url in urls:
         for _idx, sample in iter_shard_samples(url):
             txt = sample.get("txt")
@@ -87,8 +89,31 @@ def read_captions(urls: list[str]) -> list[str]:
             except UnicodeDecodeError:
                 continue
             if text:
-                captions.append(text)
-    return captions
+                yield text
+
+
+def read_captions(urls: list[str]) -> list[str]:
+    """Every non-empty caption of the shards (``iter_captions``)."""
+    return list(iter_captions(urls))
+
+
+def _auto_target(urls: list[str]) -> Path:
+    """Where 'auto' keeps its tokenizer: ``tokenizer/`` beside the first shard, or for remote
+    shards a cache directory keyed by the source list."""
+    shard_dir = _shard_dir(urls[0])
+    if shard_dir is None:  # remote shards: cache keyed by the source list
+        digest = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
+        shard_dir = Path(os.environ.get("MMPRETRAIN_CACHE", Path.home() / ".cache" / "mmpretrain")) / digest
+    return shard_dir / TOKENIZER_DIRNAME
+
+
+def _no_captions(urls: list[str], shard_sources) -> str:
+    """The one line for train shards that hold no caption to train 'auto' on."""
+    shown = urls[0] if len(urls) == 1 else f"{urls[0]} ... {urls[-1]}"
+    where = f"1 shard ({shown}) holds" if len(urls) == 1 else f"{len(urls)} shards ({shown}) hold"
+    return (f"data.tokenizer='auto' trains a tokenizer from the captions of data.train_shards={shard_sources!r}, "
+            f"but its {where} no sample with a readable caption (a non-empty UTF-8 .txt member); add captions "
+            "to the shards, or set data.tokenizer to a tokenizer directory saved with save_pretrained")
 
 
 def _load_named(spec: str):
@@ -122,11 +147,23 @@ def _load_named(spec: str):
                          "a directory saved with save_pretrained") from None
 
 
-def check_tokenizer(spec: str) -> None:
-    """Start-up check of ``data.tokenizer``: 'auto', or a tokenizer ``load_tokenizer`` loads
-    without a network (it is loaded once here); ``ValueError`` naming the key otherwise."""
+def check_tokenizer(spec: str, shard_sources: list[str] | str | None = None) -> None:
+    """Start-up check of ``data.tokenizer``, writing nothing; ``ValueError`` naming the key when
+    ``load_tokenizer`` would fail. A name: a tokenizer loaded without a network (it is loaded
+    once here). 'auto' with ``shard_sources`` (``data.train_shards``): its tokenizer is there
+    already, or the shards hold a caption to train one on (read up to the first caption)."""
     if spec != "auto":
         _load_named(spec)
+        return
+    if shard_sources is None:
+        return
+    urls = expand_sources(shard_sources)
+    if not urls:
+        raise ValueError(f"data.tokenizer='auto' needs shards to train from; none match {shard_sources!r}")
+    if (_auto_target(urls) / "tokenizer_config.json").exists():
+        return
+    if next(iter_captions(urls), None) is None:
+        raise ValueError(_no_captions(urls, shard_sources))
 
 
 def load_tokenizer(spec: str, shard_sources: list[str] | str | None, vocab_size: int = 4096, *,
@@ -140,15 +177,11 @@ def load_tokenizer(spec: str, shard_sources: list[str] | str | None, vocab_size:
     urls = expand_sources(shard_sources or [])
     if not urls:
         raise ValueError(f"data.tokenizer='auto' needs shards to train from; none match {shard_sources!r}")
-    shard_dir = _shard_dir(urls[0])
-    if shard_dir is None:  # remote shards: cache keyed by the source list
-        digest = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
-        shard_dir = Path(os.environ.get("MMPRETRAIN_CACHE", Path.home() / ".cache" / "mmpretrain")) / digest
-    target = shard_dir / TOKENIZER_DIRNAME
+    target = _auto_target(urls)
     if (target / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(target))
     captions = read_captions(urls)
-    if not captions:
+    if not captions:  # the trainer's check_tokenizer names data.train_shards before this
         raise ValueError(f"data.tokenizer='auto': the shards {urls[:3]}... hold no captions to train on")
     if not save:
         return train_tokenizer(captions, None, vocab_size)

@@ -19,7 +19,8 @@ printed as a table, written to ``zero_shot.json`` and under ``"zero_shot"`` in
 retrieval evaluation. The compositional test and the ITM accuracy on hard negatives
 (``eval.compositional``, ``eval.itm_hard_negatives``) are part of it; when one is skipped (no
 scene metadata in the shards, no trained ITM head) a one-line note goes to stderr. Bad input
-prints one line and exits 2.
+prints one line and exits 2; a ``--shards`` pattern that matches no file (a brace pattern
+whose files are all missing) before the model is loaded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,25 @@ def default_out_dir(checkpoint: Path, step: int) -> Path:
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / step_dir_name(step)
     return checkpoint.with_name(checkpoint.name + "-eval")
+
+
+def _check_shards(args, checkpoint: Path) -> None:
+    """``ConfigError`` (one line) when ``--shards`` matches no file (a brace pattern whose files
+    are all missing, a glob matching nothing): checked on the files alone, before the model is
+    loaded. Not when ``checkpoint`` is plainly no checkpoint (``load_checkpoint`` names that
+    first, without loading anything) or with ``--classify-only`` (the shards are not read)."""
+    from mmpretrain.export.format import CKPT_META
+    from mmpretrain.trainer.data import shards_missing
+
+    if not args.shards or args.classify_only:
+        return
+    if not checkpoint.is_dir() or not ((checkpoint / CKPT_META).is_file() or (checkpoint / "config.json").is_file()):
+        return
+    why = shards_missing(args.shards)
+    if why:
+        from mmpretrain.config import ConfigError
+
+        raise ConfigError(f"--shards (data.val_shards): {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ckpt, from_run = checkpoint_of_run(args.checkpoint)
+        _check_shards(args, ckpt)
         if from_run:
             print(f"mmpretrain eval: {args.checkpoint} is a run directory; evaluating its newest checkpoint {ckpt}",
                   file=sys.stderr)

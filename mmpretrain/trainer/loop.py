@@ -29,13 +29,13 @@ from typing import Callable
 import torch
 
 from mmpretrain import distributed
-from mmpretrain.config import Config, ConfigError, dump_config, to_dict
+from mmpretrain.config import Config, ConfigError, config_error, dump_config, to_dict
 from mmpretrain.data.config import DataConfig
 from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.trainer import accel, trackers
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from mmpretrain.trainer.config import TrainConfig
-from mmpretrain.trainer.data import LoaderSpec, build_train_loader
+from mmpretrain.trainer.data import LoaderSpec, build_train_loader, shards_missing
 from mmpretrain.trainer.faults import fault_injection
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer
@@ -270,27 +270,15 @@ def finish_step(model, optimizer, ctx: StepContext, result: StepResult) -> None:
 
 # ----------------------------------------------------------------------------- set-up checks
 
-def _matches_nothing(spec: str) -> str | None:
-    """Why the shard pattern ``spec`` matches nothing (``None`` when it matches a shard): no
-    URL at all, or a brace pattern / path whose local files are all missing (named)."""
-    import os
-
-    from mmpretrain.data.shardio import expand_sources, is_remote
-
-    urls = expand_sources(spec)
-    if not urls:
-        return f"no shards match {spec!r}"
-    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
-    if len(missing) < len(urls):
-        return None
-    files = missing[0] if len(missing) == 1 else f"{missing[0]} ... {missing[-1]}"
-    return f"no shards match {spec!r}: none of its {len(missing)} files exist ({files})"
+_matches_nothing = shards_missing  # the check's old name here
 
 
 def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None:
     """Fail before any work when a shard pattern matches nothing (names the pattern and its
     missing files, and the settings that would train without the held-out shards), or when
-    ``data.tokenizer`` names no local tokenizer (``mmpretrain.data.tokenizer.check_tokenizer``)."""
+    ``data.tokenizer`` names no local tokenizer, or is 'auto' with train shards that hold no
+    caption to train one on (``mmpretrain.data.tokenizer.check_tokenizer``; writes nothing; the
+    message names the config file, as ``load_config``'s own errors do)."""
     from mmpretrain.data.tokenizer import check_tokenizer
 
     for spec in cfg.data.train_shards:
@@ -309,7 +297,10 @@ def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None
             fix.append("train.eval_every=0")
         raise FileNotFoundError(f"data.val_shards: {val_missing} ({' and '.join(uses)} "
                                 f"read them; set {' '.join(fix)} to train without them)")
-    check_tokenizer(cfg.data.tokenizer)
+    try:
+        check_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards))
+    except ValueError as e:
+        raise config_error(cfg, e) from None
 
 
 def maybe_evaluation():
@@ -691,15 +682,19 @@ def train(cfg: Config) -> int:
     run_eval = maybe_evaluation()
     with setting_up():  # start-up validation, before any process group or model exists
         trackers.check_installed(tcfg.report_to)
-        check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
-                   need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
-        cfg.model.check_image_grid()  # model.patch_size tiles model.image_size
+        try:
+            cfg.model.check_image_grid()  # model.patch_size tiles model.image_size
+        except ValueError as e:
+            raise config_error(cfg, e) from None
         if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_word_negatives > 0:
             raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
                               "train.feature_cache=false or loss.itc_word_negatives=0")
         if uses_feature_cache(tcfg, cfg.loss) and cfg.model.dropout > 0:
             raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                               "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
+        # the files after the values: the shards, and the tokenizer ('auto' reads the shards)
+        check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
+                   need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
         ckpt = CheckpointManager.from_config(tcfg)
         ckpt.check_start()  # the run-directory rule and the checkpoint to resume from
         runtime = accel.start_runtime(cfg)  # launch checks

@@ -75,6 +75,7 @@ def test_patches_that_do_not_tile_the_image_are_refused_naming_both_keys(tmp_pat
     code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}", *overrides)
     line = one_line(err)
     assert code == 2 and expected in line, line
+    assert f"{TINY}: {expected}" in line, line  # the config file named as load_config names it
     assert not out.exists()
 
 
@@ -122,6 +123,7 @@ def test_a_hub_tokenizer_name_fails_at_once_without_trying_the_hub(tmp_path, cap
     took = time.monotonic() - start
     line = one_line(err)
     assert code == 2 and "data.tokenizer='bert-base-uncased' is not a local tokenizer directory or file" in line, line
+    assert f"{TINY}: data.tokenizer=" in line, line  # the config file named as load_config names it
     assert "no download is tried" in line
     assert took < 20, f"{took:.1f} s: the hub client retries for about a minute without a network"
     assert not out.exists()
@@ -133,5 +135,91 @@ def test_a_hub_tokenizer_name_fails_at_once_without_trying_the_hub(tmp_path, cap
         code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
                              f"data.tokenizer={spec}")
         line = one_line(err)
-        assert code == 2 and f"data.tokenizer={str(spec)!r} {expected}" in line, line
+        assert code == 2 and f"{TINY}: data.tokenizer={str(spec)!r} {expected}" in line, line
         assert not out.exists()
+
+
+def _shard_listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("samples", [
+    None,  # an empty file named .tar (no sample at all)
+    [{"__key__": "a", "jpg": b"x"}, {"__key__": "b", "jpg": b"y"}],  # images, no caption member
+    [{"__key__": "a", "jpg": b"x", "txt": b"\xff\xfe not utf-8"}, {"__key__": "b", "jpg": b"y", "txt": " \n "}],
+], ids=["empty-tar", "no-txt", "unreadable-or-blank-txt"])
+def test_auto_tokenizer_on_shards_without_captions_fails_before_anything_is_written(tmp_path, capsys, shard,
+                                                                                      samples):
+    from _shardutil import write_raw_shard
+
+    if samples is not None:
+        write_raw_shard(str(shard), samples)
+    before = _shard_listing(shard.parent)
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
+                         "data.tokenizer=auto")
+    line = one_line(err)
+    assert code == 2 and f"{TINY}: data.tokenizer='auto'" in line, line
+    assert "data.train_shards" in line and str(shard) in line and "no sample with a readable caption" in line, line
+    assert not out.exists()
+    assert _shard_listing(shard.parent) == before  # no tokenizer/ (nor its temporary folder) in the shard folder
+    # an earlier run's directory is left exactly as it was
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, err, _ = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}")
+    assert code == 2 and "no sample with a readable caption" in one_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert _shard_listing(shard.parent) == before
+
+
+def test_auto_tokenizer_check_passes_on_one_caption_or_a_saved_tokenizer_and_writes_nothing(shard):
+    from _shardutil import write_raw_shard
+    from mmpretrain.data.tokenizer import TOKENIZER_DIRNAME, check_tokenizer
+
+    write_raw_shard(str(shard), [{"__key__": "a", "jpg": b"x"}, {"__key__": "b", "jpg": b"y", "txt": "a red cube"}])
+    before = _shard_listing(shard.parent)
+    check_tokenizer("auto", [str(shard)])
+    assert _shard_listing(shard.parent) == before
+    # a tokenizer saved beside the shards: the shards are not read (no caption needed)
+    write_raw_shard(str(shard), [{"__key__": "a", "jpg": b"x"}])
+    (shard.parent / TOKENIZER_DIRNAME).mkdir()
+    (shard.parent / TOKENIZER_DIRNAME / "tokenizer_config.json").write_text("{}")
+    check_tokenizer("auto", [str(shard)])
+
+
+def test_eval_shards_brace_pattern_with_no_files_fails_before_the_checkpoint_is_read(tmp_path, capsys, shard,
+                                                                                     monkeypatch):
+    import mmpretrain.export
+    from mmpretrain.evaluation import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --shards was checked")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", no_loading)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mmpretrain.json").write_text("{}")
+    pattern = str(shard.parent / "val-{000000..000003}.tar")
+    code = cli.main(["--checkpoint", str(ckpt), "--shards", pattern])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("mmpretrain eval: error: --shards (data.val_shards): "), line
+    assert f"no shards match {pattern!r}: none of its 4 files exist" in line, line
+    assert str(shard.parent / "val-000000.tar") in line and str(shard.parent / "val-000003.tar") in line, line
+    assert sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")) == \
+        ["checkpoints", "checkpoints/step_00000010", "checkpoints/step_00000010/mmpretrain.json"]
+    # a run directory: the same one line (no "evaluating its newest checkpoint" note before it)
+    code = cli.main(["--checkpoint", str(tmp_path / "run"), "--shards", pattern])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "none of its 4 files exist" in lines[0], lines
+    # a pattern with a file present is not refused: the checkpoint is read next
+    loaded = []
+
+    def record(path):
+        loaded.append(path)
+        raise mmpretrain.export.ExportError("stand-in checkpoint")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    code = cli.main(["--checkpoint", str(ckpt), "--shards", str(shard.parent / "train-{000000..000003}.tar")])
+    assert code == 2 and loaded == [str(ckpt)]
