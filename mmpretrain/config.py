@@ -476,12 +476,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_error(cfg: Config, message: Any) -> ConfigError:
+def config_error(cfg: Config, message: Any, kind: type[Exception] = ConfigError) -> Exception:
     """A ``ConfigError`` for a value of ``cfg`` found bad after loading (a start-up check), named
     the way ``load_config`` names its own errors: ``FILE: message``, ``FILE`` the config file the
-    tree was read from (``Config.source``; nothing for a tree of the defaults or of a dict)."""
+    tree was read from (``Config.source``; nothing for a tree of the defaults or of a dict).
+    ``kind``: another exception class for the same message (``FileNotFoundError`` for shards
+    that match no file)."""
     source = getattr(cfg, "source", None)
-    return ConfigError(f"{source}: {message}" if source else str(message))
+    return kind(f"{source}: {message}" if source else str(message))
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -20,7 +20,8 @@ retrieval evaluation. The compositional test and the ITM accuracy on hard negati
 (``eval.compositional``, ``eval.itm_hard_negatives``) are part of it; when one is skipped (no
 scene metadata in the shards, no trained ITM head) a one-line note goes to stderr. Bad input
 prints one line and exits 2; a ``--shards`` pattern that matches no file (a brace pattern
-whose files are all missing) before the model is loaded.
+whose files are all missing), or without ``--shards`` the checkpoint's ``data.val_shards``,
+before the model is loaded.
 """
 
 from __future__ import annotations
@@ -73,6 +74,41 @@ def _check_shards(args, checkpoint: Path) -> None:
         raise ConfigError(f"--shards (data.val_shards): {why}")
 
 
+def _check_saved_val_shards(args, checkpoint: Path) -> None:
+    """Without ``--shards``: ``ConfigError`` (one line naming ``data.val_shards``, the pattern and
+    its missing files) when the checkpoint's saved ``data.val_shards`` (after any
+    ``data.val_shards=`` override) matches no file, read from ``mmpretrain.json`` alone, before
+    the model is loaded. Skipped with ``--classify-only`` (the shards are not read), for an
+    export (it saves no data config), and when ``mmpretrain.json`` or its config does not parse
+    (``load_checkpoint`` names that, as it names a path that is no checkpoint, first)."""
+    import json
+    import warnings
+
+    from mmpretrain.config import ConfigError, config_from_dict, parse_overrides
+    from mmpretrain.export.format import CKPT_META
+    from mmpretrain.trainer.data import shards_missing
+
+    if args.shards or args.classify_only:
+        return
+    meta_file = checkpoint / CKPT_META
+    if not checkpoint.is_dir() or not meta_file.is_file():
+        return
+    try:
+        with warnings.catch_warnings():  # a renamed key warns once, when the checkpoint is loaded
+            warnings.simplefilter("ignore")
+            tree = json.loads(meta_file.read_text())["config"]
+            spec = _apply_overrides(config_from_dict(tree), list(args.overrides)).data.val_shards
+            overridden = any(key == "data.val_shards" for key, _ in parse_overrides(list(args.overrides)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # load_checkpoint names these
+        return
+    why = shards_missing(spec)
+    if why and overridden:
+        raise ConfigError(f"data.val_shards: {why}")
+    if why:
+        raise ConfigError(f"{meta_file}: data.val_shards (the checkpoint's held-out shards): {why}; "
+                          "pass --shards PATTERN to evaluate on others")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmpretrain eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt, from_run = checkpoint_of_run(args.checkpoint)
         _check_shards(args, ckpt)
+        _check_saved_val_shards(args, ckpt)
         if from_run:
             print(f"mmpretrain eval: {args.checkpoint} is a run directory; evaluating its newest checkpoint {ckpt}",
                   file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from mmpretrain import distributed
-from mmpretrain.config import Config, ConfigError, config_error, dump_config, to_dict
+from mmpretrain.config import Config, config_error, dump_config, to_dict
 from mmpretrain.data.config import DataConfig
 from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.trainer import accel, trackers
@@ -277,14 +277,14 @@ def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None
     """Fail before any work when a shard pattern matches nothing (names the pattern and its
     missing files, and the settings that would train without the held-out shards), or when
     ``data.tokenizer`` names no local tokenizer, or is 'auto' with train shards that hold no
-    caption to train one on (``mmpretrain.data.tokenizer.check_tokenizer``; writes nothing; the
-    message names the config file, as ``load_config``'s own errors do)."""
+    caption to train one on (``mmpretrain.data.tokenizer.check_tokenizer``). Writes nothing; each
+    message names the config file, as ``load_config``'s own errors do (``config_error``)."""
     from mmpretrain.data.tokenizer import check_tokenizer
 
     for spec in cfg.data.train_shards:
         why = _matches_nothing(spec)
         if why:
-            raise FileNotFoundError(f"data.train_shards: {why}")
+            raise config_error(cfg, f"data.train_shards: {why}", FileNotFoundError)
     val_missing = _matches_nothing(cfg.data.val_shards) if (need_val or need_val_loss) else None
     if val_missing:
         tcfg = cfg.train
@@ -295,8 +295,8 @@ def check_data(cfg: Config, need_val: bool, need_val_loss: bool = False) -> None
         if tcfg.eval_every > 0:
             uses.append(f"evaluation every {tcfg.eval_every} steps")
             fix.append("train.eval_every=0")
-        raise FileNotFoundError(f"data.val_shards: {val_missing} ({' and '.join(uses)} "
-                                f"read them; set {' '.join(fix)} to train without them)")
+        raise config_error(cfg, f"data.val_shards: {val_missing} ({' and '.join(uses)} "
+                                f"read them; set {' '.join(fix)} to train without them)", FileNotFoundError)
     try:
         check_tokenizer(cfg.data.tokenizer, list(cfg.data.train_shards))
     except ValueError as e:
@@ -687,11 +687,11 @@ def train(cfg: Config) -> int:
         except ValueError as e:
             raise config_error(cfg, e) from None
         if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_word_negatives > 0:
-            raise ConfigError("loss.itc_word_negatives does not combine with the feature cache; set "
-                              "train.feature_cache=false or loss.itc_word_negatives=0")
+            raise config_error(cfg, "loss.itc_word_negatives does not combine with the feature cache; set "
+                                    "train.feature_cache=false or loss.itc_word_negatives=0")
         if uses_feature_cache(tcfg, cfg.loss) and cfg.model.dropout > 0:
-            raise ConfigError("train.feature_cache needs model.dropout=0 (the cached and the recomputed "
-                              "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
+            raise config_error(cfg, "train.feature_cache needs model.dropout=0 (the cached and the recomputed "
+                                    "embeddings must agree); set model.dropout=0 or train.feature_cache=false")
         # the files after the values: the shards, and the tokenizer ('auto' reads the shards)
         check_data(cfg, need_val=run_eval is not None and (tcfg.eval_at_end or tcfg.eval_every > 0),
                    need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)

@@ -223,3 +223,99 @@ def test_eval_shards_brace_pattern_with_no_files_fails_before_the_checkpoint_is_
     monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
     code = cli.main(["--checkpoint", str(ckpt), "--shards", str(shard.parent / "train-{000000..000003}.tar")])
     assert code == 2 and loaded == [str(ckpt)]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("loss.itc_word_negatives=2", "loss.itc_word_negatives does not combine with the feature cache"),
+    ("model.dropout=0.1", "train.feature_cache needs model.dropout=0"),
+], ids=["itc_word_negatives", "dropout"])
+def test_feature_cache_conflicts_are_one_line_naming_the_file_and_the_keys(tmp_path, capsys, shard, override,
+                                                                          expected):
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
+                         "train.grad_accum_steps=2", "train.feature_cache=true", "loss.contrastive=infonce", override)
+    line = one_line(err)
+    assert code == 2 and f"{TINY}: {expected}" in line, line  # the config file named as load_config names it
+    assert not out.exists()
+
+
+def test_missing_train_or_val_shards_name_the_config_file(tmp_path, capsys, shard):
+    from mmpretrain.trainer.loop import check_data
+
+    pattern = str(shard.parent / "train-{000010..000013}.tar")
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{pattern}]", f"data.val_shards={shard}")
+    line = one_line(err)
+    assert code == 2 and f"{TINY}: data.train_shards: no shards match {pattern!r}" in line, line
+    assert not out.exists()
+    code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={pattern}")
+    line = one_line(err)
+    assert code == 2 and f"{TINY}: data.val_shards: no shards match {pattern!r}" in line, line
+    assert not out.exists()
+    # still a FileNotFoundError for callers of check_data; a tree of a dict names no file
+    with pytest.raises(FileNotFoundError, match=r"^data\.train_shards: no shards match"):
+        check_data(config_from_dict({"data": {"train_shards": [pattern]}}), need_val=False)
+
+
+def _checkpoint_with_val_shards(folder: Path, val_shards: str) -> Path:
+    """A checkpoint directory whose ``mmpretrain.json`` holds the tiny config with ``val_shards``
+    (no weights: the tests below prove that nothing is loaded)."""
+    import json
+
+    ckpt = folder / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    tree = to_dict(load_config(TINY, [f"data.val_shards={val_shards}"]))
+    (ckpt / "mmpretrain.json").write_text(json.dumps({"format": "mmpretrain-ckpt/1", "step": 10, "config": tree,
+                                                      "vocab_size": 64}))
+    return ckpt
+
+
+def test_eval_without_shards_checks_the_saved_val_shards_before_the_checkpoint_is_read(tmp_path, capsys, shard,
+                                                                                      monkeypatch):
+    import mmpretrain.export
+    from mmpretrain.evaluation import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before data.val_shards was checked")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", no_loading)
+    pattern = str(shard.parent / "val-{000000..000003}.tar")
+    run_dir = tmp_path / "run"
+    ckpt = _checkpoint_with_val_shards(run_dir, pattern)
+    listing = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    for target in (ckpt, run_dir):  # a run directory: no "evaluating its newest checkpoint" note before it
+        code = cli.main(["--checkpoint", str(target)])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1, lines
+        line = lines[0]
+        assert line.startswith(f"mmpretrain eval: error: {ckpt / 'mmpretrain.json'}: data.val_shards"), line
+        assert f"no shards match {pattern!r}: none of its 4 files exist" in line, line
+        assert str(shard.parent / "val-000000.tar") in line and str(shard.parent / "val-000003.tar") in line, line
+        assert "--shards PATTERN" in line, line
+        assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == listing  # nothing written
+    # a data.val_shards= override is what is checked, and named as the key alone
+    code = cli.main(["--checkpoint", str(ckpt), f"data.val_shards={shard.parent / 'other-*.tar'}"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mmpretrain eval: error: data.val_shards: no shards match"), lines[0]
+    assert "other-*.tar" in lines[0], lines[0]
+
+    loaded = []
+
+    def record(path):
+        loaded.append(path)
+        raise mmpretrain.export.ExportError("stand-in checkpoint")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    # saved shards with a file present, an override that exists, --shards, --classify-only: the checkpoint is read
+    for argv in (["--checkpoint", str(_checkpoint_with_val_shards(tmp_path / "present", str(shard)))],
+                 ["--checkpoint", str(ckpt), f"data.val_shards={shard}"],
+                 ["--checkpoint", str(ckpt), "--shards", str(shard)],
+                 ["--checkpoint", str(ckpt), "--classify-only", "--classify", str(tmp_path)]):
+        code = cli.main(argv)
+        assert code == 2 and loaded == [argv[1]], (argv, capsys.readouterr().err)
+        assert "stand-in checkpoint" in capsys.readouterr().err
+        loaded.clear()
+    # a path that is plainly no checkpoint is still named first, by load_checkpoint
+    monkeypatch.undo()
+    code = cli.main(["--checkpoint", str(shard.parent)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "not an mmpretrain checkpoint" in err, err
