@@ -1,4 +1,4 @@
-"""The trainer's ``Accelerator`` settings from the config; ``start_runtime(cfg)`` hands them to
+"""The trainer's ``Accelerator`` settings from the config; ``start_runtime(spec, train)`` hands them to
 ``mmpretrain.runtime`` (the one owner of the Accelerator and the process group, its launch
 checks and its teardown) after the checks that need the config.
 
@@ -11,8 +11,8 @@ launch/README.md for the commands). What this module adds to the runtime's launc
   explicit values disagree with it — the two can never say different things.
 
 What the launch takes from the config tree is an ``AcceleratorSpec`` (``from_config``: a few
-values of the data, model, loss, optim and train sections); ``start_runtime`` derives it once
-and every check and the DeepSpeed JSON read only it.
+values of the data, model, loss, optim and train sections); ``start_runtime`` takes it and the
+train section (the trackers), and every check and the DeepSpeed JSON read only the spec.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from mmpretrain import runtime
 from mmpretrain.config import Config
 from mmpretrain.models.config import LossConfig
+from mmpretrain.trainer.config import TrainConfig
 from mmpretrain.runtime import LaunchError, LaunchInfo, distributed_type_name  # noqa: F401 (the trainer's names)
 
 
@@ -172,13 +173,12 @@ def _check_launch_env(spec: AcceleratorSpec) -> None:
 
 # ----------------------------------------------------------------------------- the Accelerator
 
-def start_runtime(cfg: Config) -> runtime.Runtime:
-    """The training's ``Runtime``: its ``Accelerator`` built for this launch from the
-    ``AcceleratorSpec`` of ``cfg`` and checked against it (``LaunchError`` otherwise, before any
-    work); the trackers (``train.report_to``) from the train section."""
+def start_runtime(spec: AcceleratorSpec, train: TrainConfig) -> runtime.Runtime:
+    """The training's ``Runtime``: its ``Accelerator`` built for this launch from ``spec``
+    (``AcceleratorSpec.from_config``) and checked against it (``LaunchError`` otherwise, before
+    any work); the trackers (``train.report_to``) from the train section."""
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
-    spec = AcceleratorSpec.from_config(cfg)
     info = runtime.launch_info()
     per_rank_batch_size(spec.global_batch_size, info.world_size)  # fail before any process group work
     runtime.check_single_process_launch(info)
@@ -203,10 +203,10 @@ def start_runtime(cfg: Config) -> runtime.Runtime:
             gradient_clipping=spec.grad_clip, zero_stage=ds["zero_optimization"]["stage"])
         # DeepSpeed 0.19 calls collectives torch 2.14 deprecates, with a warning on every call
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if cfg.train.report_to:  # Accelerate's trackers, started by trackers.start once the run directory exists
+    if train.report_to:  # Accelerate's trackers, started by trackers.start once the run directory exists
         from mmpretrain.trainer import trackers
 
-        kwargs["log_with"] = trackers.build(cfg)  # trackers.py reads the train section
+        kwargs["log_with"] = trackers.build(train)
     if not info.use_deepspeed and info.world_size > 1 and spec.unused_parameters:
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     return runtime.start_accelerator(info, **kwargs)  # adds the CPU/gloo settings, checks the launch

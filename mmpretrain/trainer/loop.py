@@ -697,7 +697,7 @@ def train(cfg: Config) -> int:
                    need_val_loss=tcfg.eval_every > 0 and tcfg.val_batches > 0)
         ckpt = CheckpointManager.from_config(tcfg)
         ckpt.check_start()  # the run-directory rule and the checkpoint to resume from
-        runtime = accel.start_runtime(cfg)  # launch checks
+        runtime = accel.start_runtime(accel.AcceleratorSpec.from_config(cfg), tcfg)  # launch checks
     accelerator, info = runtime.accelerator, runtime.info
     ckpt.announce_start(runtime.is_main)
     stop = StopRequest()

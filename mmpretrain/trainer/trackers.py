@@ -90,9 +90,9 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", key.replace("@", "_at_"))
 
 
-def build(cfg) -> list:
-    """The Accelerate tracker objects for ``cfg.train.report_to`` (nothing started yet)."""
-    tcfg = cfg.train
+def build(tcfg) -> list:
+    """The Accelerate tracker objects for ``tcfg.report_to`` (``tcfg``: the train section;
+    nothing started yet)."""
     names = list(tcfg.report_to)
     if not names:
         return []

@@ -175,7 +175,7 @@ def test_train_eval_and_bench_start_through_the_runtime():
     from mmpretrain.trainer import accel, loop
 
     assert "runtime.start_accelerator(" in inspect.getsource(accel.start_runtime)
-    assert "accel.start_runtime(cfg)" in inspect.getsource(loop.train) and "with runtime:" in inspect.getsource(loop.train)
+    assert "accel.start_runtime(accel.AcceleratorSpec.from_config(cfg), tcfg)" in inspect.getsource(loop.train) and "with runtime:" in inspect.getsource(loop.train)
     assert "start_if_launched()" in inspect.getsource(eval_cli.main) and "with runtime:" in inspect.getsource(eval_cli.main)
     assert "start_process_group(" in inspect.getsource(bench.main)
 
