@@ -76,7 +76,7 @@ class ModelConfig:
     itm_readout: Literal["text_cls", "image_cls"] = "text_cls"
     """unified: the fused-pass token the ITM head reads (through its dense+tanh pooler):
     'text_cls' (the text [CLS], ViLT's layout) or 'image_cls' (the image [CLS])."""
-    itm_head: Literal["pooler", "match"] = "pooler"
+    itm_head: Literal["pooler", "match", "late"] = "pooler"
     """unified: how the ITM logit is read from the fused pass. 'pooler': the ``itm_readout``
     token through a dense+tanh pooler and a 2-way classifier (ViLT's layout; exported as
     ``ViltForImageAndTextRetrieval``). 'match': the fused image tokens pooled as the image
@@ -87,7 +87,11 @@ class ModelConfig:
     first-order signal for "do these two match" (each image and each text is a positive in one
     row of three, so the label is uncorrelated with any function of one side alone) and sat at
     the 1:2 prior from scratch; the product gives the fusion blocks a gradient from step 0
-    (docs/BENCHMARKS.md "Seventh pass")."""
+    (docs/BENCHMARKS.md "Seventh pass"). 'late': every fused image and every fused text token
+    through the contrastive projection, each real text token scored against its best image token
+    by the same weighted product, the scores averaged over the text tokens (FILIP/ColBERT late
+    interaction): a local image token holds one object's colour and shape together, a pooled
+    embedding does not (docs/BENCHMARKS.md "Eighth pass")."""
     fusion_gates: bool = False
     """unified + ``fusion_source: towers``: each fusion block's attention and MLP branch is scaled
     by a per-channel gate initialised to 0, so the fused pass starts as the identity of the

@@ -238,6 +238,29 @@ class MatchHead(nn.Module):
         return torch.stack([torch.zeros_like(s), s], dim=-1)
 
 
+class LateMatchHead(nn.Module):
+    """ITM from the L2-normalised tokens of one fused pair, token by token (late interaction, as
+    FILIP and ColBERT score): each real text token's best image token by a learned per-dimension
+    weighting of their product, averaged over the text tokens, plus a bias (the no-match logit 0).
+    A pooled embedding mixes every object's colour, shape and place into one vector, so it
+    cannot say which colour sits on which shape; a local image token holds one object's colour
+    and shape together and a text token read in context ("circle" after "red") can hold both,
+    so their product can. ``weight`` starts at ``scale`` everywhere. Returns [B, 2] like ``ItmHead``.
+    ``u``: [B, N, D] image tokens, ``v``: [B, L, D] text tokens, ``mask``: [B, L] 1 = real."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(scale)))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        sim = torch.einsum("bld,bnd->bln", v * self.weight.to(v.dtype), u.to(v.dtype))
+        best = sim.amax(dim=-1)  # [B, L]
+        w = mask.to(best.dtype)
+        s = (best * w).sum(-1) / w.sum(-1).clamp(min=1.0) + self.bias.to(best.dtype)
+        return torch.stack([torch.zeros_like(s), s], dim=-1)
+
+
 class MlmHead(nn.Module):
     """BERT's prediction head: dense + GELU + LayerNorm, then a decoder to the vocabulary (its own
     weights, not tied to the word embeddings: ZeRO-3 reads a parameter only inside its owner)."""

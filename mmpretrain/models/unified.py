@@ -16,7 +16,9 @@ One set of weights:
   (``itm_readout``: the text [CLS] — ViLT's layout, the default — or the image [CLS]), which
   feeds ``itm_head`` (dense + tanh pooler, 2-way classifier); with ``itm_head: match`` the
   fused image and text tokens are pooled and projected as the embeddings are and
-  ``itm_match`` (a learned per-dimension weighting of their product) gives the logit. ``fuse_tokens`` returns every
+  ``itm_match`` (a learned per-dimension weighting of their product) gives the logit; with
+  ``itm_head: late`` every fused image and text token is projected and ``itm_match`` scores the
+  pair token by token (each text token's best image token, FILIP/ColBERT-style). ``fuse_tokens`` returns every
   fused token; ``mlm_logits(fused_text_tokens)`` predicts the vocabulary for MLM.
 
 With ``fusion_source: towers`` (ALBEF/BLIP-style) the fused pass starts from the unimodal
@@ -56,8 +58,8 @@ class UnifiedTransformer(nn.Module):
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.image_proj = Lx.Projection(w, cfg.embed_dim)
         self.text_proj = Lx.Projection(w, cfg.embed_dim)
-        if cfg.itm_head not in ("pooler", "match"):
-            raise ValueError(f"model.itm_head: {cfg.itm_head!r} is not 'pooler' or 'match'")
+        if cfg.itm_head not in ("pooler", "match", "late"):
+            raise ValueError(f"model.itm_head: {cfg.itm_head!r} is not 'pooler', 'match' or 'late'")
         # 'match' reads the fused pass through the contrastive projections (MatchHead, built last)
         self.itm_head = Lx.ItmHead(w) if cfg.itm_head == "pooler" else None
         if cfg.fusion_source not in ("inputs", "towers"):
@@ -85,12 +87,13 @@ class UnifiedTransformer(nn.Module):
             Lx.init_weights(self.fusion_blocks)
             Lx.init_weights(self.fusion_norm)
         # constant initialisation: no random draws, the weights above are those of 'pooler'
-        self.itm_match = Lx.MatchHead(cfg.embed_dim, cfg.logit_scale_init) if cfg.itm_head == "match" else None
+        head = {"match": Lx.MatchHead, "late": Lx.LateMatchHead}.get(cfg.itm_head)
+        self.itm_match = None if head is None else head(cfg.embed_dim, cfg.logit_scale_init)
         if cfg.fusion_gates and not self.towers:
             raise ValueError("model.fusion_gates needs model.fusion_source=towers (it gates the fusion blocks)")
         # match + towers: the head reads the fused residual stream (the towers' tokens plus what the
         # fusion blocks add), not fusion_norm's output, so that identity blocks give the embeddings
-        self.match_reads_stream = cfg.itm_head == "match" and self.towers
+        self.match_reads_stream = cfg.itm_head in ("match", "late") and self.towers
         self.grad_checkpointing = cfg.grad_checkpointing
 
     # ------------------------------------------------------------------ stack
@@ -189,6 +192,8 @@ class UnifiedTransformer(nn.Module):
         ``MatchHead``. With ``match_reads_stream`` the tokens are ``fuse_tokens(..., normed=False)``."""
         if self.itm_match is None:
             return self.itm_head(tokens[:, self.readout_index(n_image)])
+        if self.cfg.itm_head == "late":  # every token projected; LateMatchHead pairs them
+            return self.itm_match(self.image_proj(tokens[:, :n_image]), self.text_proj(tokens[:, n_image:]), text_mask)
         mode = self.cfg.pool if self.cfg.image_pool == "same" else self.cfg.image_pool
         u = self.image_proj(self._pool(tokens[:, :n_image], None, mode))
         v = self.text_proj(self._pool(tokens[:, n_image:], text_mask))

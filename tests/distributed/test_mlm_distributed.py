@@ -50,6 +50,11 @@ CASES = {
     "towers_match_gates": dict(itm_weight=1.0, itm_fraction=0.75, mlm_weight=0.5, mlm_prob=0.4, itm_rank_weight=0.7,
                                _model=dict(fusion_source="towers", fusion_depth=2, itm_head="match",
                                            fusion_gates=True)),
+    # the late-interaction head (every fused token projected, best image token per text token)
+    "towers_late_words": dict(itm_weight=1.0, itm_fraction=0.75, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,
+                              itm_rank_weight=0.5,
+                              _model=dict(fusion_source="towers", fusion_depth=2, image_pool="max", itm_head="late",
+                                          fusion_gates=True)),
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
 KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_itm_rank", "itm_rank_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",

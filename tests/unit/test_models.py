@@ -17,6 +17,8 @@ VARIANTS = {
     "unified_towers": (dict(fusion_source="towers", fusion_depth=2), dict(mlm_weight=1.0, mlm_mask_token_id=2)),
     "unified_resnet_stem": (dict(fusion_source="towers", fusion_depth=1, image_stem="resnet"), dict()),
     "unified_match": (dict(fusion_source="towers", fusion_depth=1, image_pool="max", itm_head="match"), dict()),
+    "unified_late": (dict(fusion_source="towers", fusion_depth=1, image_pool="max", itm_head="late", fusion_gates=True),
+                     dict(itm_rank_weight=0.5)),
     "dual_cnn_xattn": (dict(arch="dual_encoder", fusion="cross_attention"), dict()),
     "dual_triplet": (dict(arch="dual_encoder", fusion="linear"), dict(contrastive="triplet", triplet_margin=0.2)),
 }
@@ -191,6 +193,42 @@ def test_fusion_gates_start_the_match_head_at_the_contrastive_score():
     assert bb.fusion_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="fusion_gates"):
         _build("unified", fusion_gates=True)
+
+
+def test_late_head_scores_each_text_token_against_its_best_image_token():
+    model = _build("unified_late").eval()
+    bb = model.backbone
+    assert bb.itm_head is None and bb.match_reads_stream
+    px, ids, mask, image_ids = _batch()
+    with torch.no_grad():  # gates open, so the fusion blocks change the tokens the head reads
+        for blk in bb.fusion_blocks:
+            blk.gate_attn.fill_(0.5)
+            blk.gate_mlp.fill_(0.5)
+        bb.itm_match.weight.add_(torch.linspace(-1, 1, 16))
+        bb.itm_match.bias.fill_(-3.0)
+        xi, xt = bb.image_inputs(px), bb.text_inputs(ids, mask)
+        tok = bb.fuse_tokens(xi, xt, mask, normed=False)
+        n = xi.shape[1]
+        u, v = bb.image_proj(tok[:, :n]), bb.text_proj(tok[:, n:])  # [B, N, D], [B, L, D], unit rows
+        want = []
+        for b in range(4):
+            best = [max(float((v[b, t] * u[b, i] * bb.itm_match.weight).sum()) for i in range(n))
+                    for t in range(ids.shape[1]) if mask[b, t]]
+            want.append(sum(best) / len(best) - 3.0)
+    logits = model.itm_logits(px, ids, mask)
+    torch.testing.assert_close(logits[:, 1], torch.tensor(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[:, 0], torch.zeros(4))
+    # a padding token changes nothing: the padded row scores as its unpadded prefix alone
+    one = model.itm_logits(px[3:], ids[3:, :5], mask[3:, :5])
+    torch.testing.assert_close(one[:, 1], logits[3:, 1], rtol=1e-5, atol=1e-5)
+    # the ITM loss reaches the head, the fusion blocks and the towers
+    model.train()
+    out = model(px, ids, mask, image_ids)
+    (out["loss"] - out["loss_itc"]).backward()
+    assert bb.itm_match.weight.grad.abs().sum() > 0 and bb.fusion_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert bb.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="itm_head"):
+        _build("dual_cnn_xattn", itm_head="late")
 
 
 def test_experts_route_by_modality():
