@@ -408,3 +408,18 @@ def hash_text(text: str) -> int:
     """``stable_hash`` of a value's text, for callers that build the text themselves."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def shards_missing(spec: str) -> str | None:
+    """Why the shard pattern ``spec`` matches nothing (``None`` when it matches a shard): no
+    URL at all, or a brace pattern / path whose local files are all missing (named). The
+    start-up check of ``data.train_shards`` / ``data.val_shards`` and of ``mmpretrain eval
+    --shards``."""
+    urls = expand_sources(spec)
+    if not urls:
+        return f"no shards match {spec!r}"
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    if len(missing) < len(urls):
+        return None
+    files = missing[0] if len(missing) == 1 else f"{missing[0]} ... {missing[-1]}"
+    return f"no shards match {spec!r}: none of its {len(missing)} files exist ({files})"

@@ -61,7 +61,7 @@ def _check_shards(args, checkpoint: Path) -> None:
     loaded. Not when ``checkpoint`` is plainly no checkpoint (``load_checkpoint`` names that
     first, without loading anything) or with ``--classify-only`` (the shards are not read)."""
     from mmpretrain.export.format import CKPT_META
-    from mmpretrain.trainer.data import shards_missing
+    from mmpretrain.data.shardio import shards_missing
 
     if not args.shards or args.classify_only:
         return
@@ -86,7 +86,7 @@ def _check_saved_val_shards(args, checkpoint: Path) -> None:
 
     from mmpretrain.config import ConfigError, config_from_dict, parse_overrides
     from mmpretrain.export.format import CKPT_META
-    from mmpretrain.trainer.data import shards_missing
+    from mmpretrain.data.shardio import shards_missing
 
     if args.shards or args.classify_only:
         return

@@ -34,25 +34,6 @@ class LoaderSpec:
         return cls(data=cfg.data, seed=int(cfg.seed), emulate_world_size=int(cfg.train.emulate_world_size))
 
 
-def shards_missing(spec: str) -> str | None:
-    """Why the shard pattern ``spec`` matches nothing (``None`` when it matches a shard): no
-    URL at all, or a brace pattern / path whose local files are all missing (named). The
-    start-up check of ``data.train_shards`` / ``data.val_shards`` and of ``mmpretrain eval
-    --shards``."""
-    import os
-
-    from mmpretrain.data.shardio import expand_sources, is_remote
-
-    urls = expand_sources(spec)
-    if not urls:
-        return f"no shards match {spec!r}"
-    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
-    if len(missing) < len(urls):
-        return None
-    files = missing[0] if len(missing) == 1 else f"{missing[0]} ... {missing[-1]}"
-    return f"no shards match {spec!r}: none of its {len(missing)} files exist ({files})"
-
-
 def concat_batches(parts: list[dict]) -> dict:
     """Rank-major concatenation of per-rank batches (tensors along dim 0, lists joined)."""
     out = {}

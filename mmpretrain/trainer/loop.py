@@ -31,11 +31,12 @@ import torch
 from mmpretrain import distributed
 from mmpretrain.config import Config, config_error, dump_config, to_dict
 from mmpretrain.data.config import DataConfig
+from mmpretrain.data.shardio import shards_missing
 from mmpretrain.models.config import LossConfig, ModelConfig
 from mmpretrain.trainer import accel, trackers
 from mmpretrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from mmpretrain.trainer.config import TrainConfig
-from mmpretrain.trainer.data import LoaderSpec, build_train_loader, shards_missing
+from mmpretrain.trainer.data import LoaderSpec, build_train_loader
 from mmpretrain.trainer.faults import fault_injection
 from mmpretrain.trainer.logging import RunLogger
 from mmpretrain.trainer.optim import WarmupCosine, build_optimizer

@@ -166,6 +166,7 @@ def test_a_planted_pickle_in_a_zero_checkpoint_runs_no_code(zero2_run, tmp_path,
         assert rc == 2 and len(err.splitlines()) == 1, err
         assert str(ckpt / "pytorch_model") in err and "weights_only" in err and "exec" in err, err
         assert not marker.exists() and not (tmp_path / name / "export").exists()
+        (tmp_path / "none-000000.tar").touch()  # a shard that exists: the checkpoint is what fails
         rc = eval_cli.main(["--checkpoint", str(ckpt), "--shards", str(tmp_path / "none-*.tar"),
                             "--out", str(tmp_path / name / "eval")])
         err = capsys.readouterr().err.strip()

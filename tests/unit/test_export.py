@@ -301,7 +301,8 @@ def test_broken_export_is_one_export_error_naming_the_file(exported, tmp_path, c
     with pytest.raises(ExportError, match=f"{name}.*{what}") as e:
         load_pretrained(broken)
     assert str(broken / name) in str(e.value)
-    rc = eval_cli.main(["--checkpoint", str(broken), "--shards", "x-*.tar", "--out", str(tmp_path / "o")])
+    (tmp_path / "x-000000.tar").touch()  # the shards exist: the export is what fails
+    rc = eval_cli.main(["--checkpoint", str(broken), "--shards", str(tmp_path / "x-*.tar"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and name in err and what in err, err
     assert not (tmp_path / "o").exists()
