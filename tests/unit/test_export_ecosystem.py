@@ -50,7 +50,9 @@ CONFIGS = {
     # the default's convolutional stem is timm's R+ViT hybrid; the linear patch stem a plain ViT
     "tiny+patch_stem": ("tiny", ["model.image_stem=patch"], "timm", False),
     # no ViLT form for the resnet stem even when fused over the inputs (ViLT embeds linear patches)
-    "tiny+inputs_fusion+resnet_stem": ("tiny", ["model.fusion_source=inputs"], "timm", False),
+    # the default's match head and fusion gates belong to fusion over the towers: ViLT's layout back
+    "tiny+inputs_fusion+resnet_stem": ("tiny", ["model.fusion_source=inputs", "model.fusion_gates=false",
+                                                "model.itm_head=pooler"], "timm", False),
     # the shipped dual-encoder configs keep small_cnn (it learns much better than the timm towers
     # tried, docs/BENCHMARKS.md): no timm form; a transformers PoolFormerForImageClassification
     "dual_encoder_tiny": ("dual_encoder_tiny", [], "transformers", False),
@@ -434,7 +436,8 @@ def test_without_sentence_transformers_the_rest_is_exported_and_the_gap_named(sh
     from mmpretrain.export import st
 
     monkeypatch.setattr(st, "sentence_transformers_available", lambda: "sentence-transformers is not installed")
-    ckpt = _checkpoint("tiny", tmp_path / "run", shards, ["model.fusion_source=inputs", "model.image_stem=patch"])
+    ckpt = _checkpoint("tiny", tmp_path / "run", shards, ["model.fusion_source=inputs", "model.fusion_gates=false",
+                                                           "model.itm_head=pooler", "model.image_stem=patch"])
     logged: list[str] = []
     out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
     config = json.loads((out / "config.json").read_text())
