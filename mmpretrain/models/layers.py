@@ -238,7 +238,7 @@ class MatchHead(nn.Module):
         return torch.stack([torch.zeros_like(s), s], dim=-1)
 
 
-class LateMatchHead(nn.Module):
+class LateMatchHead(MatchHead):
     """ITM from the L2-normalised tokens of one fused pair, token by token (late interaction, as
     FILIP and ColBERT score): each real text token's best image token by a learned per-dimension
     weighting of their product, averaged over the text tokens, plus a bias (the no-match logit 0).
@@ -246,12 +246,8 @@ class LateMatchHead(nn.Module):
     cannot say which colour sits on which shape; a local image token holds one object's colour
     and shape together and a text token read in context ("circle" after "red") can hold both,
     so their product can. ``weight`` starts at ``scale`` everywhere. Returns [B, 2] like ``ItmHead``.
-    ``u``: [B, N, D] image tokens, ``v``: [B, L, D] text tokens, ``mask``: [B, L] 1 = real."""
-
-    def __init__(self, dim: int, scale: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((dim,), float(scale)))
-        self.bias = nn.Parameter(torch.zeros(1))
+    ``u``: [B, N, D] image tokens, ``v``: [B, L, D] text tokens, ``mask``: [B, L] 1 = real.
+    The parameters are ``MatchHead``'s (``weight``, ``bias``)."""
 
     def forward(self, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         sim = torch.einsum("bld,bnd->bln", v * self.weight.to(v.dtype), u.to(v.dtype))
