@@ -20,8 +20,8 @@ retrieval evaluation. The compositional test and the ITM accuracy on hard negati
 (``eval.compositional``, ``eval.itm_hard_negatives``) are part of it; when one is skipped (no
 scene metadata in the shards, no trained ITM head) a one-line note goes to stderr. Bad input
 prints one line and exits 2; a ``--shards`` pattern that matches no file (a brace pattern
-whose files are all missing), or without ``--shards`` the checkpoint's ``data.val_shards``,
-before the model is loaded.
+whose files are all missing), or without ``--shards`` the checkpoint's saved ``data.val_shards``
+(an export's default one), is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -55,58 +55,62 @@ def default_out_dir(checkpoint: Path, step: int) -> Path:
     return checkpoint.with_name(checkpoint.name + "-eval")
 
 
-def _check_shards(args, checkpoint: Path) -> None:
-    """``ConfigError`` (one line) when ``--shards`` matches no file (a brace pattern whose files
-    are all missing, a glob matching nothing): checked on the files alone, before the model is
-    loaded. Not when ``checkpoint`` is plainly no checkpoint (``load_checkpoint`` names that
-    first, without loading anything) or with ``--classify-only`` (the shards are not read)."""
-    from mmpretrain.export.format import CKPT_META
-    from mmpretrain.data.shardio import shards_missing
-
-    if not args.shards or args.classify_only:
-        return
-    if not checkpoint.is_dir() or not ((checkpoint / CKPT_META).is_file() or (checkpoint / "config.json").is_file()):
-        return
-    why = shards_missing(args.shards)
-    if why:
-        from mmpretrain.config import ConfigError
-
-        raise ConfigError(f"--shards (data.val_shards): {why}")
-
-
-def _check_saved_val_shards(args, checkpoint: Path) -> None:
-    """Without ``--shards``: ``ConfigError`` (one line naming ``data.val_shards``, the pattern and
-    its missing files) when the checkpoint's saved ``data.val_shards`` (after any
-    ``data.val_shards=`` override) matches no file, read from ``mmpretrain.json`` alone, before
-    the model is loaded. Skipped with ``--classify-only`` (the shards are not read), for an
-    export (it saves no data config), and when ``mmpretrain.json`` or its config does not parse
-    (``load_checkpoint`` names that, as it names a path that is no checkpoint, first)."""
-    import json
+def _val_shards_to_check(args, checkpoint: Path) -> tuple[str, str, str] | None:
+    """``(pattern, what names it, hint)``: the held-out shards ``mmpretrain eval`` will read,
+    found from the files alone (nothing loaded): ``--shards``; else the checkpoint's saved
+    ``data.val_shards`` (``mmpretrain.json``), or for an export (``config.json``, which saves no
+    data config) the default ``data.val_shards`` that ``load_checkpoint`` gives it, either after
+    the command's overrides (a ``data.val_shards=`` override is named as the key alone).
+    ``None`` (no check) with ``--classify-only`` (the shards are not read), when ``checkpoint``
+    is plainly no checkpoint, and without ``--shards`` when ``mmpretrain.json``/``config.json``
+    or its config does not parse or the export is of another format: ``load_checkpoint`` names
+    those first."""
     import warnings
 
-    from mmpretrain.config import ConfigError, config_from_dict, parse_overrides
-    from mmpretrain.export.format import CKPT_META
-    from mmpretrain.data.shardio import shards_missing
+    from mmpretrain.config import Config, config_from_dict, parse_overrides
+    from mmpretrain.export.format import CKPT_META, EXPORT_FORMAT
 
-    if args.shards or args.classify_only:
-        return
-    meta_file = checkpoint / CKPT_META
-    if not checkpoint.is_dir() or not meta_file.is_file():
-        return
+    meta_file, export_file = checkpoint / CKPT_META, checkpoint / "config.json"
+    if args.classify_only or not checkpoint.is_dir() or not (meta_file.is_file() or export_file.is_file()):
+        return None
+    if args.shards:
+        return args.shards, "--shards (data.val_shards)", ""
     try:
         with warnings.catch_warnings():  # a renamed key warns once, when the checkpoint is loaded
             warnings.simplefilter("ignore")
-            tree = json.loads(meta_file.read_text())["config"]
-            spec = _apply_overrides(config_from_dict(tree), list(args.overrides)).data.val_shards
+            if meta_file.is_file():  # load_checkpoint reads a checkpoint when both files are there
+                named, source = meta_file, "the checkpoint's held-out shards"
+                cfg = config_from_dict(json.loads(meta_file.read_text())["config"])
+            else:
+                named, source = export_file, "the default; an export saves no data config"
+                if json.loads(export_file.read_text()).get("format") != EXPORT_FORMAT:
+                    return None
+                cfg = Config()  # as _load_export_as_checkpoint builds it: data.val_shards not set
+            spec = _apply_overrides(cfg, list(args.overrides)).data.val_shards
             overridden = any(key == "data.val_shards" for key, _ in parse_overrides(list(args.overrides)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # load_checkpoint names these
+        return None
+    if overridden:
+        return spec, "data.val_shards", ""
+    return spec, f"{named}: data.val_shards ({source})", "; pass --shards PATTERN to evaluate on others"
+
+
+def _check_val_shards(args, checkpoint: Path) -> None:
+    """``ConfigError`` (one line naming where the pattern came from, the pattern and its missing
+    files) when the held-out shards eval will read (``_val_shards_to_check``) match no file (a
+    brace pattern whose files are all missing, a glob matching nothing): checked on the files
+    alone, before the model is loaded."""
+    from mmpretrain.data.shardio import shards_missing
+
+    found = _val_shards_to_check(args, checkpoint)
+    if found is None:
         return
-    why = shards_missing(spec)
-    if why and overridden:
-        raise ConfigError(f"data.val_shards: {why}")
+    pattern, named, hint = found
+    why = shards_missing(pattern)
     if why:
-        raise ConfigError(f"{meta_file}: data.val_shards (the checkpoint's held-out shards): {why}; "
-                          "pass --shards PATTERN to evaluate on others")
+        from mmpretrain.config import ConfigError
+
+        raise ConfigError(f"{named}: {why}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ckpt, from_run = checkpoint_of_run(args.checkpoint)
-        _check_shards(args, ckpt)
-        _check_saved_val_shards(args, ckpt)
+        _check_val_shards(args, ckpt)
         if from_run:
             print(f"mmpretrain eval: {args.checkpoint} is a run directory; evaluating its newest checkpoint {ckpt}",
                   file=sys.stderr)

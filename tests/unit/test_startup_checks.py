@@ -319,3 +319,65 @@ def test_eval_without_shards_checks_the_saved_val_shards_before_the_checkpoint_i
     code = cli.main(["--checkpoint", str(shard.parent)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "not an mmpretrain checkpoint" in err, err
+
+
+def test_eval_of_an_export_without_shards_checks_the_default_val_shards_before_the_model_is_read(
+        tmp_path, capsys, monkeypatch):
+    import json
+
+    import mmpretrain.export
+    from mmpretrain.config import Config
+    from mmpretrain.evaluation import cli
+    from mmpretrain.export.format import EXPORT_FORMAT
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the export was loaded before data.val_shards was checked")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", no_loading)
+    monkeypatch.chdir(tmp_path)  # the default pattern is relative: here it matches no file
+    pattern = Config().data.val_shards  # an export saves no data config: load_checkpoint gives it the default
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "step": 10}))
+    listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code = cli.main(["--checkpoint", str(export)])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith(f"mmpretrain eval: error: {export / 'config.json'}: data.val_shards (the default"), line
+    assert f"no shards match {pattern!r}" in line and "--shards PATTERN" in line, line
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing  # nothing written
+    # a data.val_shards= override is what is checked, and named as the key alone
+    code = cli.main(["--checkpoint", str(export), f"data.val_shards={tmp_path / 'other-*.tar'}"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mmpretrain eval: error: data.val_shards: no shards match"), lines[0]
+    assert "other-*.tar" in lines[0], lines[0]
+
+    loaded = []
+
+    def record(path):
+        loaded.append(path)
+        raise mmpretrain.export.ExportError("stand-in export")
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    shard = tmp_path / "present" / "val-000000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(b"")
+    other = tmp_path / "other"  # a config.json of another format: load_checkpoint names it
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    # an override that exists, --shards, --classify-only, another format: the export is read
+    for argv in (["--checkpoint", str(export), f"data.val_shards={shard}"],
+                 ["--checkpoint", str(export), "--shards", str(shard)],
+                 ["--checkpoint", str(export), "--classify-only", "--classify", str(tmp_path)],
+                 ["--checkpoint", str(other)]):
+        code = cli.main(argv)
+        assert code == 2 and loaded == [argv[1]], (argv, capsys.readouterr().err)
+        assert "stand-in export" in capsys.readouterr().err
+        loaded.clear()
+    # the default pattern with a file present is not refused either
+    (tmp_path / pattern).parent.mkdir(parents=True)
+    (tmp_path / pattern.replace("*", "000000")).write_bytes(b"")
+    code = cli.main(["--checkpoint", str(export)])
+    assert code == 2 and loaded == [str(export)], capsys.readouterr().err
