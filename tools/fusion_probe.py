@@ -35,7 +35,7 @@ p.add_argument("--wn", type=float, default=1.0, help="share of rows with a word 
 p.add_argument("--eval-every", type=int, default=150)
 p.add_argument("--ntrain", type=int, default=20000)
 p.add_argument("--rtd", type=float, default=0.0, help="weight of the per-token replaced-word loss")
-p.add_argument("--readout", default="cls", help="cls | mean (mean over fused text tokens)")
+p.add_argument("--readout", default="cls", help="cls | mean (mean over fused text tokens) | model (the checkpoint's ITM head)")
 args = p.parse_args()
 torch.manual_seed(0); torch.set_num_threads(2)
 L = load_checkpoint(args.ckpt)
@@ -45,8 +45,11 @@ if args.depth:
     bb.fusion_blocks = nn.ModuleList(Lx.Block(bb.cfg.width, bb.cfg.num_heads, bb.cfg.mlp_ratio, 0.0) for _ in range(args.depth))
     bb.cfg.fusion_depth = args.depth
     args.reinit = True
+if args.readout != "model" and bb.itm_head is None:  # a match-head checkpoint: a new pooler head for cls/mean
+    bb.itm_head = Lx.ItmHead(bb.cfg.width); Lx.init_weights(bb.itm_head)
 if args.reinit:
-    Lx.init_weights(bb.fusion_blocks); Lx.init_weights(bb.fusion_norm); Lx.init_weights(bb.itm_head)
+    Lx.init_weights(bb.fusion_blocks); Lx.init_weights(bb.fusion_norm)
+    if bb.itm_head is not None: Lx.init_weights(bb.itm_head)
 MEAN, STD = torch.tensor(cfg.data.mean).view(3,1,1), torch.tensor(cfg.data.std).view(3,1,1)
 
 def read(pattern, n=None):
@@ -91,6 +94,10 @@ def itm_score(px, ids, am, grad=False, xi=None, xt=None):
         if xi is None: xi = bb.image_inputs(px)
         if xt is None: xt = bb.text_inputs(ids, am)
     with torch.set_grad_enabled(grad):
+        if args.readout == "model":  # the checkpoint's own ITM head (match / late / pooler, with its prior)
+            lg = model.itm_from_inputs(xi, xt, am)
+            TOK["rtd"] = rtd_head(xt).squeeze(-1)
+            return lg[:, 1] - lg[:, 0]
         toks = bb.fuse_tokens(xi, xt, am)
         n = xi.shape[1]
         if args.readout == "mean":
@@ -129,7 +136,7 @@ def evaluate():
     return res
 
 model.rtd_head = rtd_head
-params = [p for n, p in model.named_parameters() if args.train == "all" or n.startswith("backbone.fusion") or n.startswith("backbone.itm_head") or n.startswith("rtd_head")]
+params = [p for n, p in model.named_parameters() if args.train == "all" or n.startswith("backbone.fusion") or n.startswith("backbone.itm_") or n.startswith("rtd_head")]
 for p_ in model.parameters(): p_.requires_grad_(False)
 for p_ in params: p_.requires_grad_(True)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
