@@ -291,20 +291,8 @@ def test_eval_without_shards_checks_the_saved_val_shards_before_the_checkpoint_i
         assert str(shard.parent / "val-000000.tar") in line and str(shard.parent / "val-000003.tar") in line, line
         assert "--shards PATTERN" in line, line
         assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == listing  # nothing written
-    # a data.val_shards= override is what is checked, and named as the key alone
-    code = cli.main(["--checkpoint", str(ckpt), f"data.val_shards={shard.parent / 'other-*.tar'}"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("mmpretrain eval: error: data.val_shards: no shards match"), lines[0]
-    assert "other-*.tar" in lines[0], lines[0]
-
-    loaded = []
-
-    def record(path):
-        loaded.append(path)
-        raise mmpretrain.export.ExportError("stand-in checkpoint")
-
-    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    _assert_the_override_is_checked(cli, capsys, ckpt, shard.parent / "other-*.tar")
+    loaded = _record_loads(monkeypatch, "stand-in checkpoint")
     # saved shards with a file present, an override that exists, --shards, --classify-only: the checkpoint is read
     for argv in (["--checkpoint", str(_checkpoint_with_val_shards(tmp_path / "present", str(shard)))],
                  ["--checkpoint", str(ckpt), f"data.val_shards={shard}"],
@@ -347,20 +335,8 @@ def test_eval_of_an_export_without_shards_checks_the_default_val_shards_before_t
     assert line.startswith(f"mmpretrain eval: error: {export / 'config.json'}: data.val_shards (the default"), line
     assert f"no shards match {pattern!r}" in line and "--shards PATTERN" in line, line
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing  # nothing written
-    # a data.val_shards= override is what is checked, and named as the key alone
-    code = cli.main(["--checkpoint", str(export), f"data.val_shards={tmp_path / 'other-*.tar'}"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("mmpretrain eval: error: data.val_shards: no shards match"), lines[0]
-    assert "other-*.tar" in lines[0], lines[0]
-
-    loaded = []
-
-    def record(path):
-        loaded.append(path)
-        raise mmpretrain.export.ExportError("stand-in export")
-
-    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    _assert_the_override_is_checked(cli, capsys, export, tmp_path / "other-*.tar")
+    loaded = _record_loads(monkeypatch, "stand-in export")
     shard = tmp_path / "present" / "val-000000.tar"
     shard.parent.mkdir()
     shard.write_bytes(b"")
@@ -381,3 +357,27 @@ def test_eval_of_an_export_without_shards_checks_the_default_val_shards_before_t
     (tmp_path / pattern.replace("*", "000000")).write_bytes(b"")
     code = cli.main(["--checkpoint", str(export)])
     assert code == 2 and loaded == [str(export)], capsys.readouterr().err
+
+
+def _assert_the_override_is_checked(cli, capsys, path, missing) -> None:
+    """A ``data.val_shards=`` override is what eval checks, and it is named as the key alone."""
+    code = cli.main(["--checkpoint", str(path), f"data.val_shards={missing}"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mmpretrain eval: error: data.val_shards: no shards match"), lines[0]
+    assert Path(missing).name in lines[0], lines[0]
+
+
+def _record_loads(monkeypatch, message: str) -> list:
+    """``mmpretrain.export.load_checkpoint`` replaced by a stand-in that records its path and fails
+    with ``message``; returns the list of recorded paths."""
+    import mmpretrain.export
+
+    loaded = []
+
+    def record(path):
+        loaded.append(path)
+        raise mmpretrain.export.ExportError(message)
+
+    monkeypatch.setattr(mmpretrain.export, "load_checkpoint", record)
+    return loaded
