@@ -61,7 +61,8 @@ def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = No
         metrics_md = "No evaluation metrics were found beside the checkpoint (run `mmpretrain eval`).\n"
     notes = "\n".join(f"- **{k}**: {v}" for k, v in config.get("not_exported", {}).items())
     image_library = config["towers"].get("image_encoder", {}).get("library")
-    has_img = image_library == "timm"  # small_cnn: transformers PoolFormer (no timm, no ST image route)
+    has_img = image_library == "timm"  # small_cnn: transformers PoolFormer (no timm form)
+    st_img = image_library is not None  # the sentence-transformers image route (both forms)
     st = config.get("sentence_transformers")
     tags = ["mmpretrain", "image-text-retrieval", "feature-extraction"] + (["sentence-transformers"] if st else [])
     front = "---\n" + "library_name: " + ("sentence-transformers" if st else "transformers") + "\n" + \
@@ -69,7 +70,7 @@ def write_model_card(out: Path, cfg, loaded, config: dict, name: str | None = No
     snippets = ["```python\nfrom sentence_transformers import SentenceTransformer\n\n"
                 f'model = SentenceTransformer("{name}")\n'
                 'txt = model.encode(["a red circle left of a blue square"])   # = embed_texts\n'
-                + ('img = model.encode([PIL.Image.open("photo.jpg")])               # = embed_images\n' if has_img else "")
+                + ('img = model.encode([PIL.Image.open("photo.jpg")])               # = embed_images\n' if st_img else "")
                 + "```\n"] if st else []
     snippets.append("```python\nimport torch, torch.nn.functional as F\nfrom safetensors.torch import load_file\n"
                     "from transformers import AutoModel, AutoTokenizer\n\n"
@@ -129,12 +130,12 @@ Image-text retrieval model trained with mmpretrain ({cfg.model.arch}), exported 
        "  `AutoImageProcessor`; its `pretrained_cfg` is this run's preprocessing\n" if has_img else "") + \
         ("- `image_encoder/`: `transformers.AutoModelForImageClassification` (PoolFormer form of small_cnn),\n"
          "  `normalize(logits)` = image embedding; `config.json` `pretrained_cfg` is this run's preprocessing\n"
-         "  for timm's transform, which gives the exact pixels (`AutoImageProcessor` loads too, within one\n"
-         "  grey level)\n" if image_library == "transformers" else "") + \
+         "  for timm's transform, which gives the exact pixels (so does `AutoImageProcessor`: it is timm's\n"
+         "  transform of that `pretrained_cfg`)\n" if image_library == "transformers" else "") + \
         ("- `itm/`: `transformers.ViltForImageAndTextRetrieval`; `sigmoid(logits)` = ITM match probability\n"
          if (out / "itm").is_dir() else "") + \
         ("- the directory itself: `SentenceTransformer(dir)` ("
-         + ("text and image routes" if has_img else "text route only") + ")\n" if st else "") + \
+         + ("text and image routes" if st_img else "text route only") + ")\n" if st else "") + \
         "- `model.safetensors`, `config.json`, `preprocessing.json`: `mmpretrain.load_pretrained(dir)`\n" + \
         ("\nNot exported:\n" + notes + "\n" if notes else "") + \
         ("\nPixels: timm's transform of the `pretrained_cfg` (shorter side resized, bicubic, then center crop) "

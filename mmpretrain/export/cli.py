@@ -21,11 +21,13 @@ with ``deepspeed.utils.zero_to_fp32``. Writes::
                                 timm.create_model("local-dir:...") and transformers.AutoModel (TimmWrapper);
                                 F.normalize(model(x)) = the image embedding. The dual encoder's small_cnn has
                                 no timm form: there it is a transformers PoolFormerForImageClassification,
-                                F.normalize(logits) = the image embedding (no sentence-transformers image route).
+                                F.normalize(logits) = the image embedding; AutoImageProcessor is timm's
+                                transform (TimmWrapperImageProcessor); the sentence-transformers image route
+                                reads it through AutoModel (PoolFormerModel) + image_pooling/.
     OUT/itm/                    ViltForImageAndTextRetrieval, sigmoid(logits) = score_pairs (unified
                                 without experts, model.itm_readout=text_cls, model.fusion_source=inputs)
 
-Parts with no standard form (small_cnn under timm / sentence-transformers, ITM of VLMo / image_cls / fusion towers / the dual encoder,
+Parts with no standard form (small_cnn under timm, ITM of VLMo / image_cls / fusion towers / the dual encoder,
 open_clip) are listed with the reason in config.json "not_exported", in the model card and as one
 line each on stderr. Every file is loaded back with the standard libraries and compared with the
 live model (``export.verify``, 1e-5) before the export is published; a mismatch fails the export.
@@ -103,7 +105,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
     import torch
 
     from mmpretrain.export.format import FORMAT, load_checkpoint
-    from mmpretrain.export.towers import (SMALL_CNN_NO_ST, SMALL_CNN_NO_TIMM, NoStandardForm, export_image_tower,
+    from mmpretrain.export.towers import (SMALL_CNN_NO_TIMM, NoStandardForm, export_image_tower,
                                           export_text_tower)
 
     ckpt, out = Path(ckpt), Path(out)
@@ -157,12 +159,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, force: bool = False, lo
             notes["itm"] = why
         if image is not None and image["library"] != "timm":  # small_cnn: transformers PoolFormer, not timm
             notes["image_encoder_timm"] = SMALL_CNN_NO_TIMM
-        st_image = image if image is not None and image["_projection"] is not None else None
-        st_why = write_sentence_transformers(tmp, text, st_image, int(cfg.data.max_length))
+        st_why = write_sentence_transformers(tmp, text, image, int(cfg.data.max_length))
         if st_why:
             notes["sentence_transformers"] = st_why
-        elif image is not None and st_image is None:
-            notes["sentence_transformers_image"] = SMALL_CNN_NO_ST
         notes["open_clip"] = ("no open_clip_config.json: open_clip builds its timm tower from a registered "
                               "model name without width/depth overrides and its HF text tower only with its "
                               "own pooler/projection head, so neither tower maps exactly")

@@ -6,13 +6,18 @@ routes' ``Transformer`` modules are the ``text_encoder/`` and ``image_encoder/``
 
     modules.json                  [Router (.)]
     router_config.json            text:  text_encoder -> text_pooling -> text_projection -> normalize
-                                  image: image_encoder -> image_projection -> normalize
+                                  image: image_encoder [-> image_pooling] -> image_projection -> normalize
     text_encoder/                 transformers model + sentence_bert_config.json (+ tokenizer)
     text_pooling/                 Pooling (mean over non-padding tokens, or [CLS]: model.pool)
     text_projection/              Dense (no bias, identity activation) = the text projection
-    image_encoder/                timm dir (TimmWrapper) + sentence_bert_config.json: pooler_output
+    image_encoder/                timm dir (TimmWrapper) + sentence_bert_config.json: pooler_output;
+                                  small_cnn: the PoolFormer dir, last_hidden_state (a 4-D map that
+                                  sentence-transformers flattens to tokens)
+    image_pooling/                small_cnn only: Pooling (mean over the map's positions)
     image_projection/             Dense = the image projection (unified: image_proj; dual encoder:
-                                  tower projection and image_proj folded, with bias)
+                                  tower projection and image_proj folded, with bias; small_cnn:
+                                  the first half of the [v; -v] channels, the projection being
+                                  folded into the PoolFormer's last stage)
     normalize/                    Normalize (L2)
     config_sentence_transformers.json   similarity_fn_name "cosine"
 
@@ -82,12 +87,19 @@ def _write_modules(out, text, image, max_length, Normalize, Transformer, Pooling
     modules["normalize"] = Normalize()
     structure["text"] = ["text_encoder", "text_pooling", "text_projection", "normalize"]
     if image is not None:
+        route = image.get("_st") or {"method_output_name": "pooler_output", "pooling": None}
+        pooled = route["pooling"] is not None  # small_cnn: the 4-D map, flattened to tokens by ST, then a mean
         img = Transformer(str(out / "image_encoder"),
-                          modality_config={"image": {"method": "forward", "method_output_name": "pooler_output"}},
-                          module_output_name="sentence_embedding")
+                          modality_config={"image": {"method": "forward",
+                                                     "method_output_name": route["method_output_name"]}},
+                          module_output_name="token_embeddings" if pooled else "sentence_embedding")
         modules["image_encoder"] = img
+        structure["image"] = ["image_encoder"]
+        if pooled:
+            modules["image_pooling"] = Pooling(int(image["_features"]), pooling_mode=route["pooling"])
+            structure["image"].append("image_pooling")
         modules["image_projection"] = _dense(int(image["_features"]), image["_projection"])
-        structure["image"] = ["image_encoder", "image_projection", "normalize"]
+        structure["image"] += ["image_projection", "normalize"]
     for name, mod in modules.items():
         (out / name).mkdir(exist_ok=True)
         if isinstance(mod, Transformer):  # the model files are already there: add only ST's own

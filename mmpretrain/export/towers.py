@@ -150,8 +150,9 @@ def export_image_tower(backbone, directory: Path, probe_pixels: torch.Tensor,
     """Write ``image_encoder/``; returns what it holds (for config.json), or raises
     ``NoStandardForm`` when the image tower has no exact standard form. The returned dict carries
     ``library`` ("timm", or "transformers" for ``small_cnn``) and ``_projection`` (weight, bias)
-    for the sentence-transformers layout, embedding = normalize(Dense(pooled features)); None
-    where that layout has no image route (``small_cnn``)."""
+    for the sentence-transformers layout, embedding = normalize(Dense(pooled features)) over
+    ``_features`` features; ``_st`` (``small_cnn``) says which output the route reads and that it
+    is mean-pooled first (default: ``pooler_output``, no pooling module)."""
     import timm
 
     preprocessing = preprocessing or {"image_size": backbone.cfg.image_size, "mean": [0.485, 0.456, 0.406],
@@ -223,12 +224,6 @@ SMALL_CNN_NO_TIMM = ("model.image_backbone='small_cnn' has no timm form: no timm
                      "PoolFormer fixes a 7x7 stride-4 stem, its convolutional stems have no bias); image_encoder/ "
                      "is a transformers PoolFormerForImageClassification instead (a timm image_backbone such as "
                      "test_efficientnet_gn exports to timm)")
-SMALL_CNN_NO_ST = ("model.image_backbone='small_cnn': no image route in the sentence-transformers model (its "
-                   "Transformer module loads AutoModel = PoolFormerModel, whose output is a 4-D feature map that no "
-                   "sentence-transformers module pools); text route only, images through "
-                   "AutoModelForImageClassification(OUT/image_encoder)")
-
-
 def small_cnn_poolformer(backbone, preprocessing: dict):
     """(PoolFormerConfig, state dict) of ``transformers.PoolFormerForImageClassification`` that
     computes the ``small_cnn`` dual-encoder image embedding: ``F.normalize(logits)`` =
@@ -296,24 +291,17 @@ def small_cnn_poolformer(backbone, preprocessing: dict):
     return pcfg, sd
 
 
-def poolformer_processor_config(preprocessing: dict) -> dict:
-    """``preprocessor_config.json`` of the PoolFormer image tower, so that ``AutoImageProcessor``
-    loads it: our eval rule in ``PoolFormerImageProcessor``'s terms (shorter side to image_size,
-    bicubic, crop_pct 1.0, center crop, /255, mean/std). It is close, not exact: its resize differs
-    from PIL's by one grey level on a few pixels of a resized image, and it centres the crop at
-    ``(n - S) // 2`` where torchvision and timm round ``(n - S) / 2`` half to even. The exact pixels
-    are timm's transform of the ``pretrained_cfg`` in ``config.json`` (what the export verifies)."""
-    s = int(preprocessing["image_size"])
-    return {"image_processor_type": "PoolFormerImageProcessor", "do_resize": True, "size": {"shortest_edge": s},
-            "crop_pct": 1.0, "resample": 3, "do_center_crop": True, "crop_size": {"height": s, "width": s},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": [float(x) for x in preprocessing["mean"]], "image_std": [float(x) for x in preprocessing["std"]]}
-
-
 def export_small_cnn(backbone, directory: Path, probe_pixels: torch.Tensor, preprocessing: dict) -> dict:
     """Write ``image_encoder/`` for ``small_cnn`` as ``transformers.PoolFormerForImageClassification``
     (``small_cnn_poolformer``), after checking its embedding against ``encode_image``; its
-    ``config.json`` also carries the run's preprocessing as a timm ``pretrained_cfg``."""
+    ``config.json`` also carries the run's preprocessing as a timm ``pretrained_cfg`` and names
+    ``TimmWrapperImageProcessor`` as its ``image_processor_type``, so ``AutoImageProcessor`` is
+    timm's transform of that ``pretrained_cfg``: our eval pixels exactly.
+
+    The sentence-transformers image route reads the same directory through ``AutoModel``
+    (``PoolFormerModel``): its ``last_hidden_state`` is the last stage's ``[v; -v]`` map, which
+    sentence-transformers flattens to tokens; the mean over them is ``[mean v; -mean v]`` and a
+    Dense keeping the first half gives ``mean v`` = the unnormalised embedding (``_st``)."""
     from transformers import PoolFormerForImageClassification
 
     pcfg, sd = small_cnn_poolformer(backbone, preprocessing)
@@ -327,15 +315,18 @@ def export_small_cnn(backbone, directory: Path, probe_pixels: torch.Tensor, prep
                  got, want)
     model.config.pretrained_cfg = timm_pretrained_cfg(preprocessing, pcfg.num_labels, "classifier",
                                                       "poolformer.encoder.patch_embeddings.0.projection")
+    # AutoImageProcessor reads config.json when it holds a pretrained_cfg (transformers'
+    # is_timm_local_checkpoint); this key makes it timm's transform of that pretrained_cfg
+    model.config.image_processor_type = "TimmWrapperImageProcessor"
     model.save_pretrained(str(directory), safe_serialization=True)
-    (directory / "preprocessor_config.json").write_text(json.dumps(poolformer_processor_config(preprocessing),
-                                                                   indent=2) + "\n")
+    emb = pcfg.num_labels
     return {"library": "transformers", "class": "PoolFormerForImageClassification", "num_classes": pcfg.num_labels,
             "pool": "mean",
             "holds": "small_cnn as PoolFormer (each stage two copies of the conv output, layer scales 0/1 that make "
                      "every layer GroupNorm(1) + GELU) with the projection folded into a 1x1 last stage; "
                      "F.normalize(AutoModelForImageClassification(...)(pixel_values).logits) = image embedding",
-            "_projection": None, "_features": None}
+            "_projection": (torch.cat([torch.eye(emb), torch.zeros(emb, emb)], 1), None), "_features": 2 * emb,
+            "_st": {"method_output_name": "last_hidden_state", "pooling": "mean"}}
 
 
 # ----------------------------------------------------------------------------- text

@@ -2,7 +2,8 @@
 
 The files are loaded back the way a user would, with the standard libraries only: timm
 (``local-dir:`` + ``resolve_data_config`` + ``create_transform`` on PIL images; for ``small_cnn``
-``AutoModelForImageClassification`` on timm's transform of its ``pretrained_cfg``), transformers
+``AutoModelForImageClassification`` on timm's transform of its ``pretrained_cfg``, and its
+``AutoImageProcessor``), transformers
 (``AutoModel`` + the tokenizer with ``padding=True`` + the declared pooling/projection, and
 ``ViltForImageAndTextRetrieval``) and sentence-transformers (``SentenceTransformer(OUT)``), and
 compared with ``embed_texts`` / ``embed_images`` / ``score_pairs`` of the live model within
@@ -90,6 +91,12 @@ def _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt
             tf = create_transform(**resolve_data_config({}, pretrained_cfg=AutoConfig.from_pretrained(d).pretrained_cfg))
             pixels = torch.stack([tf(im.convert("RGB")) for im in images])
             _close("timm transform of image_encoder pretrained_cfg vs our eval pixels", pixels, live.pixels(images), diffs)
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(d)
+            _close("AutoImageProcessor of image_encoder vs our eval pixels",
+                   proc([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"],
+                   live.pixels(images), diffs)
             _close("transformers image_encoder normalize(logits) vs embed_images",
                    F.normalize(pf(pixel_values=pixels).logits, dim=-1), want_img, diffs)
         elif image_library == "timm":
@@ -117,6 +124,6 @@ def _verify(out, live, tokenizer, preprocessing, images, texts, config, want_txt
             st = SentenceTransformer(str(out), device="cpu")
             _close("SentenceTransformer.encode(texts) vs embed_texts",
                    st.encode(texts, convert_to_tensor=True), want_txt, diffs)
-            if image_library == "timm":
+            if image_library is not None:
                 _close("SentenceTransformer.encode(images) vs embed_images",
                        st.encode(images, convert_to_tensor=True), want_img, diffs)

@@ -163,10 +163,12 @@ def test_dual_encoder_text_tower_is_the_whole_bert(shards, tmp_path):
     out = export_checkpoint(ckpt, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     # small_cnn is not a timm model: its image_encoder/ is a transformers PoolFormer (tested in
-    # test_export_ecosystem.py), the timm form and the sentence-transformers image route say why not
+    # test_export_ecosystem.py, with its sentence-transformers image route); the timm form says why not
     assert config["towers"]["image_encoder"]["class"] == "PoolFormerForImageClassification"
     assert "small_cnn" in config["not_exported"]["image_encoder_timm"]
-    assert "small_cnn" in config["not_exported"]["sentence_transformers_image"]
+    assert "sentence_transformers_image" not in config["not_exported"] and config["sentence_transformers"]
+    assert json.loads((out / "router_config.json").read_text())["structure"]["image"] == [
+        "image_encoder", "image_pooling", "image_projection", "normalize"]
     bert = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
     assert bert.config.num_hidden_layers == 2
     w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]
