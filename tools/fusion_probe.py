@@ -12,7 +12,7 @@ ITM log-odds and by the replaced-word score, and the accuracy against a random c
 
     python tools/fusion_probe.py --ckpt runs/tiny/checkpoints/step_00000900 --steps 300 --rtd 1
 """
-import argparse, glob, io, json, tarfile, time, random, copy
+import argparse, copy, glob, io, json, os, random, tarfile, time
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from mmpretrain.export.format import load_checkpoint
@@ -37,7 +37,7 @@ p.add_argument("--ntrain", type=int, default=20000)
 p.add_argument("--rtd", type=float, default=0.0, help="weight of the per-token replaced-word loss")
 p.add_argument("--readout", default="cls", help="cls | mean (mean over fused text tokens) | model (the checkpoint's ITM head)")
 args = p.parse_args()
-torch.manual_seed(0); torch.set_num_threads(2)
+torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
 L = load_checkpoint(args.ckpt)
 model, tok, cfg = L.model, L.tokenizer, L.cfg
 bb = model.backbone
