@@ -3,6 +3,7 @@ with the trainer's own ``save_checkpoint`` (shared by the export and evaluation 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -51,3 +52,20 @@ def make_checkpoint(run_dir: Path, shards: Path, extra=(), step: int = 3, seed: 
     meta = {"config": to_dict(cfg), "vocab_size": len(tok), "distributed_type": "NO", "zero_stage": 0,
             "world_size": 1}
     return save_checkpoint(acc, run_dir / "checkpoints", step, meta, {}, tok)
+
+
+SOURCE_KEYS = ("source_checkpoint", "source_distributed_type", "source_zero_stage")
+
+
+def export_files(out: Path) -> dict[str, bytes]:
+    """Every file of an export (relative path -> bytes), config.json without the fields that name
+    where the checkpoint came from."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.relative_to(out).as_posix() == "config.json":
+                cfg = json.loads(data)
+                data = json.dumps({k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, sort_keys=True).encode()
+            files[p.relative_to(out).as_posix()] = data
+    return files

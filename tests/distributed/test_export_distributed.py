@@ -1,5 +1,6 @@
-"""Export of a 2-process DeepSpeed ZeRO-3 checkpoint (gloo): the consolidated weights are the
-live ones gathered from the partitions."""
+"""Export of 2-process DeepSpeed ZeRO-3 and ZeRO-2 checkpoints (gloo): the consolidated weights are
+the live ones gathered from the partitions, and (ZeRO-3, one run shared with the first test) every
+exported file equals the export of the single-process fp32 checkpoint of the same weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import _proc
-from _exportutil import REPO, make_shards, tiny_overrides
+from _exportutil import REPO, export_files, make_shards, tiny_overrides
 
 from mmpretrain.export import export_checkpoint
 
@@ -93,11 +94,16 @@ def zero2_run(shards, tmp_path_factory):
     return _zero_run(2, shards, tmp_path_factory.mktemp("zero2") / "run")
 
 
+@pytest.fixture(scope="module")
+def zero3_run(shards, tmp_path_factory):
+    return _zero_run(3, shards, tmp_path_factory.mktemp("zero3") / "run")
+
+
 @pytest.mark.distributed
-def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path):
+def test_zero3_two_process_checkpoint_exports_the_live_weights(zero3_run, tmp_path):
     from safetensors.torch import load_file
 
-    ckpt, live_file = _zero_run(3, shards, tmp_path / "run")
+    ckpt, live_file = zero3_run
     out = export_checkpoint(ckpt, tmp_path / "export")
     live, exported = load_file(str(live_file)), load_file(str(out / "model.safetensors"))
     assert set(live) == set(exported)
@@ -109,6 +115,38 @@ def test_zero3_two_process_checkpoint_exports_the_live_weights(shards, tmp_path)
 
     init = build_model_from_dict(json.loads((out / "config.json").read_text())["model"]).state_dict()
     assert any(not torch.equal(init[k].float(), exported[k]) for k in exported if exported[k].is_floating_point())
+
+
+@pytest.mark.distributed
+def test_zero3_export_equals_the_single_process_export(zero3_run, shards, tmp_path):
+    """Issue 10: the 2-process ZeRO-3 checkpoint exports the same files, every standard-library
+    form included, as the single-process fp32 checkpoint of the same weights, config and tokenizer."""
+    pytest.importorskip("sentence_transformers")
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from mmpretrain.config import load_config
+    from mmpretrain.models import build_model
+    from mmpretrain.trainer.checkpoint import save_checkpoint
+
+    zero_ckpt, live_file = zero3_run
+    single = tmp_path / "single"
+    cfg = load_config(None, tiny_overrides(shards, single))
+    tok = AutoTokenizer.from_pretrained(str(shards / "tokenizer"))
+    model = build_model(cfg.model, cfg.loss, len(tok))
+    model.load_state_dict(load_file(str(live_file)), strict=True)
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(model)
+    meta = {"config": json.loads((zero_ckpt / "mmpretrain.json").read_text())["config"], "vocab_size": len(tok),
+            "distributed_type": "NO", "zero_stage": 0, "world_size": 1}
+    single_ckpt = save_checkpoint(acc, single / "checkpoints", 1, meta, {}, tok)
+
+    a = export_files(export_checkpoint(zero_ckpt, tmp_path / "a" / "export"))
+    b = export_files(export_checkpoint(single_ckpt, tmp_path / "b" / "export"))
+    assert {"modules.json", "itm/model.safetensors", "text_encoder/model.safetensors",
+            "image_encoder/model.safetensors", "README.md"} <= set(a)
+    assert set(a) == set(b) and [k for k in a if a[k] != b[k]] == []
 
 
 @pytest.mark.distributed

@@ -3,8 +3,9 @@ standard multi-node launcher, no pdsh/ssh): two ``accelerate launch`` processes 
 ``--num_machines 2 --machine_rank r --main_process_ip 127.0.0.1``. Their losses must equal one
 process reading the 2 ranks' global batches (``train.emulate_world_size=2``; test_trainer_
 distributed.py shows that reference equals a 2-process single-node run loss for loss). The run's
-ZeRO-3 checkpoint then resumes in 1 process (test_resume_world_size.check_resumes_in_one: the
-world-size change for ZeRO-3)."""
+ZeRO-3 checkpoint then resumes in 1 process and in 4 (test_resume_world_size.check_resumes_in_one
+and check_resumes_in_four: the world-size changes for ZeRO-3; a 2-process ZeRO-3 checkpoint is the
+same whether its ranks ran on one "node" or two)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import pytest
 
 import _proc
 from _trainutil import REPO, assert_losses_close, losses, make_config, metrics
-from test_resume_world_size import TOL, check_resumes_in_one
+from test_resume_world_size import TOL, check_resumes_in_four, check_resumes_in_one
 
 pytestmark = pytest.mark.distributed
 
 
-def test_two_nodes_match_two_ranks_and_their_checkpoint_resumes_in_one_process(tmp_path_factory, tmp_path):
+def test_two_nodes_match_two_ranks_and_their_checkpoint_resumes_in_1_and_in_4(tmp_path_factory, tmp_path):
     tiny = make_config(tmp_path_factory.getbasetemp())
     run = tmp_path / "two_nodes"
     port = _proc.free_port()
@@ -40,3 +41,4 @@ def test_two_nodes_match_two_ranks_and_their_checkpoint_resumes_in_one_process(t
     steps = sorted(metrics(run))
     assert steps[-1] == 3
     assert_losses_close(losses(run), [ref[s]["loss"] for s in steps], TOL)
+    check_resumes_in_four(tiny, "zero3", saved, tmp_path / "one", tmp_path)

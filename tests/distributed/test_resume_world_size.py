@@ -5,7 +5,8 @@
   planned for the new world size (in-process, at the loader level; 2 -> 1, 2 -> 4, and a
   checkpoint taken during the remap);
 * the trainer: a cursor of 2 emulated ranks resumed by a plain process (in-process, exact);
-* DeepSpeed ZeRO-2 here, ZeRO-3 in test_multinode.py (the 2-"node" run's checkpoint), both
+* DeepSpeed ZeRO-2 here, ZeRO-3 in test_multinode.py (the 2-"node" run's checkpoint, 2 -> 1 and
+  2 -> 4 with this file's check_resumes_in_one / check_resumes_in_four), both
   converted to DeepSpeed's universal form by ``train.resume``: the weights and the Adam state
   loaded equal the saved ones exactly (a non-finite loss injected at the first resumed step
   leaves them unchanged, and the checkpoint written there is compared with the saved one), the
@@ -340,11 +341,3 @@ def test_ddp_checkpoint_of_2_processes_resumes_in_1_and_in_4(tiny, tmp_path):
     assert run_train(tiny, ref, "train.emulate_world_size=2", *RESUMED) == 0
     assert_losses_close(losses(one), [metrics(ref)[s]["loss"] for s in (4, 5, 6)], TOL)
     check_resumes_in_four(tiny, "ddp", saved, one, tmp_path)
-
-
-def test_zero3_checkpoint_of_2_processes_resumes_in_1_and_in_4(tiny, tmp_path):
-    """ZeRO-3 (launch/zero3.yaml, as cpu_2proc.sh zero3) 2 -> 1 (check_resumes_in_one) and 2 -> 4,
-    both through the universal form ``train.resume`` makes once (ZeRO-2: the test above)."""
-    saved = _saved_by_2("zero3", tiny, tmp_path)
-    check_resumes_in_one(tiny, saved, 3, tmp_path)
-    check_resumes_in_four(tiny, "zero3", saved, tmp_path / "one", tmp_path)

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _exportutil import REPO, make_shards, tiny_overrides
+from _exportutil import REPO, export_files, make_shards, tiny_overrides
 
 from mmpretrain.export import export_checkpoint, load_pretrained
 
@@ -376,23 +376,6 @@ def test_held_out_retrieval_with_standard_libraries_equals_mmpretrain_eval(confi
     got = json.loads((tmp_path / "r.json").read_text())
     print("held-out retrieval", config_name, json.dumps(got))
     assert len(got) == 6 and got == {k: want[k] for k in got}, (got, want)
-
-
-SOURCE_KEYS = ("source_checkpoint", "source_distributed_type", "source_zero_stage")
-
-
-def export_files(out: Path) -> dict[str, bytes]:
-    """Every file of an export (relative path -> bytes), config.json without the fields that name
-    where the checkpoint came from."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.relative_to(out).as_posix() == "config.json":
-                cfg = json.loads(data)
-                data = json.dumps({k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, sort_keys=True).encode()
-            files[p.relative_to(out).as_posix()] = data
-    return files
 
 
 def test_bf16_checkpoint_exports_the_same_files_as_its_fp32_equivalent(shards, tmp_path):
