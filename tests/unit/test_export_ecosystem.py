@@ -83,72 +83,84 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 
-out, images_dir, texts_file, result = (Path(a) for a in sys.argv[1:5])
-texts = json.loads(texts_file.read_text())
-images = [Image.open(p).convert("RGB") for p in sorted(images_dir.glob("*.png"))]
-r = {}
-with torch.no_grad():
-    from sentence_transformers import SentenceTransformer
-    st = SentenceTransformer(str(out), device="cpu")
-    r["st_text"] = st.encode(texts, convert_to_tensor=True)
-    has_image = (out / "image_encoder").is_dir()
-    poolformer = has_image and json.loads((out / "image_encoder" / "config.json").read_text()).get("model_type") == "poolformer"
-    r["image_library"] = None if not has_image else "transformers" if poolformer else "timm"
-    if has_image:
-        r["st_image"] = st.encode(images, convert_to_tensor=True)
+texts = json.loads(Path(sys.argv[1]).read_text())
 
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(out / "text_encoder"))
-    r["model_max_length"] = tok.model_max_length
-    b = tok(texts, padding=True, truncation=True, return_tensors="pt")
-    enc = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
-    r["text_class"] = type(enc).__name__
-    h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-    mode = json.loads((out / "text_pooling" / "config.json").read_text())["pooling_mode"]
-    m = b["attention_mask"].unsqueeze(-1).float()
-    pooled = h[:, 0] if mode == "cls" else (h * m).sum(1) / m.sum(1)
-    w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]
-    r["hf_text"] = F.normalize(pooled @ w.T, dim=-1)
 
-    if poolformer:  # small_cnn: AutoModelForImageClassification, timm's transform of its pretrained_cfg
-        from timm.data import create_transform, resolve_data_config
-        from transformers import AutoModelForImageClassification
-        pf = AutoModelForImageClassification.from_pretrained(str(out / "image_encoder")).eval()
-        r["image_class"] = type(pf).__name__
-        tf = create_transform(**resolve_data_config({}, pretrained_cfg=pf.config.pretrained_cfg))
-        px = torch.stack([tf(im) for im in images])
-        r["timm_pixels"] = px
-        r["timm_cfg"] = {k: pf.config.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "crop_mode",
-                                                                      "interpolation", "input_size")}
-        r["hf_image"] = F.normalize(pf(pixel_values=px).logits, dim=-1)
-        proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
-        r["hf_pixels"] = proc(images, return_tensors="pt")["pixel_values"]
-    elif has_image:
-        import timm
-        from timm.data import create_transform, resolve_data_config
-        vit = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True).eval()
-        tf = create_transform(**resolve_data_config({}, model=vit))
-        px = torch.stack([tf(im) for im in images])
-        r["timm_pixels"] = px
-        r["timm_image"] = F.normalize(vit(px), dim=-1)
-        r["timm_cfg"] = {k: vit.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "crop_mode", "interpolation",
-                                                                "input_size")}
-        wrapper = AutoModel.from_pretrained(str(out / "image_encoder")).eval()
-        proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
-        hf_px = proc(images, return_tensors="pt")["pixel_values"]
-        r["hf_pixels"] = hf_px
-        dense = load_file(str(out / "image_projection" / "model.safetensors"))
-        pooled = wrapper(pixel_values=hf_px).pooler_output
-        y = pooled @ dense["linear.weight"].T + dense.get("linear.bias", torch.zeros(()))
-        r["hf_image"] = F.normalize(y, dim=-1)
-        if (out / "itm").is_dir():
-            from transformers import ViltForImageAndTextRetrieval
-            vilt = ViltForImageAndTextRetrieval.from_pretrained(str(out / "itm")).eval()
-            n = min(len(images), len(texts))
-            logits = vilt(input_ids=b["input_ids"][:n], attention_mask=b["attention_mask"][:n],
-                          pixel_values=px[:n]).logits
-            r["vilt"] = logits.reshape(-1).sigmoid()
-torch.save(r, str(result))
+def one(out, images_dir, result):  # one export directory (imports are paid once for all of them)
+    images = [Image.open(p).convert("RGB") for p in sorted(images_dir.glob("*.png"))]
+    r = {}
+    with torch.no_grad():
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(str(out), device="cpu")
+        r["st_text"] = st.encode(texts, convert_to_tensor=True)
+        has_image = (out / "image_encoder").is_dir()
+        poolformer = has_image and json.loads((out / "image_encoder" / "config.json").read_text()).get("model_type") == "poolformer"
+        r["image_library"] = None if not has_image else "transformers" if poolformer else "timm"
+        if has_image:
+            r["st_image"] = st.encode(images, convert_to_tensor=True)
+
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(out / "text_encoder"))
+        r["model_max_length"] = tok.model_max_length
+        b = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        enc = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
+        r["text_class"] = type(enc).__name__
+        h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        mode = json.loads((out / "text_pooling" / "config.json").read_text())["pooling_mode"]
+        m = b["attention_mask"].unsqueeze(-1).float()
+        pooled = h[:, 0] if mode == "cls" else (h * m).sum(1) / m.sum(1)
+        w = load_file(str(out / "text_encoder" / "text_projection.safetensors"))["weight"]
+        r["hf_text"] = F.normalize(pooled @ w.T, dim=-1)
+
+        if poolformer:  # small_cnn: AutoModelForImageClassification, timm's transform of its pretrained_cfg
+            from timm.data import create_transform, resolve_data_config
+            from transformers import AutoModelForImageClassification
+            pf = AutoModelForImageClassification.from_pretrained(str(out / "image_encoder")).eval()
+            r["image_class"] = type(pf).__name__
+            tf = create_transform(**resolve_data_config({}, pretrained_cfg=pf.config.pretrained_cfg))
+            px = torch.stack([tf(im) for im in images])
+            r["timm_pixels"] = px
+            r["timm_cfg"] = {k: pf.config.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "crop_mode",
+                                                                          "interpolation", "input_size")}
+            r["hf_image"] = F.normalize(pf(pixel_values=px).logits, dim=-1)
+            proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
+            r["hf_pixels"] = proc(images, return_tensors="pt")["pixel_values"]
+        elif has_image:
+            import timm
+            from timm.data import create_transform, resolve_data_config
+            vit = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True).eval()
+            tf = create_transform(**resolve_data_config({}, model=vit))
+            px = torch.stack([tf(im) for im in images])
+            r["timm_pixels"] = px
+            r["timm_image"] = F.normalize(vit(px), dim=-1)
+            r["timm_cfg"] = {k: vit.pretrained_cfg.get(k) for k in ("mean", "std", "crop_pct", "crop_mode", "interpolation",
+                                                                    "input_size")}
+            wrapper = AutoModel.from_pretrained(str(out / "image_encoder")).eval()
+            proc = AutoImageProcessor.from_pretrained(str(out / "image_encoder"))
+            hf_px = proc(images, return_tensors="pt")["pixel_values"]
+            r["hf_pixels"] = hf_px
+            dense = load_file(str(out / "image_projection" / "model.safetensors"))
+            pooled = wrapper(pixel_values=hf_px).pooler_output
+            y = pooled @ dense["linear.weight"].T + dense.get("linear.bias", torch.zeros(()))
+            r["hf_image"] = F.normalize(y, dim=-1)
+            if (out / "itm").is_dir():
+                from transformers import ViltForImageAndTextRetrieval
+                vilt = ViltForImageAndTextRetrieval.from_pretrained(str(out / "itm")).eval()
+                n = min(len(images), len(texts))
+                logits = vilt(input_ids=b["input_ids"][:n], attention_mask=b["attention_mask"][:n],
+                              pixel_values=px[:n]).logits
+                r["vilt"] = logits.reshape(-1).sigmoid()
+    torch.save(r, str(result))
+
+
+args = sys.argv[2:]
+for i in range(0, len(args), 3):
+    out, images_dir, result = (Path(a) for a in args[i:i + 3])
+    try:
+        one(out, images_dir, result)
+    except Exception:  # this export's failure, reported by its own test case
+        import traceback
+        torch.save({"error": traceback.format_exc()[-3000:]}, str(result))
 '''
 
 
@@ -203,15 +215,40 @@ def _images(directory: Path, size: int) -> list:
     return ims
 
 
-def _child(out: Path, images_dir: Path, tmp: Path) -> dict:
+def _children(jobs: dict[str, tuple[Path, Path]], tmp: Path) -> dict[str, dict]:
+    """Run CHILD once over every ``name: (export dir, images dir)``; per name its result dict."""
     (tmp / "texts.json").write_text(json.dumps(TEXTS))
     (tmp / "child.py").write_text(CHILD)
-    result = tmp / "result.pt"
-    proc = subprocess.run([sys.executable, "-I", str(tmp / "child.py"), str(out), str(images_dir),
-                           str(tmp / "texts.json"), str(result)], cwd=str(tmp), capture_output=True, text=True,
-                          timeout=600)
+    args = []
+    for name, (out, images_dir) in jobs.items():
+        args += [str(out), str(images_dir), str(tmp / f"result-{name}.pt")]
+    proc = subprocess.run([sys.executable, "-I", str(tmp / "child.py"), str(tmp / "texts.json"), *args],
+                          cwd=str(tmp), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(str(result), weights_only=False)
+    return {name: torch.load(str(tmp / f"result-{name}.pt"), weights_only=False) for name in jobs}
+
+
+@pytest.fixture(scope="module")
+def exported(shards, tmp_path_factory):
+    """Every case of CONFIGS checkpointed and exported, then read by one child process (the
+    standard libraries' import cost is paid once, not per case): name -> (export dir or the
+    exception the export raised, its logged lines, its images dir, the child's result)."""
+    root = tmp_path_factory.mktemp("exports")
+    done, jobs = {}, {}
+    for name, (config_name, extra, _, _) in CONFIGS.items():
+        logged: list[str] = []
+        try:
+            ckpt = _checkpoint(config_name, root / name / "run", shards, extra)
+            out = export_checkpoint(ckpt, root / name / "out", log=logged.append)
+        except Exception as e:  # noqa: BLE001 - raised again by that case's test
+            done[name] = (e, logged, None)
+            continue
+        size = json.loads((out / "config.json").read_text())["model"]["model"]["image_size"]
+        _images(root / name / "images", size)
+        done[name] = (out, logged, root / name / "images")
+        jobs[name] = (out, root / name / "images")
+    results = _children(jobs, root) if jobs else {}
+    return {name: (*done[name], results.get(name)) for name in CONFIGS}
 
 
 def _maxdiff(a, b) -> float:
@@ -219,14 +256,14 @@ def _maxdiff(a, b) -> float:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
+def test_standard_libraries_reproduce_the_model(name, exported):
     from PIL import Image
 
     config_name, extra, image_library, want_itm = CONFIGS[name]
     want_image_tower = image_library is not None
-    ckpt = _checkpoint(config_name, tmp_path / "run", shards, extra)
-    logged: list[str] = []
-    out = export_checkpoint(ckpt, tmp_path / "out", log=logged.append)
+    out, logged, images_dir, got = exported[name]
+    if isinstance(out, Exception):
+        raise out
     config = json.loads((out / "config.json").read_text())
     assert (out / "image_encoder").is_dir() == want_image_tower
     assert (out / "itm").is_dir() == want_itm
@@ -245,9 +282,8 @@ def test_standard_libraries_reproduce_the_model(name, shards, tmp_path):
     assert ("AutoModelForImageClassification.from_pretrained" in card) == (image_library == "transformers")
     assert ('create_model("local-dir:' in card) == (image_library == "timm")
 
-    _images(tmp_path / "images", config["model"]["model"]["image_size"])
-    images = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "images").glob("*.png"))]
-    got = _child(out, tmp_path / "images", tmp_path)
+    images = [Image.open(p).convert("RGB") for p in sorted(images_dir.glob("*.png"))]
+    assert "error" not in got, got.get("error")
 
     live = load_pretrained(out)
     want_txt = live.embed_texts(TEXTS)
