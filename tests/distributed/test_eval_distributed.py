@@ -91,16 +91,38 @@ def towers_run(run, tmp_path_factory):
                                    ["model.fusion_source=towers", "model.fusion_depth=1"])
 
 
+F64_EVAL = r'''
+"""`mmpretrain eval` with the model built in float64 (module docstring of the test below)."""
+import sys
+import torch
+torch.set_default_dtype(torch.float64)
+from mmpretrain.evaluation import cli
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
 @pytest.mark.parametrize("which", ["inputs", "towers"])
 def test_two_gloo_processes_give_the_metrics_of_one(which, request, tmp_path, capsys):
-    """Also for fusion over the towers, whose ITM scoring runs three padded stages per rank."""
+    """Also for fusion over the towers, whose ITM scoring runs three padded stages per rank.
+
+    Both evaluations build the model in float64: a float32 matmul's last bits change with the
+    rows beside a pair (1 process and 2 batch the pairs differently), and this freshly
+    initialised checkpoint has compositional ITM margins down to 3e-8, so in float32 a true vs
+    changed caption near-tie could flip on one CPU and not on another (it did, once in CI)."""
     shards, ckpt = request.getfixturevalue("run" if which == "inputs" else "towers_run")
     argv = ["--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
             "data.global_batch_size=6"]
-    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_default_dtype(torch.float32)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["compositional"]["itm"] and one["itm_hard_negatives"]["num_negatives"] > 0
     logs = tmp_path / "logs"
-    cmd = [*_torchrun(logs), "-m", "mmpretrain.evaluation.cli", *argv, "--out", str(tmp_path / "two")]
+    script = tmp_path / "eval_f64.py"
+    script.write_text(F64_EVAL)
+    cmd = [*_torchrun(logs), str(script), *argv, "--out", str(tmp_path / "two")]
     proc = _proc.run(cmd, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
