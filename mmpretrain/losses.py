@@ -224,6 +224,49 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gathe
     return m * surrogate + (value - m * surrogate.detach())
 
 
+# ----------------------------------------------------------------------------- token level
+
+def late_scores(text_tok: torch.Tensor, text_mask: torch.Tensor, image_tok: torch.Tensor,
+                max_elems: int = 1 << 25) -> torch.Tensor:
+    """[T, I] late-interaction scores: for caption t and image i, the mean over t's real tokens
+    (``text_mask`` 1) of ``max_n <text_tok[t, l], image_tok[i, n]>``. Computed over chunks of
+    images so that no intermediate holds more than about ``max_elems`` products."""
+    t, length, _ = text_tok.shape
+    n = image_tok.shape[1]
+    step = max(1, max_elems // max(1, t * length * n))
+    w = text_mask.to(text_tok.dtype)
+    denom = w.sum(-1).clamp(min=1.0)
+    cols = []
+    for c in range(0, image_tok.shape[0], step):
+        sim = torch.einsum("tld,ind->tiln", text_tok, image_tok[c:c + step].to(text_tok.dtype))
+        best = sim.amax(dim=-1)  # [T, i, L]: each caption token's best image token
+        cols.append((best * w[:, None, :]).sum(-1) / denom[:, None])
+    return torch.cat(cols, dim=1)
+
+
+def token_info_nce(image_tok: torch.Tensor, text_tok: torch.Tensor, text_mask: torch.Tensor, logit_scale,
+                   gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE on ``late_scores`` (FILIP): ``image_tok`` [B, N, E] and ``text_tok``
+    [B, L, E] L2-normalised tokens, ``text_mask`` [B, L]. Each rank scores its own rows against
+    every rank's columns (autograd all-gather), as ``info_nce``: the value is the global loss and
+    the gradient after DDP averaging is the single-process one. fp32 at least."""
+    image_tok, text_tok = _f32(image_tok), _f32(text_tok)
+    scale = _scale(logit_scale).to(image_tok.device)
+    if scale.dtype != image_tok.dtype:
+        image_tok, text_tok = image_tok.to(scale.dtype), text_tok.to(scale.dtype)
+    mask = text_mask.to(image_tok.device)
+    if gather:
+        img_all, txt_all = D.all_gather_with_grad(image_tok), D.all_gather_with_grad(text_tok)
+        mask_all, off = D.all_gather_no_grad(mask), D.get_rank() * image_tok.shape[0]
+    else:
+        img_all, txt_all, mask_all, off = image_tok, text_tok, mask, 0
+    labels = off + torch.arange(image_tok.shape[0], device=image_tok.device)
+    logits_t2i = scale * late_scores(text_tok, mask, img_all)  # own captions x every image
+    logits_i2t = scale * late_scores(txt_all, mask_all, image_tok).t()  # own images x every caption
+    loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    return report_global(loss)
+
+
 # ----------------------------------------------------------------------------- triplet
 
 def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float = 0.2,
@@ -451,7 +494,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 def combined(parts: dict, loss_cfg) -> dict:
     """``{"loss": contrastive_weight * loss_itc + itm_weight * loss_itm + itm_rank_weight *
-    loss_itm_rank + mlm_weight * loss_mlm, **detached parts}``."""
+    loss_itm_rank + mlm_weight * loss_mlm + itc_token_weight * loss_itc_token, **detached parts}``."""
     total = loss_cfg.contrastive_weight * _f32(parts["loss_itc"])
     if "loss_itm" in parts and loss_cfg.itm_weight:
         total = total + loss_cfg.itm_weight * _f32(parts["loss_itm"])
@@ -459,6 +502,8 @@ def combined(parts: dict, loss_cfg) -> dict:
         total = total + loss_cfg.itm_rank_weight * _f32(parts["loss_itm_rank"])
     if "loss_mlm" in parts and getattr(loss_cfg, "mlm_weight", 0.0):
         total = total + loss_cfg.mlm_weight * _f32(parts["loss_mlm"])
+    if "loss_itc_token" in parts and getattr(loss_cfg, "itc_token_weight", 0.0):
+        total = total + loss_cfg.itc_token_weight * _f32(parts["loss_itc_token"])
     out = {"loss": total}
     out.update({k: (_f32(v.detach()) if torch.is_tensor(v) else v) for k, v in parts.items()})
     return out

@@ -176,6 +176,14 @@ class LossConfig:
     caption with one word changed, as one more negative of that row (NegCLIP's hard negative
     captions; the changes of ``itm_word_negatives``). Costs one text pass over those captions.
     0 disables it. Not with the feature cache."""
+    itc_token_weight: float = 0.0
+    """Weight of a token-level contrastive term (FILIP's late interaction, ``losses.token_info_nce``):
+    the score of an image and a caption is the mean over the caption's tokens of each one's best
+    image token (cosine of the contrastive projections of the tower tokens), and InfoNCE over the
+    gathered batch is taken on it, with the same logit scale. The pooled embedding can tell
+    captions apart by any one word, so it never has to hold which shape an object has; a word
+    scored against single image tokens has to find its object there. 0 disables it. unified arch;
+    not with the feature cache. Costs [B, W*B, L, N] products per rank (computed in chunks)."""
     mlm_word_prob: float = 0.0
     """Probability that a caption token of the word sets (``word_negative_words``: colour,
     size, shape and relation words) is chosen for MLM, instead of ``mlm_prob``; 0: like every

@@ -74,6 +74,8 @@ class PretrainModel(nn.Module):
             raise ValueError(f"model.arch: {model_cfg.arch!r} is not 'unified' or 'dual_encoder'")
         if loss_cfg.contrastive not in ("infonce", "triplet"):
             raise ValueError(f"loss.contrastive: {loss_cfg.contrastive!r} is not 'infonce' or 'triplet'")
+        if loss_cfg.itc_token_weight > 0 and model_cfg.arch != "unified":
+            raise ValueError("loss.itc_token_weight > 0 needs model.arch=unified (it scores the towers' tokens)")
         if loss_cfg.mlm_weight > 0 and model_cfg.arch != "unified":
             raise ValueError("loss.mlm_weight > 0 needs model.arch=unified (MLM reads the fused text tokens)")
         if not 0 < loss_cfg.itm_fraction <= 1:
@@ -270,8 +272,8 @@ class PretrainModel(nn.Module):
         bb, lc = self.backbone, self.loss_cfg
         xi = bb.image_inputs(pixels)
         xt = bb.text_inputs(input_ids, attention_mask)
-        _, img_emb = bb.image_features(xi)
-        _, txt_emb = bb.text_features(xt, attention_mask)
+        img_tok, img_emb = bb.image_features(xi)
+        txt_tok, txt_emb = bb.text_features(xt, attention_mask)
         if mode == "features":
             return {"image_emb": img_emb, "text_emb": txt_emb}
         if mode != "loss":
@@ -306,6 +308,12 @@ class PretrainModel(nn.Module):
             parts["loss_itc"] = L.triplet_loss(img_emb, txt_emb, lc.triplet_margin, gather=gather,
                                                hardest=lc.triplet_hardest, image_ids=image_ids, gathered=gathered)
         parts["logit_scale"] = scale.detach().reshape(())
+        if lc.itc_token_weight > 0:  # FILIP: each caption token against single image tokens
+            if feature_cache is not None:
+                raise ValueError("loss.itc_token_weight does not combine with the feature cache (train.grad_accum_steps "
+                                 "> 1 with train.feature_cache=true); set one of them off")
+            parts["loss_itc_token"] = L.token_info_nce(bb.image_proj(img_tok), bb.text_proj(txt_tok), attention_mask,
+                                                       scale, gather=gather)
 
         if not (use_itm or use_mlm):
             return L.combined(parts, lc)

@@ -690,6 +690,9 @@ def train(cfg: Config) -> int:
         if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_word_negatives > 0:
             raise config_error(cfg, "loss.itc_word_negatives does not combine with the feature cache; set "
                                     "train.feature_cache=false or loss.itc_word_negatives=0")
+        if uses_feature_cache(tcfg, cfg.loss) and cfg.loss.itc_token_weight > 0:
+            raise config_error(cfg, "loss.itc_token_weight does not combine with the feature cache; set "
+                                    "train.feature_cache=false or loss.itc_token_weight=0")
         if uses_feature_cache(tcfg, cfg.loss) and cfg.model.dropout > 0:
             raise config_error(cfg, "train.feature_cache needs model.dropout=0 (the cached and the recomputed "
                                     "embeddings must agree); set model.dropout=0 or train.feature_cache=false")

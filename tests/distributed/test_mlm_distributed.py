@@ -1,5 +1,6 @@
-"""MLM, the ITM hardness curriculum and ITM on a share of the batch: 2 real gloo processes equal
-one process holding the global batch (float64), for the loss values and every gradient.
+"""MLM, the ITM hardness curriculum, ITM on a share of the batch and the token-level
+contrastive term: 2 real gloo processes equal one process holding the global batch (float64),
+for the loss values and every gradient.
 
 The share cases choose an uneven number of rows per rank (one rank may score none), which is
 where a per-rank mean would be wrong: the loss must be the mean over the chosen items of all
@@ -40,6 +41,11 @@ CASES = {
                                   _model=dict(fusion_source="towers", fusion_depth=2)),
     # contrastive word negatives only (no fused pass): the extra column of each image row
     "itc_word_negatives": dict(itm_weight=0.0, itc_word_negatives=0.7, word_negative_table=WORD_TABLE),
+    # the token-level (FILIP) contrastive term: every rank's tokens gathered with gradient
+    "itc_token": dict(itm_weight=0.0, itc_token_weight=0.8),
+    "towers_itc_token_itm": dict(itm_weight=1.0, itm_fraction=0.5, itc_token_weight=0.5,
+                                 _model=dict(fusion_source="towers", fusion_depth=1, image_pool="max",
+                                             itm_head="match", fusion_gates=True)),
     # the ITM contrastive prior: its running centre comes from global sums and counts
     "towers_prior": dict(itm_weight=1.0, itm_fraction=0.6, itm_word_negatives=0.5, word_negative_table=WORD_TABLE,
                          _model=dict(fusion_source="towers", fusion_depth=1, itm_contrastive_prior=True)),
@@ -58,7 +64,7 @@ CASES = {
 }
 STEPS = 2  # the second forward uses the advanced counter (curriculum, masks, negatives)
 KEYS = ("loss", "loss_itc", "loss_itm", "itm_acc", "loss_itm_rank", "itm_rank_acc", "loss_mlm", "mlm_acc", "itm_word_share", "itm_prior_slope",
-        "itc_word_share")
+        "itc_word_share", "loss_itc_token")
 
 
 def _model(overrides):
@@ -122,6 +128,8 @@ def test_matches_single_process(dist_results, name):
         assert set(outs[step]) >= {"loss", "loss_itc"}
         if CASES[name].get("mlm_weight"):
             assert "loss_mlm" in outs[step]
+        if CASES[name].get("itc_token_weight"):
+            assert "loss_itc_token" in outs[step]
     for r in range(WORLD):
         douts, dgrads = dist_results[r][name]
         for step in range(STEPS):

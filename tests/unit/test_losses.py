@@ -38,6 +38,30 @@ def test_info_nce_matches_naive_formula():
     assert float(L.info_nce(img, img, 100.0)) < float(loss)
 
 
+def test_token_info_nce_matches_the_late_interaction_formula():
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(4, 5, 6, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(4, 3, 6, generator=g, dtype=torch.float64), dim=-1)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    scale = 7.0
+    s = torch.zeros(4, 4, dtype=torch.float64)  # s[t, i]: caption t's tokens, each at its best image token
+    for t in range(4):
+        for i in range(4):
+            best = (txt[t] @ img[i].t()).amax(dim=1)
+            s[t, i] = best[mask[t].bool()].mean()
+    torch.testing.assert_close(L.late_scores(txt, mask, img), s)
+    torch.testing.assert_close(L.late_scores(txt, mask, img, max_elems=1), s)  # one image per chunk
+    s = scale * s
+    t2i = -sum(s[t, t] - torch.logsumexp(s[t], 0) for t in range(4)) / 4
+    i2t = -sum(s[i, i] - torch.logsumexp(s[:, i], 0) for i in range(4)) / 4
+    got = L.token_info_nce(img, txt, mask, torch.tensor(scale, dtype=torch.float64), gather=False)
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+    # padding tokens do not count: changing them changes nothing
+    txt2 = txt.clone()
+    txt2[2, 1:] = -txt2[2, 1:]
+    torch.testing.assert_close(L.late_scores(txt2, mask, img), L.late_scores(txt, mask, img))
+
+
 def test_feature_cache_single_process_equals_full_batch():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)

@@ -424,3 +424,29 @@ def test_image_pool_max_is_the_channel_max_over_the_image_tokens(name):
                                rtol=1e-5, atol=1e-6)
     assert (emb - memb).abs().max() > 1e-3
     torch.testing.assert_close(max_model.encode_text(ids, mask)[1], mean_model.encode_text(ids, mask)[1])
+
+
+def test_token_contrastive_term_adds_its_weighted_loss_and_needs_the_unified_arch():
+    """loss.itc_token_weight: the total gains weight x loss_itc_token (FILIP late interaction on
+    the towers' projected tokens), and only the unified arch takes it."""
+    from mmpretrain import losses as L
+
+    mkw = dict(fusion_source="towers", fusion_depth=1, image_pool="max")
+    torch.manual_seed(0)
+    base = build_model(ModelConfig(**{**TINY, **mkw}), LossConfig(), VOCAB)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, **mkw}), LossConfig(itc_token_weight=0.5), VOCAB)
+    px, ids, mask, image_ids = _batch()
+    torch.manual_seed(1)
+    want = base(px, ids, mask, image_ids)
+    torch.manual_seed(1)
+    out = model(px, ids, mask, image_ids)
+    bb = model.backbone
+    img_tok, _ = bb.image_features(bb.image_inputs(px))
+    txt_tok, _ = bb.text_features(bb.text_inputs(ids, mask), mask)
+    token = L.token_info_nce(bb.image_proj(img_tok), bb.text_proj(txt_tok), mask, out["logit_scale"], gather=False)
+    torch.testing.assert_close(out["loss_itc_token"], token.detach())
+    torch.testing.assert_close(out["loss"], want["loss"] + 0.5 * token, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="itc_token_weight > 0 needs model.arch=unified"):
+        build_model(ModelConfig(**{**TINY, "arch": "dual_encoder", "fusion": "linear"}),
+                    LossConfig(itc_token_weight=0.5), VOCAB)

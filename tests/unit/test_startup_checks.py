@@ -227,8 +227,9 @@ def test_eval_shards_brace_pattern_with_no_files_fails_before_the_checkpoint_is_
 
 @pytest.mark.parametrize("override, expected", [
     ("loss.itc_word_negatives=2", "loss.itc_word_negatives does not combine with the feature cache"),
+    ("loss.itc_token_weight=0.5", "loss.itc_token_weight does not combine with the feature cache"),
     ("model.dropout=0.1", "train.feature_cache needs model.dropout=0"),
-], ids=["itc_word_negatives", "dropout"])
+], ids=["itc_word_negatives", "itc_token_weight", "dropout"])
 def test_feature_cache_conflicts_are_one_line_naming_the_file_and_the_keys(tmp_path, capsys, shard, override,
                                                                           expected):
     code, err, out = run(tmp_path, capsys, f"data.train_shards=[{shard}]", f"data.val_shards={shard}",
