@@ -12,10 +12,11 @@ ITM log-odds and by the replaced-word score, and the accuracy against a random c
 
     python tools/fusion_probe.py --ckpt runs/tiny/checkpoints/step_00000900 --steps 300 --rtd 1
 """
-import argparse, copy, glob, io, json, os, random, tarfile, time
+import argparse, copy, glob, io, json, os, random, time
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from mmpretrain.export.format import load_checkpoint
+from mmpretrain.data.shardio import iter_shard_samples
 from mmpretrain.data.tokenizer import tokenize
 from mmpretrain.evaluation.compositional import make_variants, KINDS
 from mmpretrain.word_negatives import build_table, load_word_sets, word_negatives
@@ -55,13 +56,8 @@ MEAN, STD = torch.tensor(cfg.data.mean).view(3,1,1), torch.tensor(cfg.data.std).
 def read(pattern, n=None):
     out = []
     for f in sorted(glob.glob(pattern)):
-        with tarfile.open(f) as tf:
-            cur = {}
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                cur.setdefault(key, {})[ext] = tf.extractfile(m).read()
-            for k, v in cur.items():
-                out.append((k, v["jpg"], v["txt"].decode(), json.loads(v["json"])))
+        for _, v in iter_shard_samples(f):
+            out.append((v["__key__"], v["jpg"], v["txt"].decode(), json.loads(v["json"])))
         if n and len(out) >= n: break
     return out[:n] if n else out
 

@@ -10,7 +10,7 @@ fused read-out token to the other modality (``--diag N``).
 Its figures are screening numbers (one seed; the held-out subset of --val-images images); the
 product's numbers come from ``mmpretrain bench quality``.
 """
-import argparse, glob, io, json, math, random, tarfile, time, sys
+import argparse, glob, io, json, math, random, time, sys
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from mmpretrain.models.config import ModelConfig, LossConfig
 from mmpretrain.trainer.config import OptimConfig
 from mmpretrain.trainer.optim import build_optimizer, lr_at
 from mmpretrain.data import transforms as T
+from mmpretrain.data.shardio import iter_shard_samples
 from mmpretrain.data.tokenizer import load_tokenizer, tokenize
 from mmpretrain.evaluation.retrieval import retrieval_metrics, topk_candidates, rerank_scores
 
@@ -42,13 +43,8 @@ torch.set_num_threads(args.threads)
 def read(pattern):
     out = []
     for f in sorted(glob.glob(pattern)):
-        with tarfile.open(f) as tf:
-            cur = {}
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                cur.setdefault(key, {})[ext] = tf.extractfile(m).read()
-            for k, v in cur.items():
-                out.append((v["jpg"], v["txt"].decode(), json.loads(v["json"])["image_id"]))
+        for _, v in iter_shard_samples(f):
+            out.append((v["jpg"], v["txt"].decode(), json.loads(v["json"])["image_id"]))
     return out
 
 tok = load_tokenizer("auto", [args.shards + "/train-*.tar"], 1000)

@@ -8,11 +8,12 @@ output (``image_inputs``: what the fusion blocks read). High accuracy means a fu
 
     python tools/token_probe.py --ckpt RUN/checkpoints/step_00000300 --shards SHARDS [--ntrain 3000]
 """
-import argparse, glob, io, json, os, tarfile, time
+import argparse, glob, io, json, os, time
 
 import numpy as np, torch, torch.nn as nn
 from PIL import Image
 
+from mmpretrain.data.shardio import iter_shard_samples
 from mmpretrain.data.synthetic import COLORS, SHAPES
 from mmpretrain.export.format import load_checkpoint
 
@@ -33,12 +34,7 @@ CNAMES, SNAMES = list(COLORS), list(SHAPES)
 def read(pattern, n):
     out, seen = [], set()
     for f in sorted(glob.glob(pattern)):
-        with tarfile.open(f) as tf:
-            cur = {}
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                cur.setdefault(key, {})[ext] = tf.extractfile(m).read()
-        for k, v in sorted(cur.items()):
+        for v in sorted((v for _, v in iter_shard_samples(f)), key=lambda v: v["__key__"]):
             meta = json.loads(v["json"])
             if meta["image_id"] in seen:
                 continue
