@@ -72,3 +72,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
         if tier == "distributed" or parts[:2] in TWO_PROCESS_FILES:
             item.add_marker(pytest.mark.xdist_group(TWO_PROCESS_GROUP))
+
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """On the pytest-xdist controller under ``--dist loadgroup`` (launch/test.sh): stop the run
+    when the two-process group did not take. xdist marks a group by appending ``@group`` to the
+    node id, which pytest 9.2's structured node ids silently drop (pytest-dev/pytest-xdist#1386;
+    pyproject.toml keeps pytest below 9.2 for it). Without the group, two-process tests run on
+    both workers at once (4+ busy processes on 2 cores) and each worker builds the module
+    fixtures (the ZeRO runs) again."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    two = [i for i in ids if i.startswith("tests/distributed/")]
+    if two and not any(i.endswith("@" + TWO_PROCESS_GROUP) for i in two):
+        pytest.exit(f"pytest-xdist's --dist loadgroup did not group the two-process tests (pytest "
+                    f"{pytest.__version__}: node ids without '@{TWO_PROCESS_GROUP}', "
+                    "pytest-dev/pytest-xdist#1386); install pytest<9.2 (pip install -e '.[test]') or run with -n 0",
+                    returncode=1)
