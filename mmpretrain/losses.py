@@ -144,6 +144,16 @@ def _scale(logit_scale) -> torch.Tensor:
     return _f32(logit_scale).reshape(())
 
 
+def _with_scale(image, text, logit_scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(image, text, scale)``: the inputs at least fp32 and in the scale's dtype when it differs
+    (a float64 scale makes the whole loss float64), the scale on their device."""
+    image, text = _f32(image), _f32(text)
+    scale = _scale(logit_scale).to(image.device)
+    if scale.dtype != image.dtype:
+        image, text = image.to(scale.dtype), text.to(scale.dtype)
+    return image, text, scale
+
+
 def _gather_pair(image_emb, text_emb, gather):
     if gather:
         return D.all_gather_with_grad(image_emb), D.all_gather_with_grad(text_emb), D.get_rank() * image_emb.shape[0]
@@ -176,10 +186,7 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, gathe
     Returns a scalar whose value is the global loss and whose gradient, after DDP averaging,
     is the single-process gradient (module docstring).
     """
-    image_emb, text_emb = _f32(image_emb), _f32(text_emb)
-    scale = _scale(logit_scale).to(image_emb.device)
-    if scale.dtype != image_emb.dtype:
-        image_emb, text_emb = image_emb.to(scale.dtype), text_emb.to(scale.dtype)
+    image_emb, text_emb, scale = _with_scale(image_emb, text_emb, logit_scale)
     if cache is None:
         if gathered is not None:
             img_all, txt_all, off = gathered
@@ -250,16 +257,10 @@ def token_info_nce(image_tok: torch.Tensor, text_tok: torch.Tensor, text_mask: t
     [B, L, E] L2-normalised tokens, ``text_mask`` [B, L]. Each rank scores its own rows against
     every rank's columns (autograd all-gather), as ``info_nce``: the value is the global loss and
     the gradient after DDP averaging is the single-process one. fp32 at least."""
-    image_tok, text_tok = _f32(image_tok), _f32(text_tok)
-    scale = _scale(logit_scale).to(image_tok.device)
-    if scale.dtype != image_tok.dtype:
-        image_tok, text_tok = image_tok.to(scale.dtype), text_tok.to(scale.dtype)
+    image_tok, text_tok, scale = _with_scale(image_tok, text_tok, logit_scale)
     mask = text_mask.to(image_tok.device)
-    if gather:
-        img_all, txt_all = D.all_gather_with_grad(image_tok), D.all_gather_with_grad(text_tok)
-        mask_all, off = D.all_gather_no_grad(mask), D.get_rank() * image_tok.shape[0]
-    else:
-        img_all, txt_all, mask_all, off = image_tok, text_tok, mask, 0
+    img_all, txt_all, off = _gather_pair(image_tok, text_tok, gather)
+    mask_all = D.all_gather_no_grad(mask) if gather else mask
     labels = off + torch.arange(image_tok.shape[0], device=image_tok.device)
     logits_t2i = scale * late_scores(text_tok, mask, img_all)  # own captions x every image
     logits_i2t = scale * late_scores(txt_all, mask_all, image_tok).t()  # own images x every caption

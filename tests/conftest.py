@@ -74,7 +74,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(TWO_PROCESS_GROUP))
 
 
-
 def pytest_xdist_node_collection_finished(node, ids):
     """On the pytest-xdist controller under ``--dist loadgroup`` (launch/test.sh): stop the run
     when the two-process group did not take. xdist marks a group by appending ``@group`` to the
