@@ -87,13 +87,15 @@ def _check_clean_stop(proc, run: Path, signal_name: str) -> None:
     assert meta["world_size"] == 2 and meta["distributed_type"] == "MULTI_CPU"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_to_the_script_checkpoints_and_exits_0(tiny, shims, tmp_path, sig):
+def test_a_stop_signal_to_the_script_checkpoints_and_exits_0(tiny, shims, tmp_path):
+    """SIGTERM to the batch script only, as pre-emption or `scancel --batch --signal` does: the
+    script forwards it (SIGUSR1 and SIGINT take the same trap loop; SIGUSR1 reaching the ranks
+    themselves is the next test)."""
     run = tmp_path / "run"
     proc = _start(shims, tiny, run, *LONG)
     wait_for_metric_lines(proc, run, 3, 300)
-    proc.send_signal(sig)  # to the batch script only, as `scancel --batch --signal` or pre-emption does
-    _check_clean_stop(proc, run, sig.name)
+    proc.send_signal(signal.SIGTERM)
+    _check_clean_stop(proc, run, "SIGTERM")
 
 
 def test_sigusr1_to_every_process_checkpoints_and_exits_0(tiny, shims, tmp_path):
