@@ -10,6 +10,14 @@ compositional pairwise accuracy per change kind (``mmpretrain.evaluation.composi
 ITM log-odds and by the replaced-word score, and the accuracy against a random caption
 (docs/BENCHMARKS.md "Fifth pass").
 
+``--oracle`` replaces the image tower's tokens by perfect ones read off the scene in each sample's
+json: the token of a grid patch whose centre lies on an object is the sum of fixed random
+embeddings of that object's colour, shape and size, any other patch's token that of the
+background colour and texture, plus a fixed random embedding of the patch position; [CLS] is
+their mean; LayerNorm, then scaled to the towers' mean token norm. Every binding fact is then
+in the tokens, so what the fusion still cannot learn is the fusion's limit, not perception's
+(docs/BENCHMARKS.md "Twelfth pass").
+
     python tools/fusion_probe.py --ckpt runs/tiny/checkpoints/step_00000900 --steps 300 --rtd 1
 """
 import argparse, copy, glob, io, json, os, random, time
@@ -36,8 +44,13 @@ p.add_argument("--wn", type=float, default=1.0, help="share of rows with a word 
 p.add_argument("--eval-every", type=int, default=150)
 p.add_argument("--ntrain", type=int, default=20000)
 p.add_argument("--rtd", type=float, default=0.0, help="weight of the per-token replaced-word loss")
+p.add_argument("--oracle", action="store_true", help="perfect image tokens from the scene json (see above)")
+p.add_argument("--head", default="", choices=["", "match", "late"],
+               help="with --readout model: a fresh ITM head of this kind (model.itm_head) instead of the checkpoint's")
 p.add_argument("--readout", default="cls", help="cls | mean (mean over fused text tokens) | model (the checkpoint's ITM head)")
 args = p.parse_args()
+if args.oracle and args.train == "all":
+    p.error("--oracle replaces the image tower: use it with --train fusion")
 torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
 L = load_checkpoint(args.ckpt)
 model, tok, cfg = L.model, L.tokenizer, L.cfg
@@ -46,6 +59,9 @@ if args.depth:
     bb.fusion_blocks = nn.ModuleList(Lx.Block(bb.cfg.width, bb.cfg.num_heads, bb.cfg.mlp_ratio, 0.0) for _ in range(args.depth))
     bb.cfg.fusion_depth = args.depth
     args.reinit = True
+if args.head:  # a fresh match / late head, as the model builds it (starts as logit_scale_init x cosine)
+    bb.cfg.itm_head = args.head
+    bb.itm_match = {"match": Lx.MatchHead, "late": Lx.LateMatchHead}[args.head](bb.cfg.embed_dim, bb.cfg.logit_scale_init)
 if args.readout != "model" and bb.itm_head is None:  # a match-head checkpoint: a new pooler head for cls/mean
     bb.itm_head = Lx.ItmHead(bb.cfg.width); Lx.init_weights(bb.itm_head)
 if args.reinit:
@@ -80,6 +96,29 @@ trials = []  # (img idx, kind, true, changed)
 for i, (k, j, cap, meta) in enumerate(vrows):
     for kind, text in make_variants(meta, k).items():
         trials.append((i, kind, cap, text))
+
+def oracle_tokens(metas, ref_norm):
+    """[N, 1 + 64, width] perfect image tokens of the scenes ``metas`` (``--oracle``)."""
+    from mmpretrain.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, TEXTURES
+    gen, width, grid = torch.Generator().manual_seed(123), bb.cfg.width, 64 // bb.cfg.patch_size
+    emb = {name: dict(zip(names, torch.randn(len(names), width, generator=gen)))
+           for name, names in (("color", COLORS), ("shape", SHAPES), ("size", SIZES), ("background", BACKGROUNDS),
+                               ("texture", TEXTURES))}
+    pos = torch.randn(grid * grid, width, generator=gen)
+    out = torch.zeros(len(metas), 1 + grid * grid, width)
+    half = 32 / grid  # half a patch, in the 64 px scene coordinates
+    for n, m in enumerate(metas):
+        for cell in range(grid * grid):
+            y, x = (cell // grid * 2 + 1) * half, (cell % grid * 2 + 1) * half
+            v = emb["background"][m["background"]] + emb["texture"][m["texture"]]
+            for o in m["objects"]:
+                if (x - o["center"][0]) ** 2 + (y - o["center"][1]) ** 2 <= (o["radius"] + 2) ** 2:
+                    v = emb["color"][o["color"]] + emb["shape"][o["shape"]] + emb["size"][o["size"]]
+            out[n, 1 + cell] = v + pos[cell]
+        out[n, 0] = out[n, 1:].mean(0)
+    out = F.layer_norm(out, (width,))
+    return out * (ref_norm / out.norm(dim=-1).mean())
+
 print("data", len(tr), len(vrows), len(trials), f"{time.time()-t0:.0f}s", flush=True)
 table = build_table(load_word_sets("synthetic"), tok)
 
@@ -114,8 +153,9 @@ def evaluate():
     mx = lambda am: -(TOK["rtd"].masked_fill(am == 0, -1e4).max(1).values)
     for s in range(0, len(trials), 256):
         sl = slice(s, s + 256)
-        st.append(itm_score(VP[idx[sl]], tt["input_ids"][sl], tt["attention_mask"][sl])); rt.append(mx(tt["attention_mask"][sl]))
-        sc.append(itm_score(VP[idx[sl]], tc["input_ids"][sl], tc["attention_mask"][sl])); rc.append(mx(tc["attention_mask"][sl]))
+        ox = VO[idx[sl]] if args.oracle else None
+        st.append(itm_score(VP[idx[sl]], tt["input_ids"][sl], tt["attention_mask"][sl], xi=ox)); rt.append(mx(tt["attention_mask"][sl]))
+        sc.append(itm_score(VP[idx[sl]], tc["input_ids"][sl], tc["attention_mask"][sl], xi=ox)); rc.append(mx(tc["attention_mask"][sl]))
     st, sc, rt, rc = torch.cat(st), torch.cat(sc), torch.cat(rt), torch.cat(rc)
     for kind in KINDS:
         m = torch.tensor([t[1] == kind for t in trials])
@@ -126,7 +166,9 @@ def evaluate():
     # random-caption negative accuracy
     perm = torch.roll(torch.arange(len(vrows)), 1)
     vt = tokenize(tok, [r[2] for r in vrows], 32)
-    sp = itm_score(VP, vt["input_ids"], vt["attention_mask"]); sn = itm_score(VP, vt["input_ids"][perm], vt["attention_mask"][perm])
+    ox = VO if args.oracle else None
+    sp = itm_score(VP, vt["input_ids"], vt["attention_mask"], xi=ox)
+    sn = itm_score(VP, vt["input_ids"][perm], vt["attention_mask"][perm], xi=ox)
     res["pos>rand"] = round(float((sp > sn).float().mean()), 3)
     model.train()
     return res
@@ -136,7 +178,7 @@ params = [p for n, p in model.named_parameters() if args.train == "all" or n.sta
 for p_ in model.parameters(): p_.requires_grad_(False)
 for p_ in params: p_.requires_grad_(True)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-print("trainable", sum(p_.numel() for p_ in params), "eval@0", evaluate(), flush=True)
+print("trainable", sum(p_.numel() for p_ in params), "eval@0", None if args.oracle else evaluate(), flush=True)
 g = torch.Generator().manual_seed(0)
 model.train()
 if args.train == "fusion":  # frozen towers: their tokens once
@@ -150,6 +192,8 @@ if args.train == "fusion":  # frozen towers: their tokens once
         TT = torch.cat([bb.text_inputs(TRT["input_ids"][s:s+500], TRT["attention_mask"][s:s+500]) for s in range(0, len(TRP), 500)])
       if cache:
           torch.save((TI, TT), cache)
+    if args.oracle:  # scaled to the mean norm of the towers' tokens of the training images
+        TO, VO = oracle_tokens([r[3] for r in tr], TI.norm(dim=-1).mean()), oracle_tokens([r[3] for r in vrows], TI.norm(dim=-1).mean())
     print("cached towers", f"{time.time()-t0:.0f}s", flush=True)
 N = len(tr)
 for step in range(1, args.steps + 1):
@@ -163,7 +207,7 @@ for step in range(1, args.steps + 1):
     if args.train == "fusion":
         with torch.no_grad():
             nxt = bb.text_inputs(neg_ids, neg_am)
-        xi = TI[idx]; XI = torch.cat([xi, xi, xi[rnd]]); xt = TT[idx]; XT = torch.cat([xt, nxt, xt])
+        xi = (TO if args.oracle else TI)[idx]; XI = torch.cat([xi, xi, xi[rnd]]); xt = TT[idx]; XT = torch.cat([xt, nxt, xt])
         s = itm_score(None, None, A, grad=True, xi=XI, xt=XT)
     else:
         s = itm_score(P, I, A, grad=True)
