@@ -37,7 +37,9 @@ p.add_argument("--cache", default="", help="file to keep the frozen towers' toke
 p.add_argument("--steps", type=int, default=600)
 p.add_argument("--bs", type=int, default=64)
 p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--train", default="fusion", choices=["fusion", "all"], help="train the fusion only, or everything")
+p.add_argument("--train", default="fusion", choices=["fusion", "text", "all"],
+               help="train the fusion only; the fusion and the text side (the shared stack through the text only: the "
+                    "image tokens stay the checkpoint's, or the oracle's); or everything")
 p.add_argument("--reinit", action="store_true", help="re-initialise fusion blocks + head")
 p.add_argument("--depth", type=int, default=0, help="new fusion depth (implies reinit)")
 p.add_argument("--wn", type=float, default=1.0, help="share of rows with a word negative")
@@ -125,7 +127,7 @@ table = build_table(load_word_sets("synthetic"), tok)
 rtd_head = nn.Linear(bb.cfg.width, 1)
 TOK = {}
 def itm_score(px, ids, am, grad=False, xi=None, xt=None):
-    with torch.set_grad_enabled(grad and args.train == "all"):
+    with torch.set_grad_enabled(grad and args.train != "fusion"):
         if xi is None: xi = bb.image_inputs(px)
         if xt is None: xt = bb.text_inputs(ids, am)
     with torch.set_grad_enabled(grad):
@@ -174,14 +176,16 @@ def evaluate():
     return res
 
 model.rtd_head = rtd_head
-params = [p for n, p in model.named_parameters() if args.train == "all" or n.startswith("backbone.fusion") or n.startswith("backbone.itm_") or n.startswith("rtd_head")]
+TEXT_SIDE = ("backbone.text_embed", "backbone.blocks", "backbone.norm")
+params = [p for n, p in model.named_parameters() if args.train == "all" or n.startswith("backbone.fusion") or n.startswith("backbone.itm_") or n.startswith("rtd_head")
+          or (args.train == "text" and n.startswith(TEXT_SIDE))]
 for p_ in model.parameters(): p_.requires_grad_(False)
 for p_ in params: p_.requires_grad_(True)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
 print("trainable", sum(p_.numel() for p_ in params), "eval@0", None if args.oracle else evaluate(), flush=True)
 g = torch.Generator().manual_seed(0)
 model.train()
-if args.train == "fusion":  # frozen towers: their tokens once
+if args.train in ("fusion", "text"):  # frozen image tower (or text tower too): their tokens once
     import os
     cache = args.cache
     if cache and os.path.exists(cache):
@@ -209,6 +213,9 @@ for step in range(1, args.steps + 1):
             nxt = bb.text_inputs(neg_ids, neg_am)
         xi = (TO if args.oracle else TI)[idx]; XI = torch.cat([xi, xi, xi[rnd]]); xt = TT[idx]; XT = torch.cat([xt, nxt, xt])
         s = itm_score(None, None, A, grad=True, xi=XI, xt=XT)
+    elif args.train == "text":
+        xi = (TO if args.oracle else TI)[idx]; XI = torch.cat([xi, xi, xi[rnd]])
+        s = itm_score(None, I, A, grad=True, xi=XI)
     else:
         s = itm_score(P, I, A, grad=True)
     loss = F.binary_cross_entropy_with_logits(s, y)
