@@ -15,13 +15,12 @@ names), ``mlp_text``/``norm2_text`` and ``mlp_vl``/``norm2_vl``.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import HybridEmbed, PatchEmbed, StdConv2dSame
-from timm.models.resnetv2 import create_resnetv2_stem
+
+from mmpretrain.models.stems import PatchEmbed, hybrid_stem
 
 # routes of Block.forward
 IMAGE, TEXT, SPLIT, VL = "image", "text", "split", "vl"
@@ -115,8 +114,7 @@ def resnet_stem_embed(image_size: int, patch_size: int, width: int) -> nn.Module
     if patch_size % 4 or patch_size < 4 or image_size % patch_size:
         raise ValueError(f"model.image_stem='resnet' needs patch_size a multiple of 4 that divides image_size, "
                          f"got patch_size={patch_size}, image_size={image_size}")
-    backbone = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=partial(StdConv2dSame, eps=1e-8))
-    return HybridEmbed(backbone, img_size=image_size, patch_size=patch_size // 4, in_chans=3, embed_dim=width)
+    return hybrid_stem(image_size, patch_size // 4, width)
 
 
 class ImageEmbed(nn.Module):

@@ -320,6 +320,66 @@ def test_resnet_stem_is_timms_hybrid_embedding_and_uses_no_batch_statistics():
     assert f("resnet") > f("patch")
 
 
+@pytest.mark.parametrize("size,patch,width", [(32, 8, 32), (64, 8, 48), (36, 12, 16)])
+def test_stems_are_timms_layers_bit_for_bit(size, patch, width):
+    """mmpretrain.models.stems (no timm import) against the timm layers they stand for: the same
+    seed gives the same parameters, in the same order, under the same module names; the outputs
+    and the gradients (input and every parameter) are bit-equal."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, PatchEmbed, StdConv2dSame
+    from timm.models.resnetv2 import create_resnetv2_stem
+
+    from mmpretrain.models import stems
+
+    def ref_hybrid():
+        stem = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=partial(StdConv2dSame, eps=1e-8))
+        return HybridEmbed(stem, img_size=size, patch_size=patch // 4, in_chans=3, embed_dim=width)
+
+    pairs = [(ref_hybrid, lambda: stems.hybrid_stem(size, patch // 4, width)),
+             (lambda: PatchEmbed(img_size=size, patch_size=patch, in_chans=3, embed_dim=width),
+              lambda: stems.PatchEmbed(size, patch, 3, width))]
+    for make_ref, make_ours in pairs:
+        torch.manual_seed(0)
+        ref = make_ref()
+        torch.manual_seed(0)
+        ours = make_ours()
+        assert [n for n, _ in ref.named_modules()] == [n for n, _ in ours.named_modules()]
+        a, b = ref.state_dict(), ours.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert (ref.num_patches, tuple(ref.grid_size)) == (ours.num_patches, tuple(ours.grid_size))
+        x = torch.randn(3, 3, size, size, requires_grad=True)
+        ya, yb = ref(x), ours(x)
+        assert torch.equal(ya, yb)
+        ga = torch.autograd.grad(ya.square().sum(), [x, *ref.parameters()])
+        gb = torch.autograd.grad(yb.square().sum(), [x, *ours.parameters()])
+        assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+
+
+def test_training_the_default_model_imports_neither_timm_nor_torchvision():
+    """``import timm`` costs about 5 s of CPU (every model definition, torchvision): the default
+    model (resnet stem) is built, run forward and backward without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from mmpretrain.config import load_config\n"
+            "from mmpretrain.models import build_model\n"
+            "cfg = load_config('configs/tiny.yaml', [])\n"
+            "assert cfg.model.image_stem == 'resnet'\n"
+            "m = build_model(cfg.model, cfg.loss, 300)\n"
+            "s = cfg.model.image_size\n"
+            "out = m(torch.randn(4, 3, s, s), torch.randint(5, 300, (4, 8)), torch.ones(4, 8, dtype=torch.long))\n"
+            "out['loss'].backward()\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('timm', 'torchvision')))\n")
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _learnable_batches(n_batches=2, n=8, seed=0):
     """Image k carries a fixed class pattern, its caption the class token: learnable in a few steps."""
     g = torch.Generator().manual_seed(seed)
