@@ -46,6 +46,8 @@ p.add_argument("--wn", type=float, default=1.0, help="share of rows with a word 
 p.add_argument("--eval-every", type=int, default=150)
 p.add_argument("--ntrain", type=int, default=20000)
 p.add_argument("--rtd", type=float, default=0.0, help="weight of the per-token replaced-word loss")
+p.add_argument("--kinds", default="swap,replace,flip",
+               help="word-negative kinds to train on (comma-separated; e.g. swap,flip: binding changes only)")
 p.add_argument("--oracle", action="store_true", help="perfect image tokens from the scene json (see above)")
 p.add_argument("--head", default="", choices=["", "match", "late"],
                help="with --readout model: a fresh ITM head of this kind (model.itm_head) instead of the checkpoint's")
@@ -122,7 +124,10 @@ def oracle_tokens(metas, ref_norm):
     return out * (ref_norm / out.norm(dim=-1).mean())
 
 print("data", len(tr), len(vrows), len(trials), f"{time.time()-t0:.0f}s", flush=True)
-table = build_table(load_word_sets("synthetic"), tok)
+kinds = set(args.kinds.split(","))
+if not kinds <= {"swap", "replace", "flip"}:
+    raise SystemExit(f"--kinds: {args.kinds!r}: each must be swap, replace or flip")
+table = build_table({k: v for k, v in load_word_sets("synthetic").items() if k in kinds}, tok)
 
 rtd_head = nn.Linear(bb.cfg.width, 1)
 TOK = {}
