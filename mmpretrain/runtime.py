@@ -28,6 +28,13 @@ Facts this module encodes (checked on CPU with gloo; docs/training.md, launch/RE
   itself, so Accelerate would believe it has one process. When a launcher started us
   (``LOCAL_RANK`` set) and there is no GPU: DeepSpeed runs get ``InitProcessGroupKwargs(
   backend="gloo")``, every other run ``cpu=True``.
+* DeepSpeed without a GPU builds its shared-memory all-reduce op (``deepspeed_shm_comm``) when
+  its comm backend starts: a C++ compile on first use (about 65 s of CPU, cached in
+  ``~/.cache/torch_extensions/``; it needs g++ and the Python headers). That op serves only
+  DeepSpeed inference's ``inference_all_reduce`` (AutoTP layers); ZeRO training's collectives go
+  through the gloo process group. CPU DeepSpeed runs mark it unavailable in DeepSpeed's own
+  op table (``deepspeed.ops.__compatible_ops__``, kept per process for this purpose), so they
+  start without a compiler.
 * Silent failures (a single process where two were asked for, DeepSpeed quietly dropped for DDP,
   two processes whose gradients are never synchronised) are caught by comparing Accelerate's
   process count with the launcher's ``WORLD_SIZE`` and ``torch.distributed``'s world size, and
@@ -212,6 +219,14 @@ class Runtime:
         return False
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Before DeepSpeed's comm backend starts on CPU: its shared-memory inference all-reduce op
+    is not built (no C++ compile; ZeRO training never calls it; see the module docstring)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def start_accelerator(info: LaunchInfo | None = None, **accelerator_kwargs) -> Runtime:
     """A ``Runtime`` around an ``Accelerator(**accelerator_kwargs)`` built for this launch (no
     GPU: gloo for DeepSpeed, ``cpu=True`` otherwise) and checked against it; a ``LaunchError``
@@ -224,6 +239,7 @@ def start_accelerator(info: LaunchInfo | None = None, **accelerator_kwargs) -> R
     if info.use_deepspeed:
         if not info.has_gpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo"), *kwargs.get("kwargs_handlers", [])]
+            skip_deepspeed_shm_op()
     elif not info.has_gpu:
         kwargs["cpu"] = True
     runtime = Runtime(info, Accelerator(**kwargs))

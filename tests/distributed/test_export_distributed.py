@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 
 from mmpretrain.config import load_config, to_dict
 from mmpretrain.models import build_model
+from mmpretrain.runtime import skip_deepspeed_shm_op
 from mmpretrain.trainer.checkpoint import save_checkpoint
 
 out, tok_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -43,7 +44,9 @@ cfg = load_config(None, overrides)
 ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
       "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", "3")),
                             "stage3_gather_16bit_weights_on_model_save": True}}
-# no GPU: Accelerate picks no backend while DeepSpeed starts gloo -> name gloo explicitly
+# no GPU: Accelerate picks no backend while DeepSpeed starts gloo -> name gloo explicitly; and
+# no C++ build of DeepSpeed's shm inference op (as mmpretrain.runtime.start_accelerator does)
+skip_deepspeed_shm_op()
 acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 assert acc.num_processes == 2 and acc.distributed_type.name == "DEEPSPEED", (acc.num_processes, acc.distributed_type)

@@ -2,7 +2,8 @@
 parameters and loss curve of an uninterrupted run (RNG, data cursor with loader workers, schedule,
 optimizer); SIGTERM finishes the step, checkpoints and exits 0, and the run resumes from there; a
 checkpoint whose mmpretrain.json is corrupt or incomplete is refused in one line (exit 2).
-The 2-process resumes (DDP after SIGTERM, ZeRO-3) are in tests/distributed/test_trainer_distributed.py.
+The 2-process resumes: DDP after SIGTERM in tests/distributed/test_trainer_distributed.py,
+ZeRO-3 in tests/distributed/test_multinode.py.
 """
 
 from __future__ import annotations
