@@ -10,6 +10,10 @@ compositional pairwise accuracy per change kind (``mmpretrain.evaluation.composi
 ITM log-odds and by the replaced-word score, and the accuracy against a random caption
 (docs/BENCHMARKS.md "Fifth pass").
 
+``--fuse none --readout model --head late`` skips the fusion blocks: the late head scores the
+towers' own tokens (each text token against its best image token), so binding can only come
+from what the text side puts in each word's token (docs/BENCHMARKS.md "Fourteenth pass").
+
 ``--oracle`` replaces the image tower's tokens by perfect ones read off the scene in each sample's
 json: the token of a grid patch whose centre lies on an object is the sum of fixed random
 embeddings of that object's colour, shape and size, any other patch's token that of the
@@ -52,9 +56,14 @@ p.add_argument("--oracle", action="store_true", help="perfect image tokens from 
 p.add_argument("--head", default="", choices=["", "match", "late"],
                help="with --readout model: a fresh ITM head of this kind (model.itm_head) instead of the checkpoint's")
 p.add_argument("--readout", default="cls", help="cls | mean (mean over fused text tokens) | model (the checkpoint's ITM head)")
+p.add_argument("--fuse", default="blocks", choices=["blocks", "none"],
+               help="none (with --readout model --head late): no fusion blocks; the late head scores the towers' "
+                    "own image and text tokens (FILIP-style; with --train text the text side learns what to carry)")
 args = p.parse_args()
 if args.oracle and args.train == "all":
     p.error("--oracle replaces the image tower: use it with --train fusion")
+if args.fuse == "none" and (args.readout != "model" or args.head != "late"):
+    p.error("--fuse none scores unfused tokens token by token: use it with --readout model --head late")
 torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
 L = load_checkpoint(args.ckpt)
 model, tok, cfg = L.model, L.tokenizer, L.cfg
@@ -136,6 +145,10 @@ def itm_score(px, ids, am, grad=False, xi=None, xt=None):
         if xi is None: xi = bb.image_inputs(px)
         if xt is None: xt = bb.text_inputs(ids, am)
     with torch.set_grad_enabled(grad):
+        if args.fuse == "none":  # the late head on the unfused tokens (no prior: binding is all it can add)
+            lg = bb.itm_match(bb.image_proj(xi), bb.text_proj(xt), am).float()
+            TOK["rtd"] = rtd_head(xt).squeeze(-1)
+            return lg[:, 1] - lg[:, 0]
         if args.readout == "model":  # the checkpoint's own ITM head (match / late / pooler, with its prior)
             lg = model.itm_from_inputs(xi, xt, am)
             TOK["rtd"] = rtd_head(xt).squeeze(-1)

@@ -39,10 +39,19 @@ def _rank_stdout(log_dir: Path) -> dict[int, str]:
     return files
 
 
+@pytest.fixture(scope="module")
+def towers_run(run, tmp_path_factory):
+    shards, _ = run
+    return shards, make_checkpoint(tmp_path_factory.mktemp("evaltowers") / "run", shards,
+                                   ["model.fusion_source=towers", "model.fusion_depth=1"])
+
+
 EVAL_WRAPPER = r'''
-"""`mmpretrain eval` under torchrun, with the runtime's launch check observed; each rank writes
-what it saw to its own after_<rank>.json."""
+"""`mmpretrain eval` under torchrun with the model built in float64 (the test's docstring) and
+the runtime's launch check observed; each rank writes what it saw to its own after_<rank>.json."""
 import json, os, sys
+import torch
+torch.set_default_dtype(torch.float64)
 import torch.distributed as dist
 from accelerate.state import PartialState
 from mmpretrain import runtime
@@ -64,46 +73,11 @@ sys.exit(rc)
 '''
 
 
-def test_two_process_eval_uses_the_launch_check_and_ends_its_process_group(run, tmp_path):
-    shards, ckpt = run
-    script = tmp_path / "eval_wrapper.py"
-    script.write_text(EVAL_WRAPPER)
-    report = tmp_path / "after"
-    report.mkdir()
-    cmd = [*_torchrun(tmp_path / "logs"), str(script), str(report),
-           "--checkpoint", str(ckpt), "--shards", f"{shards}/val-*.tar", "eval.report=false",
-           "eval.itm_rerank_k=0", "--out", str(tmp_path / "two")]
-    proc = _proc.run(cmd, timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in report.iterdir()) == ["after_0.json", "after_1.json"]  # both ranks
-    expected_type = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
-    for rank in (0, 1):
-        after = json.loads((report / f"after_{rank}.json").read_text())
-        assert after == {"rc": 0, "checked": [[2, 2, expected_type]], "group_alive": False,
-                         "accelerate_state": False}, (rank, after)
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
-
-
-@pytest.fixture(scope="module")
-def towers_run(run, tmp_path_factory):
-    shards, _ = run
-    return shards, make_checkpoint(tmp_path_factory.mktemp("evaltowers") / "run", shards,
-                                   ["model.fusion_source=towers", "model.fusion_depth=1"])
-
-
-F64_EVAL = r'''
-"""`mmpretrain eval` with the model built in float64 (module docstring of the test below)."""
-import sys
-import torch
-torch.set_default_dtype(torch.float64)
-from mmpretrain.evaluation import cli
-sys.exit(cli.main(sys.argv[1:]))
-'''
-
-
 @pytest.mark.parametrize("which", ["inputs", "towers"])
-def test_two_gloo_processes_give_the_metrics_of_one(which, request, tmp_path, capsys):
+def test_two_gloo_processes_give_the_metrics_of_one_through_the_launch_check(which, request, tmp_path, capsys):
     """Also for fusion over the towers, whose ITM scoring runs three padded stages per rank.
+    Each rank went through the runtime's launch check (2 processes, the launched type) and ended
+    its process group and Accelerate state.
 
     Both evaluations build the model in float64: a float32 matmul's last bits change with the
     rows beside a pair (1 process and 2 batch the pairs differently), and this freshly
@@ -120,11 +94,19 @@ def test_two_gloo_processes_give_the_metrics_of_one(which, request, tmp_path, ca
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert one["compositional"]["itm"] and one["itm_hard_negatives"]["num_negatives"] > 0
     logs = tmp_path / "logs"
-    script = tmp_path / "eval_f64.py"
-    script.write_text(F64_EVAL)
-    cmd = [*_torchrun(logs), str(script), *argv, "--out", str(tmp_path / "two")]
+    script = tmp_path / "eval_wrapper.py"
+    script.write_text(EVAL_WRAPPER)
+    report = tmp_path / "after"
+    report.mkdir()
+    cmd = [*_torchrun(logs), str(script), str(report), *argv, "--out", str(tmp_path / "two")]
     proc = _proc.run(cmd, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in report.iterdir()) == ["after_0.json", "after_1.json"]  # both ranks
+    expected_type = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
+    for rank in (0, 1):
+        after = json.loads((report / f"after_{rank}.json").read_text())
+        assert after == {"rc": 0, "checked": [[2, 2, expected_type]], "group_alive": False,
+                         "accelerate_state": False}, (rank, after)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     out = _rank_stdout(logs)
     assert json.loads(out[0].strip().splitlines()[-1]) == two  # printed by rank 0, as its last line

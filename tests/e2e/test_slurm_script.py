@@ -130,11 +130,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_the_script_exits_with_the_trainings_status(tiny, shims, tmp_path):
-    run = tmp_path / "ok"
-    proc = _start(shims, tiny, run, "train.max_steps=2", "train.save_every=2")
-    out, err = _proc.communicate(proc, timeout=300)
-    assert proc.returncode == 0, (out + err)[-4000:]
-    assert (run / "checkpoints" / "step_00000002" / "mmpretrain.json").is_file()
+    """A training that fails on every rank fails the job. (Exit 0 when the ranks exit 0: the two
+    stop tests above, whose ranks checkpoint and end their runs cleanly.)"""
     proc = _start(shims, tiny, tmp_path / "bad", "train.max_stepz=2")  # a start-up error on every rank
     out, err = _proc.communicate(proc, timeout=300)
     assert "unknown config key 'train.max_stepz'" in err, (out + err)[-4000:]
