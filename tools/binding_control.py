@@ -11,6 +11,10 @@ share 1.0; rows without an applicable change take a random caption) plus a rando
 every ``--eval-every`` steps it prints the held-out compositional pairwise accuracy per change
 kind (``mmpretrain.evaluation.compositional.make_variants``, the eval's test; chance 0.5).
 
+``--negatives plan`` trains on the test's own kind of change instead (each training scene's
+changed captions from its caption plan: colour and size swaps, relation flips), which a user's
+data does not have, to tell the supervision's form from its content.
+
 If this learns the binding kinds, the supervision and data can teach binding, and what the
 fusion probe lacks is in its inputs (patch tokens), its initialisation or its budget; if it does
 not, the supervision is the block.
@@ -36,6 +40,12 @@ p.add_argument("--lr", type=float, default=5e-4)
 p.add_argument("--width", type=int, default=128)
 p.add_argument("--layers", type=int, default=2)
 p.add_argument("--kinds", default="swap,flip", help="word-negative kinds trained on (swap, replace, flip)")
+p.add_argument("--negatives", default="words", choices=["words", "plan", "scene"],
+               help="words: mmpretrain.word_negatives on the token ids (what the trainer uses); plan: the "
+                    "compositional test's own changed captions of each training scene (make_variants, kinds "
+                    "--plan-kinds), false by construction; scene: the row's own caption with a changed scene "
+                    "(two of its objects trade colours, sizes or places), so no text-only cue tells it apart")
+p.add_argument("--plan-kinds", default="color_swap,size_swap,relation_flip")
 p.add_argument("--eval-every", type=int, default=500)
 p.add_argument("--max-length", type=int, default=32)
 p.add_argument("--seed", type=int, default=0)
@@ -102,6 +112,14 @@ VA = scene_tensors([r[2] for r in vrows])
 trials = [(i, kind, cap, text) for i, (k, cap, meta) in enumerate(vrows) for kind, text in make_variants(meta, k).items()]
 kinds = set(args.kinds.split(","))
 table = build_table({k: v for k, v in load_word_sets("synthetic").items() if k in kinds}, tok)
+if args.negatives == "plan":  # per training scene: its changed captions of the chosen kinds
+    plan_kinds = args.plan_kinds.split(",")
+    changed = [[v for kd, v in make_variants(meta, k).items() if kd in plan_kinds] for k, cap, meta in tr]
+    owner = torch.tensor([i for i, c in enumerate(changed) for _ in c])
+    PT = tokenize(tok, [v for c in changed for v in c], args.max_length)
+    first = torch.zeros(len(tr) + 1, dtype=torch.long)
+    first[1:] = torch.cumsum(torch.tensor([len(c) for c in changed]), 0)
+    print("plan negatives", len(owner), "of", len(tr), "scenes have one", flush=True)
 model = Control(len(tok), args.width, args.layers, args.max_length)
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 print("data", len(tr), len(vrows), len(trials), "params", sum(q.numel() for q in model.parameters()), f"{time.time() - t0:.0f}s", flush=True)
@@ -133,11 +151,42 @@ g = torch.Generator().manual_seed(args.seed)
 for step in range(1, args.steps + 1):
     idx = torch.randint(len(tr), (args.bs,), generator=g)
     ids, am = TRT["input_ids"][idx], TRT["attention_mask"][idx]
-    w_ids, w_rows = word_negatives(ids, am, table, 1.0, g)
-    rnd = torch.roll(torch.arange(args.bs), 1)
-    neg_ids, neg_am = torch.where(w_rows[:, None], w_ids, ids[rnd]), torch.where(w_rows[:, None], am, am[rnd])
-    scene = rows(TR, idx)
-    s = model(*[torch.cat([x, x, x[rnd]]) for x in scene], torch.cat([ids, neg_ids, ids]), torch.cat([am, neg_am, am]))
+    if args.negatives == "scene":  # the same caption, two objects of the scene trading one attribute
+        scene = rows(TR, idx)
+        attr, ctr = scene[0].clone(), scene[1].clone()
+        n_obj = scene[2].sum(1)
+        w_rows = n_obj >= 2
+        a = (torch.rand(args.bs, generator=g) * n_obj.clamp(min=1)).long().clamp(max=(n_obj - 1).clamp(min=0))
+        b = (a + 1 + (torch.rand(args.bs, generator=g) * (n_obj - 1).clamp(min=1)).long()) % n_obj.clamp(min=1)
+        what = torch.randint(3, (args.bs,), generator=g)  # 0 colour, 1 size, 2 place
+        r = torch.arange(args.bs)
+        for k, col in ((0, 0), (1, 2)):
+            m = w_rows & (what == k)
+            va_, vb_ = attr[r, a, col].clone(), attr[r, b, col].clone()
+            attr[r[m], a[m], col], attr[r[m], b[m], col] = vb_[m], va_[m]
+        m = w_rows & (what == 2)
+        ca, cb = ctr[r, a].clone(), ctr[r, b].clone()
+        ctr[r[m], a[m]], ctr[r[m], b[m]] = cb[m], ca[m]
+        rnd = torch.roll(torch.arange(args.bs), 1)  # rows without two objects: a random scene instead
+        neg_scene = [torch.where(w_rows.view(-1, *([1] * (x.dim() - 1))), y, x[rnd]) for x, y in
+                     zip(scene, (attr, ctr, scene[2], scene[3]))]
+        s = model(*[torch.cat([x, n, x[rnd]]) for x, n in zip(scene, neg_scene)], torch.cat([ids, ids, ids]),
+                  torch.cat([am, am, am]))
+    elif args.negatives == "plan":  # one of the scene's changed captions, where it has one
+        count = first[idx + 1] - first[idx]
+        w_rows = count > 0
+        pick = first[idx] + (torch.rand(args.bs, generator=g) * count.clamp(min=1)).long().clamp(max=(count - 1).clamp(min=0))
+        pick = torch.where(w_rows, pick, torch.zeros_like(pick))
+        w_ids = torch.where(w_rows[:, None], PT["input_ids"][pick], ids)
+        am_w = torch.where(w_rows[:, None], PT["attention_mask"][pick], am)
+    else:
+        w_ids, w_rows = word_negatives(ids, am, table, 1.0, g)
+        am_w = am
+    if args.negatives != "scene":
+        rnd = torch.roll(torch.arange(args.bs), 1)
+        neg_ids, neg_am = torch.where(w_rows[:, None], w_ids, ids[rnd]), torch.where(w_rows[:, None], am_w, am[rnd])
+        scene = rows(TR, idx)
+        s = model(*[torch.cat([x, x, x[rnd]]) for x in scene], torch.cat([ids, neg_ids, ids]), torch.cat([am, neg_am, am]))
     y = torch.cat([torch.ones(args.bs), torch.zeros(2 * args.bs)])
     loss = F.binary_cross_entropy_with_logits(s, y)
     for gr in opt.param_groups:
